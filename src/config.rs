@@ -1,0 +1,384 @@
+//! `config.toml`: the operator's settings, with defaults and validation.
+//!
+//! Every table denies unknown keys so a typo is an error naming the key, not a
+//! silently ignored setting. Values are checked once here (`Config::validate`)
+//! so the rest of the gateway can trust them.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::model::Topic;
+use crate::routes::RouteSpec;
+
+/// What can go wrong reading the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config: {0}")]
+    Invalid(String),
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub storage: StorageConfig,
+    pub stream: StreamConfig,
+    pub retention: RetentionConfig,
+    pub limits: LimitsConfig,
+    pub cors: CorsConfig,
+    /// `[auth]`: absent means no auth. Parsed so a config written for a later
+    /// release fails loudly instead of running unprotected (see `validate`).
+    pub auth: Option<toml::Table>,
+    pub tenancy: TenancyConfig,
+    /// `[[routes]]`: broadcast kinds → topics. Empty means the projects
+    /// module's four built-in routes.
+    pub routes: Vec<RouteSpec>,
+}
+
+/// `[server]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address to listen on.
+    pub listen: String,
+    /// How long `SIGTERM` waits for in-flight requests before giving up.
+    pub drain_timeout_ms: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            drain_timeout_ms: 10_000,
+        }
+    }
+}
+
+/// `[storage]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// `sled` (embedded, default) or `redis`.
+    pub backend: String,
+    /// sled's data directory.
+    pub data_dir: PathBuf,
+    /// Redis URL (for `backend = "redis"`).
+    pub url: String,
+    /// sled page cache size.
+    pub cache_capacity_bytes: u64,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            backend: "sled".into(),
+            data_dir: PathBuf::from("./data"),
+            url: "redis://127.0.0.1:6379".into(),
+            cache_capacity_bytes: 256 * 1024 * 1024,
+        }
+    }
+}
+
+/// `[stream]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StreamConfig {
+    /// Sent as `retry:` at the start of every stream.
+    pub retry_ms: u64,
+    /// A `: keepalive` comment is sent after this much silence.
+    pub heartbeat_ms: u64,
+    /// Events the live fan-out keeps for subscribers that are momentarily
+    /// behind; one further behind reads from the log instead.
+    pub live_buffer_events: usize,
+    /// Events read from the log per replay batch (and per socket write).
+    pub replay_batch_events: usize,
+}
+
+impl Default for StreamConfig {
+    fn default() -> Self {
+        Self {
+            retry_ms: 2_000,
+            heartbeat_ms: 15_000,
+            live_buffer_events: 4096,
+            replay_batch_events: 512,
+        }
+    }
+}
+
+/// `[retention]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// Newest events kept per topic.
+    pub max_events_per_topic: u64,
+    /// Events older than this are trimmed from every topic.
+    pub max_age_s: u64,
+    /// How often the background trimmer runs.
+    pub trim_interval_ms: u64,
+    /// Most events removed per trim batch, so trimming never holds the log long.
+    pub trim_batch_events: usize,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self {
+            max_events_per_topic: 100_000,
+            max_age_s: 604_800,
+            trim_interval_ms: 1_000,
+            trim_batch_events: 1_000,
+        }
+    }
+}
+
+/// `[limits]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest publish body, declared or streamed.
+    pub max_body_bytes: usize,
+    /// Most open SSE streams; more are shed with `200` + `retry:` + close.
+    pub max_connections: usize,
+    /// A stream whose socket accepts no bytes for this long is closed.
+    pub write_stall_ms: u64,
+    /// Streams are closed after this long to spread load (0 = never).
+    pub max_stream_age_ms: u64,
+    /// Deepest JSON nesting accepted in a publish body (at most 128).
+    pub max_json_depth: usize,
+    /// Publishes waiting for the log writer; more wait for a place.
+    pub publish_queue: usize,
+    /// Most events written in one group commit.
+    pub max_commit_batch: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 1024 * 1024,
+            max_connections: 10_000,
+            write_stall_ms: 60_000,
+            max_stream_age_ms: 0,
+            max_json_depth: 64,
+            publish_queue: 8192,
+            max_commit_batch: 4096,
+        }
+    }
+}
+
+/// `[cors]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CorsConfig {
+    /// Exact origins (`https://app.example`) or `"*"`.
+    pub allowed_origins: Vec<String>,
+}
+
+/// `[tenancy]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TenancyConfig {
+    pub enabled: bool,
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses and validates config text.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::new(),
+            message: e.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values that the types alone do not.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if self.listen_addr().is_err() {
+            return invalid(format!(
+                "server.listen {:?} is not an address like 127.0.0.1:8080",
+                self.server.listen
+            ));
+        }
+        match self.storage.backend.as_str() {
+            "sled" => {}
+            "redis" => return invalid(
+                "storage.backend = \"redis\" is not available in this release yet; use \"sled\""
+                    .into(),
+            ),
+            other => {
+                return invalid(format!(
+                    "storage.backend {other:?} is unknown; use \"sled\""
+                ))
+            }
+        }
+        if self.auth.is_some() {
+            return invalid("[auth] is not available in this release yet; remove the table".into());
+        }
+        if self.tenancy.enabled {
+            return invalid(
+                "[tenancy] enabled = true needs [auth], which this release does not have yet"
+                    .into(),
+            );
+        }
+        let positive = [
+            ("stream.heartbeat_ms", self.stream.heartbeat_ms),
+            (
+                "stream.live_buffer_events",
+                self.stream.live_buffer_events as u64,
+            ),
+            (
+                "stream.replay_batch_events",
+                self.stream.replay_batch_events as u64,
+            ),
+            (
+                "retention.max_events_per_topic",
+                self.retention.max_events_per_topic,
+            ),
+            ("retention.max_age_s", self.retention.max_age_s),
+            (
+                "retention.trim_interval_ms",
+                self.retention.trim_interval_ms,
+            ),
+            (
+                "retention.trim_batch_events",
+                self.retention.trim_batch_events as u64,
+            ),
+            ("limits.max_body_bytes", self.limits.max_body_bytes as u64),
+            ("limits.max_connections", self.limits.max_connections as u64),
+            ("limits.write_stall_ms", self.limits.write_stall_ms),
+            ("limits.max_json_depth", self.limits.max_json_depth as u64),
+            ("limits.publish_queue", self.limits.publish_queue as u64),
+            (
+                "limits.max_commit_batch",
+                self.limits.max_commit_batch as u64,
+            ),
+        ];
+        for (name, value) in positive {
+            if value == 0 {
+                return invalid(format!("{name} must be greater than 0"));
+            }
+        }
+        if self.limits.max_json_depth > 128 {
+            return invalid("limits.max_json_depth must be at most 128".into());
+        }
+        for origin in &self.cors.allowed_origins {
+            if origin != "*" && origin.parse::<axum::http::HeaderValue>().is_err() {
+                return invalid(format!(
+                    "cors.allowed_origins: {origin:?} is not a valid origin"
+                ));
+            }
+        }
+        for (i, route) in self.routes.iter().enumerate() {
+            route
+                .validate()
+                .map_err(|m| ConfigError::Invalid(format!("routes[{i}]: {m}")))?;
+            if self.routes[..i]
+                .iter()
+                .any(|r| r.module == route.module && r.kind == route.kind)
+            {
+                return invalid(format!(
+                    "routes[{i}]: {}/{} is defined twice",
+                    route.module, route.kind
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The listen address, parsed.
+    pub fn listen_addr(&self) -> Result<SocketAddr, std::net::AddrParseError> {
+        self.server.listen.parse()
+    }
+
+    /// The configured routes, or the projects module's built-in four.
+    pub fn effective_routes(&self) -> Vec<RouteSpec> {
+        if self.routes.is_empty() {
+            crate::routes::projects_routes()
+        } else {
+            self.routes.clone()
+        }
+    }
+}
+
+/// Durations in the types the runtime wants.
+impl StreamConfig {
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_ms)
+    }
+}
+
+impl LimitsConfig {
+    pub fn write_stall(&self) -> Duration {
+        Duration::from_millis(self.write_stall_ms)
+    }
+
+    pub fn max_stream_age(&self) -> Option<Duration> {
+        (self.max_stream_age_ms > 0).then(|| Duration::from_millis(self.max_stream_age_ms))
+    }
+}
+
+/// Checks a topic template's literal parts are topic characters (used by routes).
+pub(crate) fn literal_topic_ok(text: &str) -> bool {
+    text.is_empty() || Topic::parse(text).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let err = Config::from_toml("[stream]\nretry_msec = 5\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("retry_msec"), "{err}");
+        let err = Config::from_toml("[nope]\n").unwrap_err().to_string();
+        assert!(err.contains("nope"), "{err}");
+    }
+
+    #[test]
+    fn shipped_config_is_valid_and_has_the_projects_routes() {
+        let text = include_str!("../config.toml");
+        let config = Config::from_toml(text).unwrap();
+        assert_eq!(config.listen_addr().unwrap().to_string(), "127.0.0.1:8080");
+        assert_eq!(config.storage.data_dir, PathBuf::from("./data"));
+        let kinds: Vec<_> = config.routes.iter().map(|r| r.kind.as_str()).collect();
+        assert_eq!(kinds, ["project", "task", "assignment", "dependency"]);
+        assert_eq!(config.routes, crate::routes::projects_routes());
+    }
+
+    #[test]
+    fn zero_limits_are_refused() {
+        let err = Config::from_toml("[limits]\nmax_connections = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("limits.max_connections"), "{err}");
+    }
+}

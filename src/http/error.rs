@@ -1,0 +1,108 @@
+//! `ApiError`: the one place where failures become an HTTP status and the
+//! JSON body `{"error": {"code", "message"}}` of API.md.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+use crate::json::JsonError;
+use crate::log::LogError;
+use crate::model::ValidationError;
+use crate::routes::RouteError;
+
+/// An error answer.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    /// Seconds, for `Retry-After` on 429/503.
+    pub retry_after: Option<u64>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    pub fn invalid_json(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_json", message)
+    }
+
+    pub fn invalid_body(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_body", message)
+    }
+
+    pub fn invalid_topic(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_topic", message)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self {
+            retry_after: Some(1),
+            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
+        }
+    }
+}
+
+impl From<ValidationError> for ApiError {
+    fn from(e: ValidationError) -> Self {
+        let code = match e {
+            ValidationError::Topic(_) | ValidationError::TopicCount(_) => "invalid_topic",
+            ValidationError::EventName(_) | ValidationError::ReservedEventName => "invalid_event",
+        };
+        Self::new(StatusCode::BAD_REQUEST, code, e.to_string())
+    }
+}
+
+impl From<JsonError> for ApiError {
+    fn from(e: JsonError) -> Self {
+        Self::invalid_json(format!("`data`: {e}"))
+    }
+}
+
+impl From<RouteError> for ApiError {
+    fn from(e: RouteError) -> Self {
+        Self::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_payload",
+            e.to_string(),
+        )
+    }
+}
+
+impl From<LogError> for ApiError {
+    fn from(e: LogError) -> Self {
+        match e {
+            LogError::Closed => Self::unavailable(
+                "the gateway is shutting down; retry on another instance or later",
+            ),
+            other => {
+                tracing::error!(error = %other, "storage unavailable");
+                Self::unavailable("storage is unavailable; nothing was stored, retry later")
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({ "error": { "code": self.code, "message": self.message } });
+        let mut response = (self.status, Json(body)).into_response();
+        if let Some(seconds) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
+    }
+}

@@ -1,0 +1,105 @@
+//! The HTTP layer: routes, layers and handlers of API.md.
+//!
+//! Handlers are thin: extract and validate, call the domain, map the error
+//! through [`ApiError`]. No compression layer anywhere: it would buffer event
+//! streams. The trace layer logs the path only, never the query string
+//! (tokens may travel in `?access_token=`).
+
+pub mod error;
+pub mod listener;
+mod ops;
+mod publish;
+mod subscribe;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::rejection::PathRejection;
+use axum::extract::Path;
+use axum::http::{header, HeaderName, HeaderValue, Method, Request, StatusCode};
+use axum::routing::{get, post};
+use axum::Router;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::trace::TraceLayer;
+
+pub use error::ApiError;
+
+use crate::app::App;
+use crate::config::CorsConfig;
+use crate::model::Topic;
+
+/// The whole router, with its state.
+pub fn router(app: Arc<App>) -> Router {
+    let mut router = Router::new()
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .route("/metrics", get(ops::metrics))
+        .route(
+            "/topics/{topic}",
+            get(subscribe::subscribe_topic).post(publish::publish_topic),
+        )
+        .route("/topics/{topic}/info", get(ops::topic_info))
+        .route("/events", get(subscribe::subscribe_events))
+        .route("/publish", post(publish::publish_many))
+        .route("/{module}/broadcast/{kind}", post(publish::broadcast))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(Arc::clone(&app));
+    if let Some(cors) = cors_layer(&app.config.cors) {
+        router = router.layer(cors);
+    }
+    router.layer(
+        TraceLayer::new_for_http()
+            .make_span_with(|request: &Request<_>| {
+                tracing::info_span!("http", method = %request.method(), path = %request.uri().path())
+            }),
+    )
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("no such route; see API.md for the routes this gateway serves")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "method not allowed here; see the Allow header",
+    )
+}
+
+/// The `{topic}` path segment, percent-decoded and validated.
+pub(crate) fn path_topic(path: Result<Path<String>, PathRejection>) -> Result<Topic, ApiError> {
+    let Path(raw) = path.map_err(|e| {
+        ApiError::invalid_topic(format!(
+            "topic is not valid UTF-8 after percent-decoding: {}",
+            e.body_text()
+        ))
+    })?;
+    Ok(Topic::parse(&raw)?)
+}
+
+fn cors_layer(config: &CorsConfig) -> Option<CorsLayer> {
+    if config.allowed_origins.is_empty() {
+        return None;
+    }
+    let layer = CorsLayer::new()
+        .allow_methods([Method::GET, Method::POST])
+        .allow_headers([
+            header::CONTENT_TYPE,
+            HeaderName::from_static("last-event-id"),
+            header::AUTHORIZATION,
+        ])
+        .max_age(Duration::from_secs(600));
+    if config.allowed_origins.iter().any(|o| o == "*") {
+        // A wildcard cannot be combined with credentials (cookies) by browsers.
+        Some(layer.allow_origin(AllowOrigin::any()))
+    } else {
+        let origins: Vec<HeaderValue> = config
+            .allowed_origins
+            .iter()
+            .filter_map(|o| o.parse().ok())
+            .collect();
+        Some(layer.allow_origin(origins).allow_credentials(true))
+    }
+}

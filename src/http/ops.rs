@@ -1,0 +1,69 @@
+//! Operations endpoints: `/healthz`, `/readyz`, `/metrics`, `/topics/{topic}/info`.
+
+use std::sync::Arc;
+
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, State};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+use super::error::ApiError;
+use crate::app::App;
+
+/// `200` while the process runs.
+pub async fn healthz() -> Response {
+    Json(serde_json::json!({ "status": "ok" })).into_response()
+}
+
+/// `200` when storage is open and writable, else `503`.
+pub async fn readyz(State(app): State<Arc<App>>) -> Result<Response, ApiError> {
+    if app.stop.is_cancelled() {
+        return Err(ApiError::unavailable("shutting down"));
+    }
+    if !app.log.is_ready() {
+        return Err(ApiError::unavailable("storage is not writable"));
+    }
+    Ok(Json(serde_json::json!({ "status": "ready" })).into_response())
+}
+
+/// Prometheus text exposition.
+pub async fn metrics(State(app): State<Arc<App>>) -> Response {
+    if let Some(bytes) = app.log.size_on_disk() {
+        app.metrics
+            .storage_bytes
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+    app.metrics
+        .log_head
+        .set(i64::try_from(app.log.durable_head()).unwrap_or(i64::MAX));
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        app.metrics.render(),
+    )
+        .into_response()
+}
+
+/// `{"topic", "first_id", "last_id", "count", "subscribers"}`.
+pub async fn topic_info(
+    State(app): State<Arc<App>>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let topic = super::path_topic(path)?;
+    if app.stop.is_cancelled() {
+        return Err(ApiError::unavailable("shutting down"));
+    }
+    let info = app.log.topic_info(&topic);
+    let epoch = app.log.epoch();
+    Ok(Json(serde_json::json!({
+        "topic": topic.as_str(),
+        "first_id": info.first.map(|seq| epoch.id(seq)),
+        "last_id": info.last.map(|seq| epoch.id(seq)),
+        "count": info.count,
+        "subscribers": app.hub.subscriber_count(&topic),
+    }))
+    .into_response())
+}

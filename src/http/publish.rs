@@ -1,0 +1,237 @@
+//! Publish handlers: `POST /topics/{topic}`, `POST /publish`,
+//! `POST /{module}/broadcast/{kind}`.
+//!
+//! Each one reads a bounded JSON body, validates everything, and only then
+//! appends: a refused publish stores nothing. The answer waits for the group
+//! commit, so `201` means on disk.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use super::error::ApiError;
+use crate::app::App;
+use crate::json;
+use crate::log::NewEvent;
+use crate::model::{parse_topic_list, EventName, Topic};
+
+/// `POST /topics/{topic}` body.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TopicPublish<'a> {
+    #[serde(default, borrow)]
+    event: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    data: &'a RawValue,
+}
+
+/// `POST /publish` body.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MultiPublish<'a> {
+    #[serde(borrow)]
+    topics: Vec<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    event: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    data: &'a RawValue,
+}
+
+/// `POST /{module}/broadcast/{kind}` body.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Broadcast<'a> {
+    #[serde(default, borrow)]
+    event: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    payload: &'a RawValue,
+}
+
+pub async fn publish_topic(
+    State(app): State<Arc<App>>,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let topic = super::path_topic(path)?;
+    let bytes = read_json_body(&app, &headers, body).await?;
+    let started = Instant::now();
+    let request: TopicPublish = parse_body(&bytes)?;
+    let name = event_name(request.event.as_deref())?;
+    let data = json::compact(request.data.get(), app.config.limits.max_json_depth)?;
+    append(&app, vec![topic], name, data, started).await
+}
+
+pub async fn publish_many(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let bytes = read_json_body(&app, &headers, body).await?;
+    let started = Instant::now();
+    let request: MultiPublish = parse_body(&bytes)?;
+    let topics = parse_topic_list(request.topics.iter().map(|t| t.as_ref()))?;
+    let name = event_name(request.event.as_deref())?;
+    let data = json::compact(request.data.get(), app.config.limits.max_json_depth)?;
+    append(&app, topics, name, data, started).await
+}
+
+pub async fn broadcast(
+    State(app): State<Arc<App>>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let Path((module, kind)) = path.map_err(|e| ApiError::not_found(e.body_text()))?;
+    let route = app.route(&module, &kind).ok_or_else(|| {
+        ApiError::not_found(format!(
+            "no broadcast route {module}/{kind}; configured: {}",
+            app.route_names().join(", ")
+        ))
+    })?;
+    let bytes = read_json_body(&app, &headers, body).await?;
+    let started = Instant::now();
+    let request: Broadcast = parse_body(&bytes)?;
+    let name = event_name(request.event.as_deref())?;
+    let data = json::compact(request.payload.get(), app.config.limits.max_json_depth)?;
+    let payload: serde_json::Value = serde_json::from_str(&data)
+        .map_err(|e| ApiError::invalid_json(format!("`payload`: {e}")))?;
+    let topics = route.topics_for(&payload)?;
+    append(&app, topics, name, data, started).await
+}
+
+async fn append(
+    app: &App,
+    topics: Vec<Topic>,
+    name: EventName,
+    data: String,
+    started: Instant,
+) -> Result<Response, ApiError> {
+    if app.stop.is_cancelled() {
+        return Err(ApiError::unavailable(
+            "the gateway is shutting down; retry later",
+        ));
+    }
+    let names: Vec<String> = topics.iter().map(|t| t.to_string()).collect();
+    let seq = app.log.append(NewEvent { topics, name, data }).await?;
+    app.metrics
+        .publish_duration
+        .observe(started.elapsed().as_secs_f64());
+    let id = app.log.epoch().id(seq);
+    Ok((
+        StatusCode::CREATED,
+        Json(serde_json::json!({ "id": id, "topics": names })),
+    )
+        .into_response())
+}
+
+fn event_name(raw: Option<&str>) -> Result<EventName, ApiError> {
+    Ok(match raw {
+        None => EventName::default_name(),
+        Some(name) => EventName::parse(name)?,
+    })
+}
+
+/// Parses the body shape, telling malformed JSON (`invalid_json`) from JSON
+/// of the wrong shape (`invalid_body`).
+fn parse_body<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => ApiError::invalid_body(e.to_string()),
+        _ => ApiError::invalid_json(e.to_string()),
+    })
+}
+
+/// Checks the content type and reads at most `limits.max_body_bytes`,
+/// refusing a larger declared or streamed body with 413.
+async fn read_json_body(app: &App, headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !is_json_media_type(content_type) {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send the body as JSON with `Content-Type: application/json`",
+        ));
+    }
+    let limit = app.config.limits.max_body_bytes;
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("the body is larger than limits.max_body_bytes ({limit} bytes)"),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit as u64) {
+        return Err(too_large());
+    }
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        if is_length_limit(&e) {
+            too_large()
+        } else {
+            ApiError::invalid_body(format!("could not read the request body: {e}"))
+        }
+    })
+}
+
+fn is_length_limit(error: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = source {
+        if e.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
+/// `application/json` or any `application/*+json`, parameters allowed.
+fn is_json_media_type(value: &str) -> bool {
+    let essence = value
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_json_media_type;
+
+    #[test]
+    fn json_media_types() {
+        for ok in [
+            "application/json",
+            "Application/JSON; charset=utf-8",
+            "application/merge-patch+json",
+        ] {
+            assert!(is_json_media_type(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "text/plain",
+            "application/jsonx",
+            "text/json",
+            "application/x-www-form-urlencoded",
+        ] {
+            assert!(!is_json_media_type(bad), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,85 @@
+//! Live fan-out of durable events to subscribers.
+//!
+//! One bounded `broadcast` ring shared by all subscribers: the log writer
+//! sends each durable event once (its frame already encoded), and a send never
+//! waits for a subscriber. A subscriber that falls more than the ring's
+//! capacity behind gets `Lagged` and catches up from the log instead (see
+//! `subscription`), so a slow client costs a cursor, not a queue.
+//!
+//! The hub also counts subscribers per topic for `/topics/{topic}/info`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use tokio::sync::broadcast;
+
+use crate::log::LiveEvent;
+use crate::model::Topic;
+
+/// The shared live feed.
+#[derive(Debug)]
+pub struct Hub {
+    feed: broadcast::Sender<Arc<LiveEvent>>,
+    subscribers: Mutex<HashMap<Topic, usize>>,
+}
+
+impl Hub {
+    /// A hub whose ring holds `capacity` events.
+    pub fn new(capacity: usize) -> Self {
+        let (feed, _) = broadcast::channel(capacity.max(1));
+        Self {
+            feed,
+            subscribers: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Sends a durable event to every live subscriber. Never blocks.
+    pub fn publish(&self, event: Arc<LiveEvent>) {
+        // An error only means nobody is listening right now.
+        let _ = self.feed.send(event);
+    }
+
+    /// A receiver that sees every event published from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<LiveEvent>> {
+        self.feed.subscribe()
+    }
+
+    /// Counts a stream as subscribed to `topics` until the guard drops.
+    pub fn track(self: &Arc<Self>, topics: &[Topic]) -> SubscriberGuard {
+        let mut table = self.subscribers.lock();
+        for topic in topics {
+            *table.entry(topic.clone()).or_default() += 1;
+        }
+        SubscriberGuard {
+            hub: Arc::clone(self),
+            topics: topics.to_vec(),
+        }
+    }
+
+    /// Streams currently subscribed to `topic`.
+    pub fn subscriber_count(&self, topic: &Topic) -> usize {
+        self.subscribers.lock().get(topic).copied().unwrap_or(0)
+    }
+}
+
+/// Keeps a stream counted in [`Hub::subscriber_count`] while alive.
+#[derive(Debug)]
+pub struct SubscriberGuard {
+    hub: Arc<Hub>,
+    topics: Vec<Topic>,
+}
+
+impl Drop for SubscriberGuard {
+    fn drop(&mut self) {
+        let mut table = self.hub.subscribers.lock();
+        for topic in &self.topics {
+            if let Some(count) = table.get_mut(topic) {
+                *count -= 1;
+                if *count == 0 {
+                    table.remove(topic);
+                }
+            }
+        }
+    }
+}

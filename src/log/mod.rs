@@ -1,0 +1,122 @@
+//! The durable event log: the `Log` trait every storage backend implements.
+//!
+//! A log stores each published event once, under one sequence number, with an
+//! index per topic; it acknowledges an append only once the event is durable,
+//! and never lets a reader see past that durable watermark. After making a
+//! batch durable it hands the events to the [`Hub`](crate::hub::Hub) for live
+//! fan-out, in sequence order.
+
+pub mod codec;
+pub mod format;
+pub mod retention;
+pub mod sled_log;
+mod stats;
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+
+use crate::model::{Epoch, EventName, Topic};
+
+pub use sled_log::SledLog;
+pub use stats::TopicInfo;
+
+/// Storage failures. Mapped to `503 unavailable` at the HTTP edge.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("storage error: {0}")]
+    Storage(#[from] sled::Error),
+    #[error("the log is shutting down")]
+    Closed,
+    #[error("storage failed earlier and refuses writes until restarted: {0}")]
+    Failed(String),
+    #[error("corrupt log entry {key}: {what}")]
+    Corrupt { key: String, what: String },
+    #[error("data directory format version {found} is newer than this build supports ({supported}); upgrade sse-gateway")]
+    TooNew { found: u32, supported: u32 },
+    #[error("background task failed: {0}")]
+    Task(String),
+}
+
+/// One event to append: validated topics and name, compact JSON data.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub topics: Vec<Topic>,
+    pub name: EventName,
+    pub data: String,
+}
+
+/// One event read back from the log.
+#[derive(Debug, Clone)]
+pub struct StoredEvent {
+    pub seq: u64,
+    /// Milliseconds since the Unix epoch at append; drives `max_age` retention.
+    pub time_ms: u64,
+    pub name: EventName,
+    pub topics: Vec<Topic>,
+    pub data: Bytes,
+}
+
+/// The answer to one [`Log::read`].
+#[derive(Debug, Clone, Default)]
+pub struct ReadBatch {
+    pub events: Vec<StoredEvent>,
+    /// Every event of the topics up to and including this sequence was
+    /// considered: the next read starts after it.
+    pub through: u64,
+}
+
+/// A durable event as the live fan-out sees it: its SSE frame is encoded once
+/// and shared by every subscriber.
+#[derive(Debug)]
+pub struct LiveEvent {
+    pub seq: u64,
+    pub topics: Vec<Topic>,
+    pub frame: Bytes,
+}
+
+/// What a subscriber needs to know about retention for a set of topics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RetentionFloor {
+    /// Highest sequence trimmed from any of the topics (0 = none trimmed).
+    pub trimmed_through: u64,
+    /// Oldest retained sequence among the topics.
+    pub oldest: Option<u64>,
+}
+
+/// A storage backend.
+pub trait Log: Send + Sync + 'static {
+    /// This log's epoch, the prefix of every id it assigns.
+    fn epoch(&self) -> &Epoch;
+
+    /// The highest sequence that is durable and visible to readers (0 = none).
+    fn durable_head(&self) -> u64;
+
+    /// Appends one event; resolves to its sequence once it is durable.
+    fn append(&self, event: NewEvent) -> BoxFuture<'_, Result<u64, LogError>>;
+
+    /// Events of any of `topics` with `after < seq <= upto` (capped at the
+    /// durable head), in sequence order, each once, at most `limit` of them.
+    fn read(
+        &self,
+        topics: &[Topic],
+        after: u64,
+        upto: u64,
+        limit: usize,
+    ) -> BoxFuture<'static, Result<ReadBatch, LogError>>;
+
+    /// Retention state of a set of topics.
+    fn retention_floor(&self, topics: &[Topic]) -> RetentionFloor;
+
+    /// First/last retained id and count of one topic.
+    fn topic_info(&self, topic: &Topic) -> TopicInfo;
+
+    /// Open and accepting writes.
+    fn is_ready(&self) -> bool;
+
+    /// Bytes the log takes on disk, if known.
+    fn size_on_disk(&self) -> Option<u64>;
+
+    /// Stops accepting appends, finishes those queued, flushes, stops
+    /// background work. Idempotent.
+    fn close(&self) -> BoxFuture<'_, Result<(), LogError>>;
+}

@@ -1,0 +1,197 @@
+//! Background retention: trims events past `max_age` and topics past
+//! `max_events_per_topic`, in bounded batches, off the publish path.
+//!
+//! The trimmer never takes the writer's lock or channel: it only removes keys
+//! the writer no longer touches (old index entries and records), in batches of
+//! at most `trim_batch_events`, so publishes never wait for it. An event
+//! record is removed when no topic's index refers to it any more.
+//!
+//! Each trim raises the topic's trimmed watermark in memory *before* the keys
+//! go (and persists it in the same batch as the removal), so a reader that
+//! misses an event because it was trimmed always sees that it fell behind and
+//! sends a `reset`.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::codec::{self, EVENT_PREFIX};
+use super::sled_log::{now_ms, Shared};
+use super::LogError;
+use crate::model::Topic;
+
+/// What to keep.
+#[derive(Debug, Clone, Copy)]
+pub struct RetentionPolicy {
+    pub max_events_per_topic: u64,
+    pub max_age: Duration,
+    pub batch_events: usize,
+}
+
+/// Runs trim passes every `interval` until `stop`.
+pub(crate) async fn run_trimmer(
+    shared: Arc<Shared>,
+    policy: RetentionPolicy,
+    interval: Duration,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let shared = Arc::clone(&shared);
+        let pass = tokio::task::spawn_blocking(move || trim_pass(&shared, &policy, now_ms())).await;
+        match pass {
+            Ok(Ok(0)) => {}
+            Ok(Ok(removed)) => tracing::debug!(removed, "retention trimmed index entries"),
+            Ok(Err(e)) => tracing::error!(error = %e, "retention pass failed"),
+            Err(e) => tracing::error!(error = %e, "retention task failed"),
+        }
+    }
+}
+
+/// One pass: age first, then per-topic counts. Returns events and index entries visited for removal.
+pub(crate) fn trim_pass(
+    shared: &Shared,
+    policy: &RetentionPolicy,
+    now_ms: u64,
+) -> Result<u64, LogError> {
+    let mut removed = 0;
+    let cutoff = now_ms.saturating_sub(policy.max_age.as_millis() as u64);
+    loop {
+        let n = trim_old_batch(shared, cutoff, policy.batch_events)?;
+        removed += n;
+        if n == 0 {
+            break;
+        }
+    }
+    for (topic, over) in shared.stats.over_limit(policy.max_events_per_topic) {
+        let mut left = over;
+        while left > 0 {
+            let n = trim_topic_batch(
+                shared,
+                &topic,
+                left.min(policy.batch_events as u64) as usize,
+            )?;
+            if n == 0 {
+                break;
+            }
+            removed += n;
+            left = left.saturating_sub(n);
+        }
+    }
+    Ok(removed)
+}
+
+/// Removes up to `limit` events older than `cutoff_ms` from every topic.
+fn trim_old_batch(shared: &Shared, cutoff_ms: u64, limit: usize) -> Result<u64, LogError> {
+    let head = shared.durable_head.load(Ordering::Acquire);
+    let mut victims = Vec::new();
+    for item in shared.db.scan_prefix(EVENT_PREFIX).take(limit) {
+        let (key, value) = item?;
+        let seq = codec::seq_suffix(&key)?;
+        if seq > head {
+            break;
+        }
+        let event = codec::decode_record(seq, &value)?;
+        if event.time_ms >= cutoff_ms {
+            break;
+        }
+        victims.push(event);
+    }
+    let mut trim = TrimBatch::default();
+    for event in &victims {
+        trim.batch.remove(&codec::event_key(event.seq));
+        for topic in &event.topics {
+            let present = shared.db.contains_key(codec::index_key(topic, event.seq))?;
+            trim.remove_index(topic, event.seq, present);
+        }
+    }
+    trim.apply(shared)?;
+    Ok(victims.len() as u64)
+}
+
+/// Removes the `limit` oldest index entries of `topic`, and the events no
+/// other topic still refers to.
+fn trim_topic_batch(shared: &Shared, topic: &Topic, limit: usize) -> Result<u64, LogError> {
+    let mut seqs = Vec::with_capacity(limit);
+    for item in shared
+        .db
+        .scan_prefix(codec::index_prefix(topic))
+        .keys()
+        .take(limit)
+    {
+        seqs.push(codec::seq_suffix(&item?)?);
+    }
+    let mut trim = TrimBatch::default();
+    for &seq in &seqs {
+        trim.remove_index(topic, seq, true);
+        let Some(value) = shared.db.get(codec::event_key(seq))? else {
+            continue;
+        };
+        let event = codec::decode_record(seq, &value)?;
+        let mut still_needed = false;
+        for other in event.topics.iter().filter(|t| *t != topic) {
+            if shared.db.contains_key(codec::index_key(other, seq))? {
+                still_needed = true;
+                break;
+            }
+        }
+        if !still_needed {
+            trim.batch.remove(&codec::event_key(seq));
+        }
+    }
+    trim.apply(shared)?;
+    Ok(seqs.len() as u64)
+}
+
+/// Removals gathered for one atomic batch, with per-topic bookkeeping.
+#[derive(Default)]
+struct TrimBatch {
+    batch: sled::Batch,
+    /// Topic → (index entries removed, highest sequence trimmed).
+    topics: HashMap<Topic, (u64, u64)>,
+    removed: HashSet<(Topic, u64)>,
+}
+
+impl TrimBatch {
+    fn remove_index(&mut self, topic: &Topic, seq: u64, present: bool) {
+        let entry = self.topics.entry(topic.clone()).or_default();
+        entry.1 = entry.1.max(seq);
+        if present && self.removed.insert((topic.clone(), seq)) {
+            self.batch.remove(codec::index_key(topic, seq));
+            entry.0 += 1;
+        }
+    }
+
+    fn apply(mut self, shared: &Shared) -> Result<(), LogError> {
+        if self.topics.is_empty() {
+            return Ok(());
+        }
+        for (topic, (_, trimmed_through)) in &self.topics {
+            shared.stats.raise_trimmed(topic, *trimmed_through);
+            self.batch
+                .insert(codec::trimmed_key(topic), &trimmed_through.to_be_bytes());
+        }
+        shared.db.apply_batch(self.batch)?;
+        for (topic, (count, _)) in &self.topics {
+            let first = match shared
+                .db
+                .scan_prefix(codec::index_prefix(topic))
+                .keys()
+                .next()
+            {
+                Some(key) => Some(codec::seq_suffix(&key?)?),
+                None => None,
+            };
+            shared.stats.record_trim(topic, *count, first);
+        }
+        Ok(())
+    }
+}

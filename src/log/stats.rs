@@ -1,0 +1,119 @@
+//! In-memory per-topic counters of the log: first/last retained sequence,
+//! count, and how far retention has trimmed.
+//!
+//! Kept in memory (rebuilt from the index at start) because sled has no cheap
+//! count: `Tree::len` and prefix counts are full scans. Only the writer thread
+//! and the trimmer change it, each under one short lock per batch.
+
+use std::collections::HashMap;
+
+use parking_lot::Mutex;
+use serde::Serialize;
+
+use super::RetentionFloor;
+use crate::model::Topic;
+
+/// What `/topics/{topic}/info` reports about the log side of a topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct TopicInfo {
+    pub first: Option<u64>,
+    pub last: Option<u64>,
+    pub count: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct TopicStats {
+    /// Oldest retained sequence (meaningful when `count > 0`).
+    pub first: u64,
+    /// Newest retained sequence (meaningful when `count > 0`).
+    pub last: u64,
+    pub count: u64,
+    /// Highest sequence trimmed from this topic; a resume point below it has
+    /// lost events.
+    pub trimmed_through: u64,
+}
+
+/// Per-topic stats behind one lock.
+#[derive(Debug, Default)]
+pub(crate) struct StatsTable {
+    topics: Mutex<HashMap<Topic, TopicStats>>,
+}
+
+impl StatsTable {
+    /// Records appended events: `(topics, seq)` in sequence order.
+    pub fn record_appends<'a>(&self, events: impl Iterator<Item = (&'a [Topic], u64)>) {
+        let mut table = self.topics.lock();
+        for (topics, seq) in events {
+            for topic in topics {
+                let stats = table.entry(topic.clone()).or_default();
+                if stats.count == 0 {
+                    stats.first = seq;
+                }
+                stats.last = seq;
+                stats.count += 1;
+            }
+        }
+    }
+
+    /// Raises a topic's trimmed watermark. Called *before* the trim is applied
+    /// so a reader that misses a trimmed event always sees the watermark.
+    pub fn raise_trimmed(&self, topic: &Topic, seq: u64) {
+        let mut table = self.topics.lock();
+        let stats = table.entry(topic.clone()).or_default();
+        stats.trimmed_through = stats.trimmed_through.max(seq);
+    }
+
+    /// Records index entries removed from a topic; `new_first` is the oldest
+    /// entry left, if any.
+    pub fn record_trim(&self, topic: &Topic, removed: u64, new_first: Option<u64>) {
+        let mut table = self.topics.lock();
+        if let Some(stats) = table.get_mut(topic) {
+            stats.count = stats.count.saturating_sub(removed);
+            if let Some(first) = new_first {
+                stats.first = first;
+            }
+        }
+    }
+
+    /// Loads one topic's state at start.
+    pub fn load(&self, topic: Topic, stats: TopicStats) {
+        self.topics.lock().insert(topic, stats);
+    }
+
+    /// Topics holding more than `max` events, with how many are over.
+    pub fn over_limit(&self, max: u64) -> Vec<(Topic, u64)> {
+        let table = self.topics.lock();
+        table
+            .iter()
+            .filter(|(_, s)| s.count > max)
+            .map(|(t, s)| (t.clone(), s.count - max))
+            .collect()
+    }
+
+    pub fn retention_floor(&self, topics: &[Topic]) -> RetentionFloor {
+        let table = self.topics.lock();
+        let mut floor = RetentionFloor::default();
+        for stats in topics.iter().filter_map(|t| table.get(t)) {
+            floor.trimmed_through = floor.trimmed_through.max(stats.trimmed_through);
+            if stats.count > 0 {
+                floor.oldest = Some(
+                    floor
+                        .oldest
+                        .map_or(stats.first, |o: u64| o.min(stats.first)),
+                );
+            }
+        }
+        floor
+    }
+
+    pub fn info(&self, topic: &Topic) -> TopicInfo {
+        match self.topics.lock().get(topic) {
+            Some(s) if s.count > 0 => TopicInfo {
+                first: Some(s.first),
+                last: Some(s.last),
+                count: s.count,
+            },
+            _ => TopicInfo::default(),
+        }
+    }
+}

@@ -1,0 +1,176 @@
+//! Prometheus metrics: one registry per app instance, typed handles.
+//!
+//! A registry per `AppState` (no process-global recorder) so several gateways
+//! in one test binary never share counters. Names follow the Prometheus
+//! conventions: `sse_gateway_…_total` counters, `_seconds` histograms.
+
+use std::time::Duration;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+type Labels = Vec<(&'static str, &'static str)>;
+
+/// Every metric the gateway exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Open SSE streams by mode (`topic` = `/topics/{t}`, `events` = `/events`).
+    pub streams_open: Family<Labels, Gauge>,
+    /// SSE streams accepted, by mode.
+    pub streams_total: Family<Labels, Counter>,
+    /// Streams refused with `200` + `retry:` + close, by reason.
+    pub streams_shed: Family<Labels, Counter>,
+    pub events_published: Counter,
+    /// Event frames written to subscribers (replay and live).
+    pub events_delivered: Counter,
+    /// Batches read from the log for replay or catch-up.
+    pub replay_reads: Counter,
+    pub replay_events: Counter,
+    /// Times a subscriber fell off the live ring and caught up from the log.
+    pub lag_fallbacks: Counter,
+    /// `reset` blocks sent, by reason.
+    pub resets: Family<Labels, Counter>,
+    /// Publish handling time, from a complete body to the durable ack.
+    pub publish_duration: Histogram,
+    /// One group commit: batch write plus fsync.
+    pub commit_duration: Histogram,
+    pub commit_batch_events: Histogram,
+    pub storage_bytes: Gauge,
+    pub log_head: Gauge,
+}
+
+impl Metrics {
+    /// A fresh registry with every metric registered.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("sse_gateway");
+        let streams_open = Family::<Labels, Gauge>::default();
+        let streams_total = Family::<Labels, Counter>::default();
+        let streams_shed = Family::<Labels, Counter>::default();
+        let events_published = Counter::default();
+        let events_delivered = Counter::default();
+        let replay_reads = Counter::default();
+        let replay_events = Counter::default();
+        let lag_fallbacks = Counter::default();
+        let resets = Family::<Labels, Counter>::default();
+        let publish_duration = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
+        let commit_duration = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
+        let commit_batch_events = Histogram::new(exponential_buckets(1.0, 2.0, 14));
+        let storage_bytes = Gauge::default();
+        let log_head = Gauge::default();
+
+        registry.register(
+            "streams_open",
+            "Open SSE streams by mode",
+            streams_open.clone(),
+        );
+        registry.register(
+            "streams",
+            "SSE streams accepted by mode",
+            streams_total.clone(),
+        );
+        registry.register(
+            "streams_shed",
+            "SSE streams shed with retry and close, by reason",
+            streams_shed.clone(),
+        );
+        registry.register(
+            "events_published",
+            "Events made durable",
+            events_published.clone(),
+        );
+        registry.register(
+            "events_delivered",
+            "Event frames written to subscribers",
+            events_delivered.clone(),
+        );
+        registry.register(
+            "replay_reads",
+            "Batches read from the log for replay or catch-up",
+            replay_reads.clone(),
+        );
+        registry.register(
+            "replay_events",
+            "Events read from the log for replay or catch-up",
+            replay_events.clone(),
+        );
+        registry.register(
+            "lag_fallbacks",
+            "Subscribers that fell behind the live ring and caught up from the log",
+            lag_fallbacks.clone(),
+        );
+        registry.register("resets", "reset blocks sent, by reason", resets.clone());
+        registry.register(
+            "publish_duration_seconds",
+            "Publish time from complete body to durable ack",
+            publish_duration.clone(),
+        );
+        registry.register(
+            "commit_duration_seconds",
+            "Group commit write and fsync time",
+            commit_duration.clone(),
+        );
+        registry.register(
+            "commit_batch_events",
+            "Events per group commit",
+            commit_batch_events.clone(),
+        );
+        registry.register(
+            "storage_bytes",
+            "Bytes the log takes on disk",
+            storage_bytes.clone(),
+        );
+        registry.register(
+            "log_head_sequence",
+            "Newest durable sequence",
+            log_head.clone(),
+        );
+
+        Self {
+            registry,
+            streams_open,
+            streams_total,
+            streams_shed,
+            events_published,
+            events_delivered,
+            replay_reads,
+            replay_events,
+            lag_fallbacks,
+            resets,
+            publish_duration,
+            commit_duration,
+            commit_batch_events,
+            storage_bytes,
+            log_head,
+        }
+    }
+
+    /// Records one group commit.
+    pub fn record_commit(&self, events: usize, took: Duration) {
+        self.events_published.inc_by(events as u64);
+        self.commit_batch_events.observe(events as f64);
+        self.commit_duration.observe(took.as_secs_f64());
+    }
+
+    /// The label set for a stream mode or reason.
+    pub fn label(name: &'static str, value: &'static str) -> Labels {
+        vec![(name, value)]
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

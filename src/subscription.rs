@@ -1,0 +1,367 @@
+//! One subscriber's stream: resume point → replay from the log → live, with
+//! lag catch-up, retention resets, keepalives and a bounded lifetime.
+//!
+//! The whole no-gap/no-duplicate argument rests on one ordering:
+//!
+//! 1. the log writer raises the durable head *before* it sends the events to
+//!    the hub;
+//! 2. a subscription subscribes to the hub *before* it reads the head.
+//!
+//! So every event above the head it read arrives on its hub receiver, and
+//! every event at or below it is in the log. The subscription keeps one
+//! `cursor` (everything up to it has been considered, in id order); replay
+//! reads `(cursor, head]` from the log in batches, then live events are taken
+//! from the receiver, skipping any at or below the cursor. A subscriber that
+//! falls off the hub's ring (`Lagged`) drops its receiver, subscribes anew,
+//! reads the new head and replays from its cursor: same ordering, same
+//! argument. Memory per subscriber is a cursor and a receiver position; a
+//! slow client's backlog lives in the log, not in a queue.
+//!
+//! No task per subscriber: the stream is a state machine polled by the
+//! connection that sends it.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::Stream;
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+use tokio::sync::{broadcast, OwnedSemaphorePermit};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::hub::{Hub, SubscriberGuard};
+use crate::log::{LiveEvent, Log, LogError};
+use crate::metrics::Metrics;
+use crate::model::{ResumePoint, Topic};
+use crate::sse::{self, ResetReason};
+
+/// Longest requested id echoed back in a `reset` (ids come from clients).
+const MAX_ECHOED_ID: usize = 256;
+
+/// Per-stream settings from the config.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamSettings {
+    pub retry_ms: u64,
+    pub heartbeat: Duration,
+    /// Events per replay read and most frames per write.
+    pub batch: usize,
+    /// Close the stream after this long (the client reconnects and resumes).
+    pub max_age: Option<Duration>,
+}
+
+/// What a stream needs from the app.
+#[derive(Clone)]
+pub struct StreamContext {
+    pub log: Arc<dyn Log>,
+    pub hub: Arc<Hub>,
+    pub metrics: Arc<Metrics>,
+    pub stop: CancellationToken,
+}
+
+/// One subscriber's state.
+pub struct Subscription {
+    ctx: StreamContext,
+    topics: Vec<Topic>,
+    feed: broadcast::Receiver<Arc<LiveEvent>>,
+    /// Every event up to and including this sequence has been considered.
+    cursor: u64,
+    /// `Some(head)` while catching up from the log up to `head`.
+    replay_upto: Option<u64>,
+    /// `retry:`, the priming id or a reset: written before anything else.
+    prelude: Option<Bytes>,
+    settings: StreamSettings,
+    last_write: Instant,
+    deadline: Option<Instant>,
+    _subscriber: SubscriberGuard,
+    _open: OpenGauge,
+    /// The connection-limit permit, released when the stream ends.
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Subscription {
+    /// Starts a subscription at `resume`. `mode` labels metrics (`topic`/`events`).
+    pub fn start(
+        ctx: StreamContext,
+        topics: Vec<Topic>,
+        resume: ResumePoint,
+        settings: StreamSettings,
+        permit: OwnedSemaphorePermit,
+        mode: &'static str,
+    ) -> Self {
+        // Order matters: subscribe, then read the head (module docs).
+        let feed = ctx.hub.subscribe();
+        let head = ctx.log.durable_head();
+        let epoch = ctx.log.epoch().clone();
+        let mut prelude = sse::retry_block(settings.retry_ms);
+        let mut reset =
+            |reason: ResetReason, continue_from: u64, requested: &str, oldest: Option<u64>| {
+                ctx.metrics
+                    .resets
+                    .get_or_create(&Metrics::label("reason", reason.as_str()))
+                    .inc();
+                let oldest = oldest.map(|seq| epoch.id(seq));
+                prelude.push_str(&sse::reset_block(
+                    &epoch.id(continue_from),
+                    reason,
+                    requested,
+                    oldest.as_deref(),
+                ));
+            };
+        let (cursor, replay_upto) = match resume {
+            ResumePoint::Live => {
+                prelude.push_str(&sse::id_block(&epoch.id(head)));
+                (head, None)
+            }
+            // "Whatever there is": start at the retention floor, never a reset.
+            ResumePoint::Everything => (
+                ctx.log.retention_floor(&topics).trimmed_through.min(head),
+                Some(head),
+            ),
+            ResumePoint::After(seq) if seq > head => {
+                let floor = ctx.log.retention_floor(&topics);
+                reset(ResetReason::UnknownId, head, &epoch.id(seq), floor.oldest);
+                (head, None)
+            }
+            ResumePoint::After(seq) => {
+                let floor = ctx.log.retention_floor(&topics);
+                if floor.trimmed_through > seq {
+                    reset(
+                        ResetReason::Retention,
+                        floor.trimmed_through,
+                        &epoch.id(seq),
+                        floor.oldest,
+                    );
+                    (floor.trimmed_through, Some(head))
+                } else {
+                    (seq, Some(head))
+                }
+            }
+            ResumePoint::Unknown(raw) => {
+                let floor = ctx.log.retention_floor(&topics);
+                reset(ResetReason::UnknownId, head, truncate(&raw), floor.oldest);
+                (head, None)
+            }
+        };
+        ctx.metrics
+            .streams_total
+            .get_or_create(&Metrics::label("mode", mode))
+            .inc();
+        let open = OpenGauge::new(
+            ctx.metrics
+                .streams_open
+                .get_or_create(&Metrics::label("mode", mode))
+                .clone(),
+        );
+        let subscriber = ctx.hub.track(&topics);
+        let now = Instant::now();
+        Self {
+            deadline: settings.max_age.map(|age| now + age),
+            ctx,
+            topics,
+            feed,
+            cursor,
+            replay_upto,
+            prelude: Some(Bytes::from(prelude)),
+            settings,
+            last_write: now,
+            _subscriber: subscriber,
+            _open: open,
+            _permit: permit,
+        }
+    }
+
+    /// The SSE body: chunks of one or more complete blocks.
+    pub fn into_stream(self) -> impl Stream<Item = Result<Bytes, Infallible>> + Send {
+        futures_util::stream::unfold(self, |mut sub| async move {
+            let chunk = sub.next_chunk().await?;
+            sub.last_write = Instant::now();
+            Some((Ok(chunk), sub))
+        })
+    }
+
+    /// The next bytes to write, or `None` when the stream ends (shutdown,
+    /// max age, storage error).
+    async fn next_chunk(&mut self) -> Option<Bytes> {
+        if let Some(prelude) = self.prelude.take() {
+            return Some(prelude);
+        }
+        loop {
+            if self.ctx.stop.is_cancelled() || self.deadline.is_some_and(|d| d <= Instant::now()) {
+                return None;
+            }
+            if let Some(upto) = self.replay_upto {
+                if self.cursor >= upto {
+                    self.replay_upto = None;
+                    continue;
+                }
+                match self.replay_batch(upto).await {
+                    Ok(Some(chunk)) => return Some(chunk),
+                    Ok(None) => continue,
+                    Err(e) => {
+                        tracing::error!(error = %e, "replay read failed; closing stream so the client resumes");
+                        return None;
+                    }
+                }
+            }
+            let heartbeat_at = self.last_write + self.settings.heartbeat;
+            let deadline = self.deadline;
+            let max_age = async move {
+                match deadline {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                () = self.ctx.stop.cancelled() => return None,
+                () = max_age => return None,
+                received = self.feed.recv() => match received {
+                    Ok(event) => {
+                        if let Some(chunk) = self.take_live(event) {
+                            return Some(chunk);
+                        }
+                    }
+                    Err(RecvError::Lagged(_)) => self.fall_back_to_log(),
+                    Err(RecvError::Closed) => return None,
+                },
+                () = tokio::time::sleep_until(heartbeat_at) => return Some(Bytes::from_static(sse::KEEPALIVE)),
+            }
+        }
+    }
+
+    /// Reads the next batch of `(cursor, upto]`. `Ok(None)` means nothing to
+    /// write yet (the cursor moved past events of other topics).
+    async fn replay_batch(&mut self, upto: u64) -> Result<Option<Bytes>, LogError> {
+        let batch = self
+            .ctx
+            .log
+            .read(&self.topics, self.cursor, upto, self.settings.batch)
+            .await?;
+        self.ctx.metrics.replay_reads.inc();
+        self.ctx
+            .metrics
+            .replay_events
+            .inc_by(batch.events.len() as u64);
+        // Checked after the read: the trimmer raises the watermark before it
+        // removes anything, so a read that missed a trimmed event sees it here.
+        let floor = self.ctx.log.retention_floor(&self.topics);
+        if floor.trimmed_through > self.cursor {
+            let epoch = self.ctx.log.epoch();
+            let oldest = floor.oldest.map(|seq| epoch.id(seq));
+            let block = sse::reset_block(
+                &epoch.id(floor.trimmed_through),
+                ResetReason::Retention,
+                &epoch.id(self.cursor),
+                oldest.as_deref(),
+            );
+            self.ctx
+                .metrics
+                .resets
+                .get_or_create(&Metrics::label("reason", ResetReason::Retention.as_str()))
+                .inc();
+            self.cursor = floor.trimmed_through;
+            return Ok(Some(Bytes::from(block)));
+        }
+        let epoch = self.ctx.log.epoch();
+        let mut buf = BytesMut::new();
+        let mut sent = 0u64;
+        for event in batch.events.iter().filter(|e| e.seq > self.cursor) {
+            sse::put_event(&mut buf, epoch, event.seq, event.name.as_str(), &event.data);
+            sent += 1;
+        }
+        self.cursor = self.cursor.max(batch.through);
+        self.ctx.metrics.events_delivered.inc_by(sent);
+        Ok((!buf.is_empty()).then(|| buf.freeze()))
+    }
+
+    /// Takes `first` and whatever else is already waiting on the receiver
+    /// (up to one batch) into one chunk of this subscriber's events.
+    fn take_live(&mut self, first: Arc<LiveEvent>) -> Option<Bytes> {
+        let mut frames: Vec<Bytes> = Vec::new();
+        let mut next = Some(first);
+        let mut fall_back = false;
+        while let Some(event) = next.take() {
+            if event.seq > self.cursor {
+                if event.seq != self.cursor + 1 {
+                    // Cannot happen while the writer publishes every durable
+                    // event in order; if it ever does, the log has the truth.
+                    tracing::warn!(
+                        cursor = self.cursor,
+                        seq = event.seq,
+                        "gap in live feed; catching up from the log"
+                    );
+                    fall_back = true;
+                    break;
+                }
+                self.cursor = event.seq;
+                if event.topics.iter().any(|t| self.topics.contains(t)) {
+                    frames.push(event.frame.clone());
+                }
+            }
+            if frames.len() >= self.settings.batch {
+                break;
+            }
+            match self.feed.try_recv() {
+                Ok(event) => next = Some(event),
+                Err(TryRecvError::Lagged(_)) => fall_back = true,
+                Err(TryRecvError::Empty | TryRecvError::Closed) => {}
+            }
+        }
+        if fall_back {
+            self.fall_back_to_log();
+        }
+        self.ctx
+            .metrics
+            .events_delivered
+            .inc_by(frames.len() as u64);
+        match frames.len() {
+            0 => None,
+            // The common case: the shared frame itself, no copy.
+            1 => frames.pop(),
+            _ => {
+                let mut buf = BytesMut::with_capacity(frames.iter().map(Bytes::len).sum());
+                for frame in &frames {
+                    buf.extend_from_slice(frame);
+                }
+                Some(buf.freeze())
+            }
+        }
+    }
+
+    /// Leaves the live ring and catches up from the log from the cursor.
+    fn fall_back_to_log(&mut self) {
+        self.feed = self.ctx.hub.subscribe();
+        self.replay_upto = Some(self.ctx.log.durable_head());
+        self.ctx.metrics.lag_fallbacks.inc();
+    }
+}
+
+fn truncate(raw: &str) -> &str {
+    if raw.len() <= MAX_ECHOED_ID {
+        return raw;
+    }
+    let mut end = MAX_ECHOED_ID;
+    while !raw.is_char_boundary(end) {
+        end -= 1;
+    }
+    &raw[..end]
+}
+
+/// Counts a stream in `streams_open` while it lives.
+struct OpenGauge(Gauge);
+
+impl OpenGauge {
+    fn new(gauge: Gauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for OpenGauge {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
