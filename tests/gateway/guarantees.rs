@@ -32,7 +32,9 @@ async fn publish_concurrently(
             let mut acked = Vec::new();
             for i in (p..count).step_by(publishers) {
                 let topics = pick(i);
-                let body = json!({"topics": topics, "event": "n", "data": {"i": i, "pad": *filler}}).to_string();
+                let body =
+                    json!({"topics": topics, "event": "n", "data": {"i": i, "pad": *filler}})
+                        .to_string();
                 let (status, answer) = post_raw(&client, &url, body).await;
                 assert_eq!(status, 201, "{answer}");
                 acked.push((answer["id"].as_str().unwrap().to_owned(), topics));
@@ -59,7 +61,13 @@ async fn assert_exactly(stream: &mut SseReader, expected: &[String], who: &str) 
     }
     let seen: HashSet<&String> = got.iter().collect();
     assert_eq!(seen.len(), got.len(), "{who}: duplicates in {got:?}");
-    assert_eq!(got, expected, "{who}: got {} of {} events", got.len(), expected.len());
+    assert_eq!(
+        got,
+        expected,
+        "{who}: got {} of {} events",
+        got.len(),
+        expected.len()
+    );
     stream.expect_no_event(Duration::from_millis(100)).await;
 }
 
@@ -72,7 +80,11 @@ async fn race(live_buffer: usize) {
         let server = Arc::clone(&server);
         subscribers.push(tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(15 * s)).await;
-            let path = if s % 2 == 0 { "/topics/a?last_event_id=0" } else { "/events?topic=a&topic=b&last_event_id=0" };
+            let path = if s % 2 == 0 {
+                "/topics/a?last_event_id=0"
+            } else {
+                "/events?topic=a&topic=b&last_event_id=0"
+            };
             (s, server.subscribe(path, None).await)
         }));
     }
@@ -82,7 +94,11 @@ async fn race(live_buffer: usize) {
         _ => vec!["a", "b"],
     })
     .await;
-    let in_a: Vec<String> = acked.iter().filter(|(_, t)| t.contains(&"a")).map(|(id, _)| id.clone()).collect();
+    let in_a: Vec<String> = acked
+        .iter()
+        .filter(|(_, t)| t.contains(&"a"))
+        .map(|(id, _)| id.clone())
+        .collect();
     let in_ab: Vec<String> = acked.iter().map(|(id, _)| id.clone()).collect();
     for subscriber in subscribers {
         let (s, mut stream) = subscriber.await.unwrap();
@@ -106,20 +122,37 @@ async fn racing_subscribers_with_a_tiny_live_ring_still_get_everything_once() {
 #[tokio::test]
 async fn an_event_in_two_subscribed_topics_arrives_once_and_ids_increase() {
     let server = TestServer::start(|_| {}).await;
-    let mut live = server.subscribe("/events?topic=a&topic=b&topic=a", None).await;
+    let mut live = server
+        .subscribe("/events?topic=a&topic=b&topic=a", None)
+        .await;
     live.until_blocks(2).await;
-    let both = server.post_raw("/publish", json!({"topics": ["a", "b"], "data": 1}).to_string()).await;
+    let both = server
+        .post_raw(
+            "/publish",
+            json!({"topics": ["a", "b"], "data": 1}).to_string(),
+        )
+        .await;
     assert_eq!(both.0, 201);
     let only_c = server.publish("c", "e", json!(2)).await;
     let only_b = server.publish("b", "e", json!(3)).await;
     let only_a = server.publish("a", "e", json!(4)).await;
-    let expected = vec![both.1["id"].as_str().unwrap().to_owned(), only_b.clone(), only_a.clone()];
+    let expected = vec![
+        both.1["id"].as_str().unwrap().to_owned(),
+        only_b.clone(),
+        only_a.clone(),
+    ];
     assert!(seq_of(&only_c) < seq_of(&only_b));
     assert_exactly(&mut live, &expected, "live").await;
     let mut replay = server.subscribe("/events?topic=b&topic=a", Some("0")).await;
     assert_exactly(&mut replay, &expected, "replay").await;
-    let events = server.subscribe("/events?topic=b&topic=a", Some("0")).await.take(3).await;
-    assert!(events.windows(2).all(|w| seq_of(&w[0].id) < seq_of(&w[1].id)));
+    let events = server
+        .subscribe("/events?topic=b&topic=a", Some("0"))
+        .await
+        .take(3)
+        .await;
+    assert!(events
+        .windows(2)
+        .all(|w| seq_of(&w[0].id) < seq_of(&w[1].id)));
 }
 
 /// A raw HTTP/1.1 SSE client that reads only when asked: with a tiny receive
@@ -137,10 +170,20 @@ impl RawSse {
         let socket = tokio::net::TcpSocket::new_v4().unwrap();
         socket.set_recv_buffer_size(4096).unwrap();
         let mut socket = socket.connect(server.addr).await.unwrap();
-        let resume = last_event_id.map(|id| format!("Last-Event-ID: {id}\r\n")).unwrap_or_default();
-        let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nAccept: text/event-stream\r\n{resume}\r\n");
+        let resume = last_event_id
+            .map(|id| format!("Last-Event-ID: {id}\r\n"))
+            .unwrap_or_default();
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: test\r\nAccept: text/event-stream\r\n{resume}\r\n"
+        );
         socket.write_all(request.as_bytes()).await.unwrap();
-        Self { socket, parser: SseParser::default(), pending: Vec::new(), in_body: false, queue: Default::default() }
+        Self {
+            socket,
+            parser: SseParser::default(),
+            pending: Vec::new(),
+            in_body: false,
+            queue: Default::default(),
+        }
     }
 
     async fn next(&mut self) -> SseEvent {
@@ -156,7 +199,9 @@ impl RawSse {
             assert!(n > 0, "server closed the stream");
             self.pending.extend_from_slice(&buf[..n]);
             if !self.in_body {
-                let Some(end) = self.pending.windows(4).position(|w| w == b"\r\n\r\n") else { continue };
+                let Some(end) = self.pending.windows(4).position(|w| w == b"\r\n\r\n") else {
+                    continue;
+                };
                 let head = String::from_utf8_lossy(&self.pending[..end]).to_lowercase();
                 assert!(head.starts_with("http/1.1 200"), "{head}");
                 assert!(head.contains("transfer-encoding: chunked"), "{head}");
@@ -165,7 +210,9 @@ impl RawSse {
             }
             // De-chunk whatever complete chunks are buffered.
             loop {
-                let Some(line_end) = self.pending.windows(2).position(|w| w == b"\r\n") else { break };
+                let Some(line_end) = self.pending.windows(2).position(|w| w == b"\r\n") else {
+                    break;
+                };
                 let size_text = String::from_utf8_lossy(&self.pending[..line_end]).to_string();
                 let size = usize::from_str_radix(size_text.trim(), 16).unwrap();
                 if self.pending.len() < line_end + 2 + size + 2 {
@@ -204,10 +251,24 @@ async fn a_slow_subscriber_loses_nothing_and_blocks_no_publisher() {
     assert_exactly(&mut reader, &ids, "reading subscriber").await;
     let events = slow.take(EVENTS).await;
     let got: Vec<String> = events.into_iter().map(|e| e.id).collect();
-    assert_eq!(got, ids, "the slow subscriber gets every event once, in order");
-    let metrics = server.client.get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert_eq!(
+        got, ids,
+        "the slow subscriber gets every event once, in order"
+    );
+    let metrics = server
+        .client
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     let fallbacks = metric_value(&metrics, "sse_gateway_lag_fallbacks_total");
-    assert!(fallbacks >= 1.0, "the slow subscriber fell back to the log: {fallbacks}");
+    assert!(
+        fallbacks >= 1.0,
+        "the slow subscriber fell back to the log: {fallbacks}"
+    );
     eprintln!("published {EVENTS} events in {publish_time:?} with a silent subscriber attached");
 }
 
@@ -229,7 +290,10 @@ async fn a_socket_that_takes_nothing_for_write_stall_is_closed() {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     let mut stalled = socket.connect(server.addr).await.unwrap();
-    stalled.write_all(b"GET /topics/big HTTP/1.1\r\nHost: t\r\n\r\n").await.unwrap();
+    stalled
+        .write_all(b"GET /topics/big HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
     let server_ref = &server;
     eventually("the stream to be counted", || async move {
         server_ref.get_json("/topics/big/info").await.1["subscribers"] == 1
@@ -273,7 +337,10 @@ async fn resume_behind_retention_gets_a_reset_then_what_is_retained() {
     let mut stream = server.subscribe("/topics/t", Some(&ids[2])).await;
     let reset = stream.next_event().await;
     assert_eq!(reset.event, "reset");
-    assert_eq!(reset.json(), json!({"reason": "retention", "requested": ids[2], "oldest": ids[15]}));
+    assert_eq!(
+        reset.json(),
+        json!({"reason": "retention", "requested": ids[2], "oldest": ids[15]})
+    );
     assert_eq!(reset.id, ids[14], "continues from the newest trimmed id");
     let rest: Vec<String> = stream.take(5).await.into_iter().map(|e| e.id).collect();
     assert_eq!(rest, ids[15..]);
@@ -307,9 +374,14 @@ async fn trimming_another_topic_does_not_reset_this_one() {
         server_ref.get_json("/topics/busy/info").await.1["count"] == 3
     })
     .await;
-    let mut stream = server.subscribe("/topics/quiet", Some(&format!("{}-0", epoch_of(&keep)))).await;
+    let mut stream = server
+        .subscribe("/topics/quiet", Some(&format!("{}-0", epoch_of(&keep))))
+        .await;
     let event = stream.next_event().await;
-    assert_eq!(event.id, keep, "no reset: nothing of `quiet` newer than the id was trimmed");
+    assert_eq!(
+        event.id, keep,
+        "no reset: nothing of `quiet` newer than the id was trimmed"
+    );
 }
 
 #[tokio::test]
@@ -319,18 +391,30 @@ async fn a_multi_topic_event_survives_while_one_of_its_topics_retains_it() {
         c.retention.trim_interval_ms = 20;
     })
     .await;
-    let shared = server.post_raw("/publish", json!({"topics": ["a", "b"], "data": "shared"}).to_string()).await.1;
+    let shared = server
+        .post_raw(
+            "/publish",
+            json!({"topics": ["a", "b"], "data": "shared"}).to_string(),
+        )
+        .await
+        .1;
     let shared = shared["id"].as_str().unwrap().to_owned();
     for i in 0..5 {
         server.publish("a", "e", json!(i)).await;
     }
     let server_ref = &server;
-    eventually("a to be trimmed", || async move { server_ref.get_json("/topics/a/info").await.1["count"] == 2 }).await;
+    eventually("a to be trimmed", || async move {
+        server_ref.get_json("/topics/a/info").await.1["count"] == 2
+    })
+    .await;
     let (_, info_b) = server.get_json("/topics/b/info").await;
     assert_eq!(info_b["count"], 1);
     let mut stream = server.subscribe("/topics/b", Some("0")).await;
     let event = stream.next_event().await;
-    assert_eq!((event.id.as_str(), event.data.as_str()), (shared.as_str(), "\"shared\""));
+    assert_eq!(
+        (event.id.as_str(), event.data.as_str()),
+        (shared.as_str(), "\"shared\"")
+    );
 }
 
 #[tokio::test]
@@ -351,7 +435,10 @@ async fn events_older_than_max_age_are_trimmed_and_resets_say_so() {
     assert_eq!(info["first_id"], serde_json::Value::Null);
     let mut stream = server.subscribe("/topics/t", Some(&first)).await;
     let reset = stream.next_event().await;
-    assert_eq!(reset.json(), json!({"reason": "retention", "requested": first, "oldest": null}));
+    assert_eq!(
+        reset.json(),
+        json!({"reason": "retention", "requested": first, "oldest": null})
+    );
     let live = server.publish("t", "e", json!(3)).await;
     assert_eq!(stream.next_event().await.id, live);
 }
@@ -372,10 +459,17 @@ async fn a_subscriber_that_falls_behind_retention_gets_a_reset_mid_stream() {
     let acked = publish_concurrently(&server, 4, EVENTS, 4000, |_| vec!["t"]).await;
     let last = acked.last().unwrap().0.clone();
     let server_ref = &server;
-    eventually("trim to 100", || async move { server_ref.get_json("/topics/t/info").await.1["count"] == 100 }).await;
+    eventually("trim to 100", || async move {
+        server_ref.get_json("/topics/t/info").await.1["count"] == 100
+    })
+    .await;
     // Read until the last event.
     let mut events = Vec::new();
-    while events.last().map(|e: &SseEvent| e.id != last).unwrap_or(true) {
+    while events
+        .last()
+        .map(|e: &SseEvent| e.id != last)
+        .unwrap_or(true)
+    {
         events.push(slow.next().await);
     }
     let resets: Vec<&SseEvent> = events.iter().filter(|e| e.event == "reset").collect();
@@ -390,7 +484,17 @@ async fn a_subscriber_that_falls_behind_retention_gets_a_reset_mid_stream() {
         .skip_while(|e| e.id != resets.last().unwrap().id || e.event != "reset")
         .map(|e| seq_of(&e.id))
         .collect();
-    assert!(after.windows(2).all(|w| w[1] == w[0] + 1), "consecutive after the reset: {after:?}");
-    let data_events: Vec<u64> = events.iter().filter(|e| e.event != "reset").map(|e| seq_of(&e.id)).collect();
-    assert!(data_events.windows(2).all(|w| w[1] > w[0]), "ids strictly increase");
+    assert!(
+        after.windows(2).all(|w| w[1] == w[0] + 1),
+        "consecutive after the reset: {after:?}"
+    );
+    let data_events: Vec<u64> = events
+        .iter()
+        .filter(|e| e.event != "reset")
+        .map(|e| seq_of(&e.id))
+        .collect();
+    assert!(
+        data_events.windows(2).all(|w| w[1] > w[0]),
+        "ids strictly increase"
+    );
 }

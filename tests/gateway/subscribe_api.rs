@@ -17,7 +17,11 @@ async fn stream_headers_retry_and_priming_id_on_an_empty_log() {
     assert_eq!(stream.headers["x-accel-buffering"], "no");
     assert!(stream.headers.get("content-encoding").is_none());
     stream.until_blocks(2).await;
-    assert!(stream.raw.starts_with(b"retry: 250\n"), "{}", String::from_utf8_lossy(&stream.raw));
+    assert!(
+        stream.raw.starts_with(b"retry: 250\n"),
+        "{}",
+        String::from_utf8_lossy(&stream.raw)
+    );
     assert_eq!(stream.parser.retry, Some(250));
     // The priming id-only block: `<epoch>-0` on an empty log.
     let primed = stream.parser.last_event_id.clone();
@@ -34,10 +38,16 @@ async fn live_only_stream_is_primed_with_the_head_and_skips_history() {
     let head = server.publish("other", "old", json!(2)).await;
     let mut stream = server.subscribe("/topics/t", None).await;
     stream.until_blocks(2).await;
-    assert_eq!(stream.parser.last_event_id, head, "primed with the log head, whatever the topic");
+    assert_eq!(
+        stream.parser.last_event_id, head,
+        "primed with the log head, whatever the topic"
+    );
     let new = server.publish("t", "new", json!(3)).await;
     let event = stream.next_event().await;
-    assert_eq!((event.id.as_str(), event.event.as_str(), event.data.as_str()), (new.as_str(), "new", "3"));
+    assert_eq!(
+        (event.id.as_str(), event.event.as_str(), event.data.as_str()),
+        (new.as_str(), "new", "3")
+    );
 }
 
 #[tokio::test]
@@ -66,7 +76,10 @@ async fn resume_from_zero_replays_everything_then_goes_live() {
     assert_eq!(got, ids);
     let live = server.publish("t", "e", json!(5)).await;
     assert_eq!(stream.next_event().await.id, live);
-    assert!(!stream.raw.windows(12).any(|w| w == b"event: reset"), "0 never gets a reset");
+    assert!(
+        !stream.raw.windows(12).any(|w| w == b"event: reset"),
+        "0 never gets a reset"
+    );
 }
 
 #[tokio::test]
@@ -87,15 +100,21 @@ async fn resume_point_precedence_header_then_query_then_alias() {
     assert_eq!(stream.next_event().await.id, b);
 
     // The alias alone works.
-    let mut stream = server.subscribe(&format!("/topics/t?lastEventId={b}"), None).await;
+    let mut stream = server
+        .subscribe(&format!("/topics/t?lastEventId={b}"), None)
+        .await;
     assert_eq!(stream.next_event().await.id, c);
 
     // An empty header counts as absent: the query is used.
-    let mut stream = server.subscribe(&format!("/topics/t?last_event_id={a}"), Some("")).await;
+    let mut stream = server
+        .subscribe(&format!("/topics/t?last_event_id={a}"), Some(""))
+        .await;
     assert_eq!(stream.next_event().await.id, b);
 
     // Empty everywhere: live only, primed with the head.
-    let mut stream = server.subscribe("/topics/t?last_event_id=&lastEventId=", Some("")).await;
+    let mut stream = server
+        .subscribe("/topics/t?last_event_id=&lastEventId=", Some(""))
+        .await;
     stream.until_blocks(2).await;
     assert_eq!(stream.parser.last_event_id, c);
     stream.expect_no_event(Duration::from_millis(200)).await;
@@ -122,7 +141,15 @@ async fn unknown_ids_get_a_reset_then_live() {
     let padded = format!("{epoch}-01");
     let plus = format!("{epoch}-+1");
     let other_epoch = "someOtherLog-1".to_owned();
-    for requested in ["garbage", "42", other_epoch.as_str(), ahead.as_str(), padded.as_str(), plus.as_str(), "-1"] {
+    for requested in [
+        "garbage",
+        "42",
+        other_epoch.as_str(),
+        ahead.as_str(),
+        padded.as_str(),
+        plus.as_str(),
+        "-1",
+    ] {
         let mut stream = server.subscribe("/topics/t", Some(requested)).await;
         assert_eq!(stream.status, 200, "{requested}");
         let reset = stream.next_event().await;
@@ -149,7 +176,10 @@ async fn unknown_id_on_an_empty_log_continues_from_epoch_zero() {
     let reset = stream.next_event().await;
     assert_eq!(reset.event, "reset");
     assert!(reset.id.ends_with("-0"));
-    assert_eq!(reset.json(), json!({"reason": "unknown_id", "requested": "nope", "oldest": null}));
+    assert_eq!(
+        reset.json(),
+        json!({"reason": "unknown_id", "requested": "nope", "oldest": null})
+    );
 }
 
 #[tokio::test]
@@ -158,24 +188,41 @@ async fn query_ids_are_percent_decoded_and_topics_too() {
     let a = server.publish("projects:all", "e", json!(1)).await;
     let b = server.publish("projects:all", "e", json!(2)).await;
     let encoded = a.replace('-', "%2D");
-    let mut stream = server.subscribe(&format!("/topics/projects%3A%61ll?last_event_id={encoded}"), None).await;
+    let mut stream = server
+        .subscribe(
+            &format!("/topics/projects%3A%61ll?last_event_id={encoded}"),
+            None,
+        )
+        .await;
     assert_eq!(stream.next_event().await.id, b);
 }
 
 #[tokio::test]
 async fn bad_topics_on_streams_are_400_json() {
     let server = TestServer::start(|_| {}).await;
-    for path in ["/topics/a%20b", "/events", "/events?topic=", "/events?topic=ok&topic=b%2Fad"] {
+    for path in [
+        "/topics/a%20b",
+        "/events",
+        "/events?topic=",
+        "/events?topic=ok&topic=b%2Fad",
+    ] {
         let response = server.client.get(server.url(path)).send().await.unwrap();
         assert_eq!(response.status(), 400, "{path}");
         let body: serde_json::Value = response.json().await.unwrap();
         assert_eq!(body["error"]["code"], "invalid_topic", "{path}");
     }
     let many: String = (0..65).map(|i| format!("topic=t{i}&")).collect();
-    let response = server.client.get(server.url(&format!("/events?{many}"))).send().await.unwrap();
+    let response = server
+        .client
+        .get(server.url(&format!("/events?{many}")))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 400);
     let sixty_four: String = (0..64).map(|i| format!("topic=t{i}&")).collect();
-    let stream = server.subscribe(&format!("/events?{sixty_four}"), None).await;
+    let stream = server
+        .subscribe(&format!("/events?{sixty_four}"), None)
+        .await;
     assert_eq!(stream.status, 200);
 }
 
@@ -183,20 +230,35 @@ async fn bad_topics_on_streams_are_400_json() {
 async fn keepalive_comments_after_heartbeat_of_silence() {
     let server = TestServer::start(|c| c.stream.heartbeat_ms = 100).await;
     let mut stream = server.subscribe("/topics/quiet", None).await;
-    eventually_stream(&mut stream, |s| s.parser.comments.iter().filter(|c| *c == "keepalive").count() >= 2).await;
+    eventually_stream(&mut stream, |s| {
+        s.parser
+            .comments
+            .iter()
+            .filter(|c| *c == "keepalive")
+            .count()
+            >= 2
+    })
+    .await;
     // Events of other topics do not count as this stream's traffic.
     let mut other_traffic = server.subscribe("/topics/quiet", None).await;
     for i in 0..10 {
         server.publish("busy", "e", json!(i)).await;
         tokio::time::sleep(Duration::from_millis(30)).await;
     }
-    eventually_stream(&mut other_traffic, |s| s.parser.comments.iter().any(|c| c == "keepalive")).await;
+    eventually_stream(&mut other_traffic, |s| {
+        s.parser.comments.iter().any(|c| c == "keepalive")
+    })
+    .await;
 }
 
 async fn eventually_stream(stream: &mut SseReader, check: impl Fn(&SseReader) -> bool) {
     let deadline = tokio::time::Instant::now() + WAIT;
     while !check(stream) {
-        assert!(tokio::time::Instant::now() < deadline, "condition not reached: {}", String::from_utf8_lossy(&stream.raw));
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not reached: {}",
+            String::from_utf8_lossy(&stream.raw)
+        );
         stream.next_event_within(Duration::from_millis(50)).await;
     }
 }
@@ -209,9 +271,19 @@ async fn over_max_connections_streams_get_200_retry_comment_and_close() {
     let mut shed = server.subscribe("/topics/t", None).await;
     assert_eq!(shed.status, 200, "never 429/503 on a stream");
     assert_eq!(shed.headers["content-type"], "text/event-stream");
-    assert!(shed.until_closed(WAIT).await, "shed stream is closed by the server");
+    assert!(
+        shed.until_closed(WAIT).await,
+        "shed stream is closed by the server"
+    );
     assert_eq!(shed.parser.retry, Some(250));
-    assert!(shed.parser.comments.iter().any(|c| c.contains("too many connections")), "{:?}", shed.parser.comments);
+    assert!(
+        shed.parser
+            .comments
+            .iter()
+            .any(|c| c.contains("too many connections")),
+        "{:?}",
+        shed.parser.comments
+    );
     assert_eq!(shed.parser.blocks, 2);
     // A slot frees when a stream ends.
     drop(first);
@@ -230,9 +302,14 @@ async fn streams_close_at_max_stream_age_and_resume_with_nothing_lost() {
     let mut stream = server.subscribe("/topics/t", Some("0")).await;
     let a = server.publish("t", "e", json!(1)).await;
     assert_eq!(stream.next_event().await.id, a);
-    assert!(stream.until_closed(Duration::from_secs(5)).await, "closed after max_stream_age");
+    assert!(
+        stream.until_closed(Duration::from_secs(5)).await,
+        "closed after max_stream_age"
+    );
     let b = server.publish("t", "e", json!(2)).await;
-    let mut again = server.subscribe("/topics/t", Some(&stream.parser.last_event_id)).await;
+    let mut again = server
+        .subscribe("/topics/t", Some(&stream.parser.last_event_id))
+        .await;
     assert_eq!(again.next_event().await.id, b);
 }
 
@@ -244,7 +321,13 @@ async fn shutdown_ends_open_streams() {
     let mut replaying = server.subscribe("/events?topic=t&topic=u", Some("0")).await;
     replaying.until_blocks(1).await;
     let stopped = tokio::spawn(server.stop());
-    assert!(stream.until_closed(Duration::from_secs(5)).await, "stream ended on shutdown");
-    assert!(replaying.until_closed(Duration::from_secs(5)).await, "stream ended on shutdown");
+    assert!(
+        stream.until_closed(Duration::from_secs(5)).await,
+        "stream ended on shutdown"
+    );
+    assert!(
+        replaying.until_closed(Duration::from_secs(5)).await,
+        "stream ended on shutdown"
+    );
     stopped.await.unwrap();
 }
