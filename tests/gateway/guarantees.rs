@@ -209,10 +209,7 @@ impl RawSse {
                 self.in_body = true;
             }
             // De-chunk whatever complete chunks are buffered.
-            loop {
-                let Some(line_end) = self.pending.windows(2).position(|w| w == b"\r\n") else {
-                    break;
-                };
+            while let Some(line_end) = self.pending.windows(2).position(|w| w == b"\r\n") {
                 let size_text = String::from_utf8_lossy(&self.pending[..line_end]).to_string();
                 let size = usize::from_str_radix(size_text.trim(), 16).unwrap();
                 if self.pending.len() < line_end + 2 + size + 2 {

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The one command that installs what the tests need and runs every check:
+#   bash scripts/test.sh
+# On a fresh Debian machine with only the Rust toolchain it apt-installs
+# curl, nodejs and npm (only what is missing), installs the pinned npm
+# packages of tests/js (npm ci), then runs rustfmt, clippy and every test.
+# CI runs it through .ci/run. CARGO_TARGET_DIR etc. are honoured.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+step() { printf '\n==> %s\n' "$*"; }
+
+# --- system packages -------------------------------------------------------
+missing=()
+command -v curl >/dev/null 2>&1 || missing+=(curl)
+command -v node >/dev/null 2>&1 || missing+=(nodejs)
+# A Node.js that bundles npm (e.g. NodeSource's) must not get Debian's npm.
+command -v npm >/dev/null 2>&1 || missing+=(npm)
+
+if ((${#missing[@]})); then
+    step "installing system packages: ${missing[*]}"
+    if [[ $(id -u) -eq 0 ]]; then
+        SUDO=()
+    elif command -v sudo >/dev/null 2>&1; then
+        SUDO=(sudo)
+    else
+        echo "error: need root or sudo to apt-get install ${missing[*]}" >&2
+        exit 1
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q
+    "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive \
+        apt-get install -y -q --no-install-recommends "${missing[@]}"
+else
+    step "system packages present: curl, node, npm"
+fi
+echo "curl: $(curl --version | head -n1)"
+echo "node: $(node --version), npm: $(npm --version)"
+
+# --- npm packages for the third-party client tests ---------------------------
+step "npm ci (tests/js)"
+(cd tests/js && npm ci --no-audit --no-fund)
+
+# --- Rust checks -------------------------------------------------------------
+step "cargo fmt --all -- --check"
+cargo fmt --all -- --check
+
+step "cargo clippy --all-targets --locked -- -D warnings"
+cargo clippy --all-targets --locked -- -D warnings
+
+step "cargo test --locked --all-targets"
+cargo test --locked --all-targets
+
+step "all checks passed"
