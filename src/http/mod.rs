@@ -38,6 +38,7 @@ pub fn router(app: Arc<App>) -> Router {
             "/topics/{topic}",
             get(subscribe::subscribe_topic).post(publish::publish_topic),
         )
+        .route("/topics", get(ops::list_topics))
         .route("/topics/{topic}/info", get(ops::topic_info))
         .route("/events", get(subscribe::subscribe_events))
         .route("/publish", post(publish::publish_many))

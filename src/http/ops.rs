@@ -47,6 +47,33 @@ pub async fn metrics(State(app): State<Arc<App>>) -> Response {
         .into_response()
 }
 
+/// `GET /topics`: every topic the log knows, with the same fields as
+/// `/topics/{topic}/info` (an extension of API.md, used by the web console).
+pub async fn list_topics(State(app): State<Arc<App>>) -> Result<Response, ApiError> {
+    if app.stop.is_cancelled() {
+        return Err(ApiError::unavailable("shutting down"));
+    }
+    let epoch = app.log.epoch();
+    let topics: Vec<serde_json::Value> = app
+        .log
+        .topics()
+        .into_iter()
+        .map(|(topic, info)| {
+            serde_json::json!({
+                "topic": topic.as_str(),
+                "first_id": info.first.map(|seq| epoch.id(seq)),
+                "last_id": info.last.map(|seq| epoch.id(seq)),
+                "count": info.count,
+                "subscribers": app.hub.subscriber_count(&topic),
+            })
+        })
+        .collect();
+    Ok(
+        Json(serde_json::json!({ "topics": topics, "head_id": epoch.id(app.log.durable_head()) }))
+            .into_response(),
+    )
+}
+
 /// `{"topic", "first_id", "last_id", "count", "subscribers"}`.
 pub async fn topic_info(
     State(app): State<Arc<App>>,

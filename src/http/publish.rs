@@ -142,12 +142,33 @@ fn event_name(raw: Option<&str>) -> Result<EventName, ApiError> {
 }
 
 /// Parses the body shape, telling malformed JSON (`invalid_json`) from JSON
-/// of the wrong shape (`invalid_body`).
+/// of the wrong shape (`invalid_body`, naming the field at fault).
 fn parse_body<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(bytes).map_err(|e| match e.classify() {
-        serde_json::error::Category::Data => ApiError::invalid_body(e.to_string()),
-        _ => ApiError::invalid_json(e.to_string()),
-    })
+    // serde would also fill a struct from a JSON array (`[null, 1]`).
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
+        return Err(ApiError::invalid_body(
+            "the body must be a JSON object, not an array",
+        ));
+    }
+    let mut deserializer = serde_json::Deserializer::from_slice(bytes);
+    let parsed = serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
+        let field = e.path().to_string();
+        let inner = e.into_inner();
+        match inner.classify() {
+            serde_json::error::Category::Data if field == "." => {
+                ApiError::invalid_body(inner.to_string())
+            }
+            serde_json::error::Category::Data => {
+                ApiError::invalid_body(format!("`{field}`: {inner}"))
+            }
+            _ => ApiError::invalid_json(inner.to_string()),
+        }
+    })?;
+    // Trailing characters after the object.
+    deserializer
+        .end()
+        .map_err(|e| ApiError::invalid_json(e.to_string()))?;
+    Ok(parsed)
 }
 
 /// Checks the content type and reads at most `limits.max_body_bytes`,

@@ -110,6 +110,9 @@ pub trait Log: Send + Sync + 'static {
     /// First/last retained id and count of one topic.
     fn topic_info(&self, topic: &Topic) -> TopicInfo;
 
+    /// Every topic the log knows (retained events or a trim watermark), sorted.
+    fn topics(&self) -> Vec<(Topic, TopicInfo)>;
+
     /// Open and accepting writes.
     fn is_ready(&self) -> bool;
 

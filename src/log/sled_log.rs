@@ -390,6 +390,10 @@ impl Log for SledLog {
         self.shared.stats.info(topic)
     }
 
+    fn topics(&self) -> Vec<(Topic, TopicInfo)> {
+        self.shared.stats.all()
+    }
+
     fn is_ready(&self) -> bool {
         !self.closing.load(Ordering::Acquire) && self.shared.failed.lock().is_none()
     }

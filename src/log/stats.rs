@@ -106,8 +106,20 @@ impl StatsTable {
         floor
     }
 
-    pub fn info(&self, topic: &Topic) -> TopicInfo {
-        match self.topics.lock().get(topic) {
+    /// Every known topic with its info, sorted by name.
+    pub fn all(&self) -> Vec<(Topic, TopicInfo)> {
+        let table = self.topics.lock();
+        let mut all: Vec<(Topic, TopicInfo)> = table
+            .keys()
+            .map(|t| (t.clone(), Self::info_of(table.get(t))))
+            .collect();
+        drop(table);
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
+    fn info_of(stats: Option<&TopicStats>) -> TopicInfo {
+        match stats {
             Some(s) if s.count > 0 => TopicInfo {
                 first: Some(s.first),
                 last: Some(s.last),
@@ -115,5 +127,9 @@ impl StatsTable {
             },
             _ => TopicInfo::default(),
         }
+    }
+
+    pub fn info(&self, topic: &Topic) -> TopicInfo {
+        Self::info_of(self.topics.lock().get(topic))
     }
 }

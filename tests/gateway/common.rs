@@ -106,7 +106,11 @@ impl TestServer {
     }
 
     /// POSTs JSON text with `Content-Type: application/json`.
-    pub async fn post_raw(&self, path: &str, body: impl Into<reqwest::Body>) -> (StatusCode, Value) {
+    pub async fn post_raw(
+        &self,
+        path: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> (StatusCode, Value) {
         post_raw(&self.client, &self.url(path), body).await
     }
 
@@ -121,7 +125,12 @@ impl TestServer {
     }
 
     pub async fn get_json(&self, path: &str) -> (StatusCode, Value) {
-        let response = self.client.get(self.url(path)).send().await.expect("request");
+        let response = self
+            .client
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("request");
         let status = response.status();
         (status, response.json().await.unwrap_or(Value::Null))
     }
@@ -133,7 +142,11 @@ impl Drop for TestServer {
     }
 }
 
-pub async fn post_raw(client: &reqwest::Client, url: &str, body: impl Into<reqwest::Body>) -> (StatusCode, Value) {
+pub async fn post_raw(
+    client: &reqwest::Client,
+    url: &str,
+    body: impl Into<reqwest::Body>,
+) -> (StatusCode, Value) {
     let response = client
         .post(url)
         .header("content-type", "application/json")
@@ -143,10 +156,19 @@ pub async fn post_raw(client: &reqwest::Client, url: &str, body: impl Into<reqwe
         .expect("request");
     let status = response.status();
     let text = response.text().await.expect("body");
-    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
 }
 
-pub async fn publish(client: &reqwest::Client, base: &str, topic: &str, event: &str, data: Value) -> String {
+pub async fn publish(
+    client: &reqwest::Client,
+    base: &str,
+    topic: &str,
+    event: &str,
+    data: Value,
+) -> String {
     let body = serde_json::json!({ "event": event, "data": data }).to_string();
     let (status, answer) = post_raw(client, &format!("{base}/topics/{topic}"), body).await;
     assert_eq!(status, StatusCode::CREATED, "publish answered {answer}");
@@ -155,12 +177,16 @@ pub async fn publish(client: &reqwest::Client, base: &str, topic: &str, event: &
 
 /// The `<seq>` of an `<epoch>-<seq>` id.
 pub fn seq_of(id: &str) -> u64 {
-    id.rsplit_once('-').and_then(|(_, s)| s.parse().ok()).unwrap_or_else(|| panic!("not an id: {id}"))
+    id.rsplit_once('-')
+        .and_then(|(_, s)| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an id: {id}"))
 }
 
 /// The `<epoch>` of an id.
 pub fn epoch_of(id: &str) -> &str {
-    id.rsplit_once('-').map(|(e, _)| e).unwrap_or_else(|| panic!("not an id: {id}"))
+    id.rsplit_once('-')
+        .map(|(e, _)| e)
+        .unwrap_or_else(|| panic!("not an id: {id}"))
 }
 
 /// One dispatched SSE event (WHATWG semantics: `id` is the last event id at dispatch).
@@ -173,7 +199,8 @@ pub struct SseEvent {
 
 impl SseEvent {
     pub fn json(&self) -> Value {
-        serde_json::from_str(&self.data).unwrap_or_else(|e| panic!("data is not JSON ({e}): {}", self.data))
+        serde_json::from_str(&self.data)
+            .unwrap_or_else(|e| panic!("data is not JSON ({e}): {}", self.data))
     }
 }
 
@@ -228,8 +255,16 @@ impl SseParser {
             if self.data.ends_with('\n') {
                 self.data.pop();
             }
-            let event = if self.event_type.is_empty() { "message".to_owned() } else { std::mem::take(&mut self.event_type) };
-            out.push(SseEvent { id: self.last_event_id.clone(), event, data: std::mem::take(&mut self.data) });
+            let event = if self.event_type.is_empty() {
+                "message".to_owned()
+            } else {
+                std::mem::take(&mut self.event_type)
+            };
+            out.push(SseEvent {
+                id: self.last_event_id.clone(),
+                event,
+                data: std::mem::take(&mut self.data),
+            });
             self.event_type.clear();
             return;
         }
@@ -260,7 +295,8 @@ impl SseParser {
 pub struct SseReader {
     pub status: StatusCode,
     pub headers: reqwest::header::HeaderMap,
-    stream: std::pin::Pin<Box<dyn futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
+    stream:
+        std::pin::Pin<Box<dyn futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
     pub parser: SseParser,
     queue: std::collections::VecDeque<SseEvent>,
     pub ended: bool,
@@ -322,7 +358,9 @@ impl SseReader {
 
     /// The next event; panics after [`WAIT`].
     pub async fn next_event(&mut self) -> SseEvent {
-        self.next_event_within(WAIT).await.expect("an event within the wait")
+        self.next_event_within(WAIT)
+            .await
+            .expect("an event within the wait")
     }
 
     /// The next `n` events.
@@ -339,9 +377,17 @@ impl SseReader {
         let deadline = tokio::time::Instant::now() + WAIT;
         while self.parser.blocks < blocks {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            assert!(!left.is_zero(), "expected {blocks} blocks, got {}", self.parser.blocks);
+            assert!(
+                !left.is_zero(),
+                "expected {blocks} blocks, got {}",
+                self.parser.blocks
+            );
             self.pump(left).await;
-            assert!(!(self.ended && self.parser.blocks < blocks), "stream ended early: {}", String::from_utf8_lossy(&self.raw));
+            assert!(
+                !(self.ended && self.parser.blocks < blocks),
+                "stream ended early: {}",
+                String::from_utf8_lossy(&self.raw)
+            );
         }
     }
 
@@ -380,9 +426,19 @@ impl GatewayProcess {
         Self::start_with_config(data_dir, listen, None, extra)
     }
 
-    pub fn start_with_config(data_dir: &Path, listen: &str, config: Option<&Path>, extra: &[&str]) -> Self {
+    pub fn start_with_config(
+        data_dir: &Path,
+        listen: &str,
+        config: Option<&Path>,
+        extra: &[&str],
+    ) -> Self {
         let mut command = Command::new(env!("CARGO_BIN_EXE_sse-gateway"));
-        command.arg("serve").arg("--listen").arg(listen).arg("--data-dir").arg(data_dir);
+        command
+            .arg("serve")
+            .arg("--listen")
+            .arg(listen)
+            .arg("--data-dir")
+            .arg(data_dir);
         match config {
             Some(path) => command.arg("--config").arg(path),
             None => command.arg("--config").arg(repo_path("config.toml")),
@@ -402,7 +458,9 @@ impl GatewayProcess {
             let mut addr_tx = Some(addr_tx);
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if let Some(rest) = line.split("listening on http://").nth(1) {
-                    if let (Some(tx), Ok(addr)) = (addr_tx.take(), rest.trim().parse::<SocketAddr>()) {
+                    if let (Some(tx), Ok(addr)) =
+                        (addr_tx.take(), rest.trim().parse::<SocketAddr>())
+                    {
                         let _ = tx.send(Ok(addr));
                     }
                 }
@@ -419,7 +477,12 @@ impl GatewayProcess {
                 panic!("gateway did not start: {:?}", log.lock().expect("log lock"));
             }
         };
-        Self { child, addr, base: format!("http://{addr}"), log }
+        Self {
+            child,
+            addr,
+            base: format!("http://{addr}"),
+            log,
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -434,14 +497,21 @@ impl GatewayProcess {
 
     /// SIGTERM, then the exit status.
     pub fn terminate(mut self) -> std::process::ExitStatus {
-        let status = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status().expect("kill");
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill");
         assert!(status.success());
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
                 return status;
             }
-            assert!(std::time::Instant::now() < deadline, "gateway did not exit after SIGTERM");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "gateway did not exit after SIGTERM"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -470,7 +540,10 @@ impl Drop for GatewayProcess {
 
 /// Runs the binary to completion with `args`; (status, stdout, stderr).
 pub fn run_binary(args: &[&str]) -> (std::process::ExitStatus, String, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_sse-gateway")).args(args).output().expect("run sse-gateway");
+    let output = Command::new(env!("CARGO_BIN_EXE_sse-gateway"))
+        .args(args)
+        .output()
+        .expect("run sse-gateway");
     (
         output.status,
         String::from_utf8_lossy(&output.stdout).into_owned(),
@@ -491,7 +564,10 @@ where
 {
     let deadline = tokio::time::Instant::now() + WAIT;
     while !check().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
