@@ -2,8 +2,10 @@
 # The one command that installs what the tests need and runs every check:
 #   bash scripts/test.sh
 # On a fresh Debian machine with only the Rust toolchain it apt-installs
-# curl, nodejs and npm (only what is missing), installs the pinned npm
-# packages of tests/js (npm ci), then runs rustfmt, clippy and every test.
+# curl, nodejs, npm and Debian's chromium (only what is missing), installs
+# the pinned npm packages of tests/js (npm ci; playwright-core drives that
+# chromium and never downloads a browser), then runs rustfmt, clippy and
+# every test.
 # CI runs it through .ci/run. CARGO_TARGET_DIR etc. are honoured.
 set -euo pipefail
 
@@ -18,6 +20,8 @@ command -v curl >/dev/null 2>&1 || missing+=(curl)
 command -v node >/dev/null 2>&1 || missing+=(nodejs)
 # A Node.js that bundles npm (e.g. NodeSource's) must not get Debian's npm.
 command -v npm >/dev/null 2>&1 || missing+=(npm)
+# The browser tests (tests/gateway/browser.rs) drive Debian's Chromium.
+[[ -x /usr/bin/chromium ]] || missing+=(chromium)
 
 if ((${#missing[@]})); then
     step "installing system packages: ${missing[*]}"
@@ -34,14 +38,15 @@ if ((${#missing[@]})); then
     "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive \
         apt-get install -y -q --no-install-recommends "${missing[@]}"
 else
-    step "system packages present: curl, node, npm"
+    step "system packages present: curl, node, npm, chromium"
 fi
 echo "curl: $(curl --version | head -n1)"
 echo "node: $(node --version), npm: $(npm --version)"
+echo "chromium: $(/usr/bin/chromium --version 2>/dev/null)"
 
-# --- npm packages for the third-party client tests ---------------------------
+# --- npm packages for the third-party client and browser tests ---------------
 step "npm ci (tests/js)"
-(cd tests/js && npm ci --no-audit --no-fund)
+(cd tests/js && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund)
 
 # --- Rust checks -------------------------------------------------------------
 step "cargo fmt --all -- --check"

@@ -11,8 +11,10 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::Gate;
 use crate::config::Config;
 use crate::hub::Hub;
+use crate::limits::ClientLimits;
 use crate::log::retention::RetentionPolicy;
 use crate::log::sled_log::SledOptions;
 use crate::log::{Log, LogError, SledLog};
@@ -33,11 +35,36 @@ pub struct App {
     pub stream_permits: Arc<Semaphore>,
     /// Cancelled on shutdown: streams end, publishes are refused.
     pub stop: CancellationToken,
+    /// Token verification and access decisions.
+    pub gate: Gate,
+    /// Per-IP stream slots and publish rate limits.
+    pub limits: ClientLimits,
+}
+
+/// Why the app could not open.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    Log(#[from] LogError),
+    #[error(transparent)]
+    Auth(#[from] crate::auth::AuthConfigError),
+}
+
+impl From<OpenError> for crate::RunError {
+    fn from(e: OpenError) -> Self {
+        match e {
+            OpenError::Log(e) => Self::Log(e),
+            OpenError::Auth(e) => Self::Auth(e),
+        }
+    }
 }
 
 impl App {
     /// Opens storage and builds the state. Must run inside a tokio runtime.
-    pub fn open(config: Config, stop: CancellationToken) -> Result<Self, LogError> {
+    pub fn open(config: Config, stop: CancellationToken) -> Result<Self, OpenError> {
+        // Keys first: a bad key file should not leave a log open behind it.
+        let gate = Gate::from_config(config.auth.as_ref(), config.tenancy.enabled)?;
+        let limits = ClientLimits::new(&config.limits);
         let metrics = Arc::new(Metrics::new());
         let hub = Arc::new(Hub::new(config.stream.live_buffer_events));
         let options = SledOptions {
@@ -70,6 +97,8 @@ impl App {
             metrics,
             routes,
             stop,
+            gate,
+            limits,
         })
     }
 

@@ -38,9 +38,8 @@ pub struct Config {
     pub retention: RetentionConfig,
     pub limits: LimitsConfig,
     pub cors: CorsConfig,
-    /// `[auth]`: absent means no auth. Parsed so a config written for a later
-    /// release fails loudly instead of running unprotected (see `validate`).
-    pub auth: Option<toml::Table>,
+    /// `[auth]`: absent means no auth.
+    pub auth: Option<AuthConfig>,
     pub tenancy: TenancyConfig,
     /// `[[routes]]`: broadcast kinds → topics. Empty means the projects
     /// module's four built-in routes.
@@ -160,6 +159,24 @@ pub struct LimitsConfig {
     pub publish_queue: usize,
     /// Most events written in one group commit.
     pub max_commit_batch: usize,
+    /// Most open SSE streams from one client IP; more are shed like `max_connections`.
+    pub max_connections_per_ip: usize,
+    /// Publishes per second allowed per token (sustained; bursts up to `publish_burst`).
+    pub publish_rate_per_token: u32,
+    /// Publishes per second allowed per client IP.
+    pub publish_rate_per_ip: u32,
+    /// Burst size of both publish rate limits.
+    pub publish_burst: u32,
+    /// Take the client IP from the last `X-Forwarded-For` entry (only behind a proxy you run).
+    pub trust_forwarded_for: bool,
+    /// Largest request head (request line + headers); larger gets 431 and a closed connection.
+    pub max_header_bytes: usize,
+    /// A client must send its whole request head within this time (slowloris).
+    pub header_read_timeout_ms: u64,
+    /// Longest request target (path + query); longer gets 414.
+    pub max_url_bytes: usize,
+    /// Most topics one `/events` stream may follow (at most 64).
+    pub max_topics_per_stream: usize,
 }
 
 impl Default for LimitsConfig {
@@ -172,6 +189,15 @@ impl Default for LimitsConfig {
             max_json_depth: 64,
             publish_queue: 8192,
             max_commit_batch: 4096,
+            max_connections_per_ip: 1_000,
+            publish_rate_per_token: 1_000,
+            publish_rate_per_ip: 1_000,
+            publish_burst: 2_000,
+            trust_forwarded_for: false,
+            max_header_bytes: 16 * 1024,
+            header_read_timeout_ms: 10_000,
+            max_url_bytes: 8 * 1024,
+            max_topics_per_stream: 64,
         }
     }
 }
@@ -182,6 +208,58 @@ impl Default for LimitsConfig {
 pub struct CorsConfig {
     /// Exact origins (`https://app.example`) or `"*"`.
     pub allowed_origins: Vec<String>,
+}
+
+/// `[auth]`: JWT verification. Absent = no auth.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// `HS256` (default when `hs256_secret` is set), `RS256` or `ES256`. Pinned:
+    /// tokens signed with any other algorithm are refused.
+    pub algorithm: Option<String>,
+    /// Shared secret for HS256 (at least 32 bytes).
+    pub hs256_secret: Option<String>,
+    /// PEM public key for RS256/ES256.
+    pub public_key_file: Option<PathBuf>,
+    /// Topics (or `prefix*` patterns) anyone may subscribe to without a token.
+    #[serde(default)]
+    pub public_topics: Vec<String>,
+    /// Clock skew tolerated on `exp`, in seconds.
+    #[serde(default)]
+    pub leeway_s: u64,
+}
+
+impl AuthConfig {
+    /// The algorithm in force.
+    pub fn algorithm(&self) -> &str {
+        self.algorithm.as_deref().unwrap_or("HS256")
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        match (self.algorithm(), &self.hs256_secret, &self.public_key_file) {
+            ("HS256", Some(secret), None) if secret.len() >= 32 => {}
+            ("HS256", Some(_), None) => return Err("hs256_secret must be at least 32 bytes".into()),
+            ("HS256", _, _) => {
+                return Err("HS256 needs hs256_secret (and no public_key_file)".into())
+            }
+            ("RS256" | "ES256", None, Some(_)) => {}
+            ("RS256" | "ES256", _, _) => {
+                return Err(format!(
+                    "{} needs public_key_file (and no hs256_secret)",
+                    self.algorithm()
+                ))
+            }
+            (other, _, _) => {
+                return Err(format!(
+                    "algorithm {other:?} is not supported; use HS256, RS256 or ES256"
+                ))
+            }
+        }
+        for pattern in &self.public_topics {
+            crate::auth::Pattern::parse(pattern).map_err(|m| format!("public_topics: {m}"))?;
+        }
+        Ok(())
+    }
 }
 
 /// `[tenancy]`
@@ -238,14 +316,11 @@ impl Config {
                 ))
             }
         }
-        if self.auth.is_some() {
-            return invalid("[auth] is not available in this release yet; remove the table".into());
-        }
-        if self.tenancy.enabled {
-            return invalid(
-                "[tenancy] enabled = true needs [auth], which this release does not have yet"
-                    .into(),
-            );
+        if let Some(auth) = &self.auth {
+            auth.validate()
+                .map_err(|m| ConfigError::Invalid(format!("auth: {m}")))?;
+        } else if self.tenancy.enabled {
+            return invalid("[tenancy] enabled = true needs [auth]: tokens carry the org".into());
         }
         let positive = [
             ("stream.heartbeat_ms", self.stream.heartbeat_ms),
@@ -279,11 +354,42 @@ impl Config {
                 "limits.max_commit_batch",
                 self.limits.max_commit_batch as u64,
             ),
+            (
+                "limits.max_connections_per_ip",
+                self.limits.max_connections_per_ip as u64,
+            ),
+            (
+                "limits.publish_rate_per_token",
+                u64::from(self.limits.publish_rate_per_token),
+            ),
+            (
+                "limits.publish_rate_per_ip",
+                u64::from(self.limits.publish_rate_per_ip),
+            ),
+            ("limits.publish_burst", u64::from(self.limits.publish_burst)),
+            (
+                "limits.header_read_timeout_ms",
+                self.limits.header_read_timeout_ms,
+            ),
+            ("limits.max_url_bytes", self.limits.max_url_bytes as u64),
+            (
+                "limits.max_topics_per_stream",
+                self.limits.max_topics_per_stream as u64,
+            ),
         ];
         for (name, value) in positive {
             if value == 0 {
                 return invalid(format!("{name} must be greater than 0"));
             }
+        }
+        if self.limits.max_header_bytes < 8192 {
+            return invalid("limits.max_header_bytes must be at least 8192".into());
+        }
+        if self.limits.max_topics_per_stream > crate::model::MAX_TOPICS {
+            return invalid(format!(
+                "limits.max_topics_per_stream must be at most {}",
+                crate::model::MAX_TOPICS
+            ));
         }
         if self.limits.max_json_depth > 128 {
             return invalid("limits.max_json_depth must be at most 128".into());
@@ -337,6 +443,10 @@ impl StreamConfig {
 impl LimitsConfig {
     pub fn write_stall(&self) -> Duration {
         Duration::from_millis(self.write_stall_ms)
+    }
+
+    pub fn header_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.header_read_timeout_ms)
     }
 
     pub fn max_stream_age(&self) -> Option<Duration> {

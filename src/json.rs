@@ -108,6 +108,41 @@ fn hex4(digits: &[u8]) -> Result<u16, JsonError> {
     u16::from_str_radix(text, 16).map_err(|_| JsonError::Malformed)
 }
 
+/// `compact` JSON with every number written as `0`, for code that reads the
+/// structure of a payload but never its numbers (the broadcast route
+/// evaluator). `serde_json::Value` refuses numbers beyond `f64` (`1e999`),
+/// which are valid JSON and are published as sent; this view parses.
+pub fn zero_numbers(compact: &str) -> String {
+    let bytes = compact.as_bytes();
+    let mut out = String::with_capacity(compact.len());
+    let mut i = 0;
+    let mut run_start = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'"' => {
+                i += 1;
+                while i < bytes.len() && bytes[i] != b'"' {
+                    i += if bytes[i] == b'\\' { 2 } else { 1 };
+                }
+                i = (i + 1).min(bytes.len());
+            }
+            b'-' | b'0'..=b'9' => {
+                out.push_str(&compact[run_start..i]);
+                while i < bytes.len()
+                    && matches!(bytes[i], b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E')
+                {
+                    i += 1;
+                }
+                out.push('0');
+                run_start = i;
+            }
+            _ => i += 1,
+        }
+    }
+    out.push_str(&compact[run_start..]);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -146,6 +181,19 @@ mod tests {
             compact(r#""\ud800\u0041""#, 64),
             Err(JsonError::LoneSurrogate(0xd800))
         );
+    }
+
+    #[test]
+    fn zero_numbers_keeps_strings_and_structure() {
+        let text =
+            r#"{"a":1e999,"b":[-0.5E+3,"1e999 \"2\"",true,null],"c\\":12345678901234567890123}"#;
+        assert_eq!(
+            zero_numbers(text),
+            r#"{"a":0,"b":[0,"1e999 \"2\"",true,null],"c\\":0}"#
+        );
+        assert!(serde_json::from_str::<serde_json::Value>(&zero_numbers(text)).is_ok());
+        assert_eq!(zero_numbers("-1"), "0");
+        assert_eq!(zero_numbers(r#""\\""#), r#""\\""#);
     }
 
     #[test]

@@ -7,10 +7,12 @@
 #![forbid(unsafe_code)]
 
 pub mod app;
+pub mod auth;
 pub mod config;
 pub mod http;
 pub mod hub;
 pub mod json;
+pub mod limits;
 pub mod log;
 pub mod metrics;
 pub mod model;
@@ -18,7 +20,6 @@ pub mod routes;
 pub mod sse;
 pub mod subscription;
 
-use std::future::IntoFuture;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,6 +33,8 @@ pub use config::Config;
 pub enum RunError {
     #[error(transparent)]
     Log(#[from] log::LogError),
+    #[error(transparent)]
+    Auth(#[from] auth::AuthConfigError),
     #[error("server error: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -44,31 +47,34 @@ pub async fn run(
     config: Config,
     stop: CancellationToken,
 ) -> Result<(), RunError> {
-    let drain_timeout = Duration::from_millis(config.server.drain_timeout_ms);
+    let limits = http::server::ConnectionLimits {
+        header_read_timeout: config.limits.header_read_timeout(),
+        max_header_bytes: config.limits.max_header_bytes,
+        drain_timeout: Duration::from_millis(config.server.drain_timeout_ms),
+    };
     let write_stall = config.limits.write_stall();
     let app = Arc::new(app::App::open(config, stop.clone())?);
     let local = listener.local_addr()?;
     tracing::info!("listening on http://{local}");
 
+    let sweeper = tokio::spawn(sweep_limits(Arc::clone(&app), stop.clone()));
     let router = http::router(Arc::clone(&app));
     let listener = http::listener::GuardedListener::new(listener, write_stall);
-    let server =
-        axum::serve(listener, router).with_graceful_shutdown(stop.clone().cancelled_owned());
-    let mut server = std::pin::pin!(server.into_future());
-    let served = tokio::select! {
-        result = &mut server => result,
-        () = stop.cancelled() => match tokio::time::timeout(drain_timeout, &mut server).await {
-            Ok(result) => result,
-            Err(_) => {
-                tracing::warn!(timeout_ms = drain_timeout.as_millis() as u64, "drain timed out; closing with requests still open");
-                Ok(())
-            }
-        },
-    };
-    // Whatever happened to the server, close the log so queued publishes finish and flush.
-    let closed = app.log.close().await;
-    served?;
-    closed?;
+    http::server::serve(listener, router, limits, stop.clone()).await;
+    sweeper.abort();
+    // Close the log last so queued publishes finish and flush.
+    app.log.close().await?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Drops rate-limiter state of idle clients every minute.
+async fn sweep_limits(app: Arc<app::App>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => app.limits.sweep(),
+        }
+    }
 }

@@ -1,4 +1,9 @@
 //! The `sse-gateway` binary: CLI, logging, config, signals, exit codes.
+//!
+//! `serve` (the default) runs the gateway; the operator subcommands live in
+//! `cli/`, one file each: this file only parses and dispatches.
+
+mod cli;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -28,6 +33,20 @@ struct Cli {
 enum Command {
     /// Run the gateway (the default).
     Serve(ServeArgs),
+    /// Publish one event to a running gateway and print its id.
+    Publish(cli::publish::PublishArgs),
+    /// Follow topics of a running gateway; reconnects and resumes by itself.
+    Tail(cli::tail::TailArgs),
+    /// Summarise a data directory (offline: the gateway must be stopped).
+    Inspect(cli::inspect::InspectArgs),
+    /// Write every event of a data directory as JSON lines (offline).
+    Export(cli::transfer::ExportArgs),
+    /// Load an export into a new, empty data directory (offline).
+    Import(cli::transfer::ImportArgs),
+    /// Verify a data directory without changing it (offline). Exit 0 clean, 1 problems, 2 error.
+    Check(cli::check::CheckArgs),
+    /// Mint an HS256 development token from the configured secret.
+    Token(cli::token::TokenArgs),
 }
 
 #[derive(clap::Args, Clone, Default)]
@@ -44,24 +63,47 @@ struct ServeArgs {
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let serving = matches!(cli.command, None | Some(Command::Serve(_)));
+    // The operator commands speak on stderr themselves; logs only for warnings.
+    let default_filter = if serving { "info" } else { "warn" };
     tracing_subscriber::fmt()
         .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter)),
         )
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
-    let args = match cli.command {
-        Some(Command::Serve(args)) => args,
-        None => cli.serve,
+    // `--config` and `--data-dir` are global: they land in `cli.serve` wherever they were given.
+    let global = cli.serve;
+    // `check` tells "could not check" (2) from "problems found" (1).
+    let error_code = match cli.command {
+        Some(Command::Check(_)) => ExitCode::from(2),
+        _ => ExitCode::FAILURE,
     };
-    match serve(args) {
-        Ok(()) => ExitCode::SUCCESS,
+    match dispatch(cli.command, global) {
+        Ok(code) => code,
+        Err(e) if cli::is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("sse-gateway: {e:#}");
-            ExitCode::FAILURE
+            error_code
         }
+    }
+}
+
+fn dispatch(command: Option<Command>, global: ServeArgs) -> anyhow::Result<ExitCode> {
+    let data_dir = || cli::data_dir(global.data_dir.as_deref(), global.config.as_deref());
+    let done = |()| ExitCode::SUCCESS;
+    match command {
+        None => serve(global.clone()).map(done),
+        Some(Command::Serve(args)) => serve(args).map(done),
+        Some(Command::Publish(args)) => cli::publish::run(args).map(done),
+        Some(Command::Tail(args)) => cli::tail::run(args).map(done),
+        Some(Command::Inspect(args)) => cli::inspect::run(args, &data_dir()?).map(done),
+        Some(Command::Export(args)) => cli::transfer::export(args, &data_dir()?).map(done),
+        Some(Command::Import(args)) => cli::transfer::import(args, &data_dir()?).map(done),
+        Some(Command::Check(args)) => cli::check::run(args, &data_dir()?),
+        Some(Command::Token(args)) => cli::token::run(args, global.config.as_deref()).map(done),
     }
 }
 
@@ -126,4 +168,14 @@ async fn stop_on_signal(stop: CancellationToken) {
         () = term => tracing::info!("SIGTERM: shutting down"),
     }
     stop.cancel();
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        super::Cli::command().debug_assert();
+    }
 }

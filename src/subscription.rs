@@ -33,6 +33,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::hub::{Hub, SubscriberGuard};
+use crate::limits::IpSlot;
 use crate::log::{LiveEvent, Log, LogError};
 use crate::metrics::Metrics;
 use crate::model::{ResumePoint, Topic};
@@ -77,8 +78,18 @@ pub struct Subscription {
     deadline: Option<Instant>,
     _subscriber: SubscriberGuard,
     _open: OpenGauge,
-    /// The connection-limit permit, released when the stream ends.
-    _permit: OwnedSemaphorePermit,
+    /// Connection-limit slots, released when the stream ends.
+    _guards: StreamGuards,
+}
+
+/// What a stream holds for its whole life, and when it must end.
+pub struct StreamGuards {
+    /// The global `limits.max_connections` permit.
+    pub permit: OwnedSemaphorePermit,
+    /// The per-IP slot (`limits.max_connections_per_ip`).
+    pub ip_slot: Option<IpSlot>,
+    /// The stream ends after this long (the caller's token expires).
+    pub ends_in: Option<Duration>,
 }
 
 impl Subscription {
@@ -88,7 +99,7 @@ impl Subscription {
         topics: Vec<Topic>,
         resume: ResumePoint,
         settings: StreamSettings,
-        permit: OwnedSemaphorePermit,
+        guards: StreamGuards,
         mode: &'static str,
     ) -> Self {
         // Order matters: subscribe, then read the head (module docs).
@@ -158,7 +169,12 @@ impl Subscription {
         let subscriber = ctx.hub.track(&topics);
         let now = Instant::now();
         Self {
-            deadline: settings.max_age.map(|age| now + age),
+            // The earlier of the stream age limit and the token's expiry.
+            deadline: [settings.max_age, guards.ends_in]
+                .into_iter()
+                .flatten()
+                .min()
+                .map(|d| now + d),
             ctx,
             topics,
             feed,
@@ -169,7 +185,7 @@ impl Subscription {
             last_write: now,
             _subscriber: subscriber,
             _open: open,
-            _permit: permit,
+            _guards: guards,
         }
     }
 

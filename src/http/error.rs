@@ -5,7 +5,9 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
+use crate::auth::AuthError;
 use crate::json::JsonError;
+use crate::limits::RateLimited;
 use crate::log::LogError;
 use crate::model::ValidationError;
 use crate::routes::RouteError;
@@ -67,6 +69,32 @@ impl From<ValidationError> for ApiError {
 impl From<JsonError> for ApiError {
     fn from(e: JsonError) -> Self {
         Self::invalid_json(format!("`data`: {e}"))
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> Self {
+        match e {
+            AuthError::Forbidden { .. } => {
+                Self::new(StatusCode::FORBIDDEN, "forbidden", e.to_string())
+            }
+            AuthError::ScopedTooLong(_) => Self::invalid_topic(e.to_string()),
+            _ => Self::new(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string()),
+        }
+    }
+}
+
+impl From<RateLimited> for ApiError {
+    fn from(e: RateLimited) -> Self {
+        let seconds = e.retry_after.as_secs_f64().ceil().max(1.0) as u64;
+        Self {
+            retry_after: Some(seconds),
+            ..Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!("too many publishes; retry after {seconds} s"),
+            )
+        }
     }
 }
 

@@ -5,10 +5,13 @@
 //! streams. The trace layer logs the path only, never the query string
 //! (tokens may travel in `?access_token=`).
 
+mod access;
+mod console;
 pub mod error;
 pub mod listener;
 mod ops;
 mod publish;
+pub mod server;
 mod subscribe;
 
 use std::sync::Arc;
@@ -17,6 +20,7 @@ use std::time::Duration;
 use axum::extract::rejection::PathRejection;
 use axum::extract::Path;
 use axum::http::{header, HeaderName, HeaderValue, Method, Request, StatusCode};
+use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::Router;
 use tower_http::cors::{AllowOrigin, CorsLayer};
@@ -31,6 +35,8 @@ use crate::model::Topic;
 /// The whole router, with its state.
 pub fn router(app: Arc<App>) -> Router {
     let mut router = Router::new()
+        .route("/", get(console::index))
+        .route("/console/{file}", get(console::asset))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
@@ -49,6 +55,19 @@ pub fn router(app: Arc<App>) -> Router {
     if let Some(cors) = cors_layer(&app.config.cors) {
         router = router.layer(cors);
     }
+    let max_url_bytes = app.config.limits.max_url_bytes;
+    router = router.layer(axum::middleware::from_fn(move |request: Request<axum::body::Body>, next: axum::middleware::Next| async move {
+        let target = request.uri().path_and_query().map_or(0, |pq| pq.as_str().len());
+        if target > max_url_bytes {
+            return ApiError::new(
+                StatusCode::URI_TOO_LONG,
+                "uri_too_long",
+                format!("the request target is {target} bytes; the limit is {max_url_bytes} (limits.max_url_bytes)"),
+            )
+            .into_response();
+        }
+        next.run(request).await
+    }));
     router.layer(
         TraceLayer::new_for_http()
             .make_span_with(|request: &Request<_>| {

@@ -8,6 +8,7 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
+use super::access::Access;
 use super::error::ApiError;
 use crate::app::App;
 
@@ -47,9 +48,14 @@ pub async fn metrics(State(app): State<Arc<App>>) -> Response {
         .into_response()
 }
 
-/// `GET /topics`: every topic the log knows, with the same fields as
-/// `/topics/{topic}/info` (an extension of API.md, used by the web console).
-pub async fn list_topics(State(app): State<Arc<App>>) -> Result<Response, ApiError> {
+/// `GET /topics`: every topic the log knows that the caller may see, with
+/// the same fields as `/topics/{topic}/info` (an extension of API.md, used by
+/// the web console). Names are the caller's (unscoped) names.
+pub async fn list_topics(
+    State(app): State<Arc<App>>,
+    access: Access,
+) -> Result<Response, ApiError> {
+    let scope = app.gate.listing_scope(&access.caller)?;
     if app.stop.is_cancelled() {
         return Err(ApiError::unavailable("shutting down"));
     }
@@ -58,13 +64,16 @@ pub async fn list_topics(State(app): State<Arc<App>>) -> Result<Response, ApiErr
         .log
         .topics()
         .into_iter()
-        .map(|(topic, info)| {
-            serde_json::json!({
-                "topic": topic.as_str(),
-                "first_id": info.first.map(|seq| epoch.id(seq)),
-                "last_id": info.last.map(|seq| epoch.id(seq)),
-                "count": info.count,
-                "subscribers": app.hub.subscriber_count(&topic),
+        .filter_map(|(stored, info)| {
+            let visible = scope.strip(&stored)?;
+            app.gate.may_list(&access.caller, &visible).then(|| {
+                serde_json::json!({
+                    "topic": visible.as_str(),
+                    "first_id": info.first.map(|seq| epoch.id(seq)),
+                    "last_id": info.last.map(|seq| epoch.id(seq)),
+                    "count": info.count,
+                    "subscribers": app.hub.subscriber_count(&stored),
+                })
             })
         })
         .collect();
@@ -74,23 +83,29 @@ pub async fn list_topics(State(app): State<Arc<App>>) -> Result<Response, ApiErr
     )
 }
 
-/// `{"topic", "first_id", "last_id", "count", "subscribers"}`.
+/// `{"topic", "first_id", "last_id", "count", "subscribers"}`; needs the
+/// right to subscribe to the topic.
 pub async fn topic_info(
     State(app): State<Arc<App>>,
+    access: Access,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
     let topic = super::path_topic(path)?;
+    let scope = app
+        .gate
+        .subscribe(&access.caller, std::slice::from_ref(&topic))?;
+    let stored = scope.apply(&topic)?;
     if app.stop.is_cancelled() {
         return Err(ApiError::unavailable("shutting down"));
     }
-    let info = app.log.topic_info(&topic);
+    let info = app.log.topic_info(&stored);
     let epoch = app.log.epoch();
     Ok(Json(serde_json::json!({
         "topic": topic.as_str(),
         "first_id": info.first.map(|seq| epoch.id(seq)),
         "last_id": info.last.map(|seq| epoch.id(seq)),
         "count": info.count,
-        "subscribers": app.hub.subscriber_count(&topic),
+        "subscribers": app.hub.subscriber_count(&stored),
     }))
     .into_response())
 }

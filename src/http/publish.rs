@@ -18,8 +18,10 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use super::access::Access;
 use super::error::ApiError;
 use crate::app::App;
+use crate::auth::{AuthError, Caller};
 use crate::json;
 use crate::log::NewEvent;
 use crate::model::{parse_topic_list, EventName, Topic};
@@ -58,39 +60,45 @@ struct Broadcast<'a> {
 
 pub async fn publish_topic(
     State(app): State<Arc<App>>,
+    access: Access,
     path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    admit(&app, &access)?;
     let topic = super::path_topic(path)?;
     let bytes = read_json_body(&app, &headers, body).await?;
     let started = Instant::now();
     let request: TopicPublish = parse_body(&bytes)?;
     let name = event_name(request.event.as_deref())?;
     let data = json::compact(request.data.get(), app.config.limits.max_json_depth)?;
-    append(&app, vec![topic], name, data, started).await
+    append(&app, &access, vec![topic], name, data, started).await
 }
 
 pub async fn publish_many(
     State(app): State<Arc<App>>,
+    access: Access,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    admit(&app, &access)?;
     let bytes = read_json_body(&app, &headers, body).await?;
     let started = Instant::now();
     let request: MultiPublish = parse_body(&bytes)?;
     let topics = parse_topic_list(request.topics.iter().map(|t| t.as_ref()))?;
     let name = event_name(request.event.as_deref())?;
     let data = json::compact(request.data.get(), app.config.limits.max_json_depth)?;
-    append(&app, topics, name, data, started).await
+    append(&app, &access, topics, name, data, started).await
 }
 
 pub async fn broadcast(
     State(app): State<Arc<App>>,
+    access: Access,
     path: Result<Path<(String, String)>, PathRejection>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    admit(&app, &access)?;
     let Path((module, kind)) = path.map_err(|e| ApiError::not_found(e.body_text()))?;
     let route = app.route(&module, &kind).ok_or_else(|| {
         ApiError::not_found(format!(
@@ -103,14 +111,27 @@ pub async fn broadcast(
     let request: Broadcast = parse_body(&bytes)?;
     let name = event_name(request.event.as_deref())?;
     let data = json::compact(request.payload.get(), app.config.limits.max_json_depth)?;
-    let payload: serde_json::Value = serde_json::from_str(&data)
+    // Routes never read numbers, and `Value` refuses valid ones beyond f64 (`1e999`).
+    let payload: serde_json::Value = serde_json::from_str(&json::zero_numbers(&data))
         .map_err(|e| ApiError::invalid_json(format!("`payload`: {e}")))?;
     let topics = route.topics_for(&payload)?;
-    append(&app, topics, name, data, started).await
+    append(&app, &access, topics, name, data, started).await
+}
+
+/// Checks before any body is read: publishing needs a token once auth is on,
+/// and the caller's rate limits must allow one more publish.
+fn admit(app: &App, access: &Access) -> Result<(), ApiError> {
+    if matches!(access.caller, Caller::Anonymous) {
+        return Err(AuthError::Missing.into());
+    }
+    app.limits
+        .publish(access.ip, access.caller.principal().map(|p| p.rate_key))?;
+    Ok(())
 }
 
 async fn append(
     app: &App,
+    access: &Access,
     topics: Vec<Topic>,
     name: EventName,
     data: String,
@@ -121,7 +142,12 @@ async fn append(
             "the gateway is shutting down; retry later",
         ));
     }
+    let scope = app.gate.publish(&access.caller, &topics)?;
     let names: Vec<String> = topics.iter().map(|t| t.to_string()).collect();
+    let topics = topics
+        .iter()
+        .map(|t| scope.apply(t))
+        .collect::<Result<Vec<_>, _>>()?;
     let seq = app.log.append(NewEvent { topics, name, data }).await?;
     app.metrics
         .publish_duration

@@ -14,26 +14,29 @@ use axum::extract::{Path, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::Response;
 
+use super::access::Access;
 use super::error::ApiError;
 use crate::app::App;
 use crate::metrics::Metrics;
 use crate::model::{parse_topic_list, ResumePoint, Topic};
 use crate::sse;
-use crate::subscription::Subscription;
+use crate::subscription::{StreamGuards, Subscription};
 
 pub async fn subscribe_topic(
     State(app): State<Arc<App>>,
+    access: Access,
     path: Result<Path<String>, PathRejection>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let topic = super::path_topic(path)?;
     let pairs = query_pairs(query.as_deref());
-    Ok(open_stream(&app, vec![topic], &headers, &pairs, "topic"))
+    open_stream(&app, &access, vec![topic], &headers, &pairs, "topic")
 }
 
 pub async fn subscribe_events(
     State(app): State<Arc<App>>,
+    access: Access,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
@@ -44,7 +47,14 @@ pub async fn subscribe_events(
             .filter(|(k, _)| k == "topic")
             .map(|(_, v)| v.as_str()),
     )?;
-    Ok(open_stream(&app, topics, &headers, &pairs, "events"))
+    let max = app.config.limits.max_topics_per_stream;
+    if topics.len() > max {
+        return Err(ApiError::invalid_topic(format!(
+            "a stream may follow at most {max} topics (limits.max_topics_per_stream); this one names {}",
+            topics.len()
+        )));
+    }
+    open_stream(&app, &access, topics, &headers, &pairs, "events")
 }
 
 fn query_pairs(query: Option<&str>) -> Vec<(String, String)> {
@@ -70,37 +80,59 @@ fn resume_id(headers: &HeaderMap, pairs: &[(String, String)]) -> Option<String> 
     })
 }
 
+/// Authorizes, takes the connection slots (or sheds), and starts the stream.
+/// 401/403 stay errors: no reconnect is wanted for them.
 fn open_stream(
     app: &Arc<App>,
+    access: &Access,
     topics: Vec<Topic>,
     headers: &HeaderMap,
     pairs: &[(String, String)],
     mode: &'static str,
-) -> Response {
+) -> Result<Response, ApiError> {
+    let scope = app.gate.subscribe(&access.caller, &topics)?;
+    let stored = topics
+        .iter()
+        .map(|t| scope.apply(t))
+        .collect::<Result<Vec<_>, _>>()?;
     if app.stop.is_cancelled() {
-        return shed(
+        return Ok(shed(
             app,
             "shutting_down",
             "the gateway is shutting down; reconnect shortly",
-        );
+        ));
     }
     let Ok(permit) = Arc::clone(&app.stream_permits).try_acquire_owned() else {
-        return shed(
+        return Ok(shed(
             app,
             "max_connections",
             "too many connections; reconnect later",
-        );
+        ));
+    };
+    let Some(ip_slot) = app.limits.stream_slot(access.ip) else {
+        return Ok(shed(
+            app,
+            "max_connections_per_ip",
+            "too many connections from this address; reconnect later",
+        ));
     };
     let resume = ResumePoint::parse(resume_id(headers, pairs).as_deref(), app.log.epoch());
+    let ends_in = access.caller.principal().map(|p| p.remaining());
     let subscription = Subscription::start(
         app.stream_context(),
-        topics,
+        stored,
         resume,
         app.stream_settings(),
-        permit,
+        StreamGuards {
+            permit,
+            ip_slot: Some(ip_slot),
+            ends_in,
+        },
         mode,
     );
-    event_stream_response(Body::from_stream(subscription.into_stream()))
+    Ok(event_stream_response(Body::from_stream(
+        subscription.into_stream(),
+    )))
 }
 
 /// `200` + `retry:` + a comment saying why, then close.

@@ -93,6 +93,14 @@ pub fn split_index_key(key: &[u8]) -> Result<(Topic, u64), LogError> {
     Ok((topic, seq))
 }
 
+/// The topic of a watermark key `w/<topic>`.
+pub fn split_trimmed_key(key: &[u8]) -> Result<Topic, LogError> {
+    key.strip_prefix(TRIMMED_PREFIX)
+        .and_then(|t| std::str::from_utf8(t).ok())
+        .and_then(|t| Topic::parse(t).ok())
+        .ok_or_else(|| corrupt(key, "watermark key holds an invalid topic"))
+}
+
 /// Encodes an event record.
 pub fn encode_record(time_ms: u64, name: &EventName, topics: &[Topic], data: &str) -> Vec<u8> {
     let topics_len: usize = topics.iter().map(|t| t.as_str().len() + 1).sum();
@@ -222,7 +230,9 @@ mod tests {
     fn index_keys_split_back() {
         let topic = Topic::parse("projects:all").unwrap();
         let key = index_key(&topic, 77);
-        assert_eq!(split_index_key(&key).unwrap(), (topic, 77));
+        assert_eq!(split_index_key(&key).unwrap(), (topic.clone(), 77));
         assert!(split_index_key(b"t/x").is_err());
+        assert_eq!(split_trimmed_key(&trimmed_key(&topic)).unwrap(), topic);
+        assert!(split_trimmed_key(b"w/a/b").is_err());
     }
 }

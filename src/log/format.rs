@@ -19,14 +19,9 @@ const UPGRADES: &[Upgrade] = &[];
 
 /// Brings `tree` to [`CURRENT_FORMAT`] and returns its epoch.
 pub fn prepare(tree: &sled::Tree) -> Result<Epoch, LogError> {
-    match tree.get(FORMAT_KEY)? {
+    match read_version(tree)? {
         None => initialise(tree),
-        Some(raw) => {
-            let bytes: [u8; 4] = raw.as_ref().try_into().map_err(|_| LogError::Corrupt {
-                key: "m/format".into(),
-                what: "expected a 4-byte version".into(),
-            })?;
-            let found = u32::from_be_bytes(bytes);
+        Some(found) => {
             if found > CURRENT_FORMAT {
                 return Err(LogError::TooNew {
                     found,
@@ -83,7 +78,20 @@ fn initialise(tree: &sled::Tree) -> Result<Epoch, LogError> {
     Ok(epoch)
 }
 
-fn read_epoch(tree: &sled::Tree) -> Result<Epoch, LogError> {
+/// The format version stored in `tree` (`m/format`), `None` when it holds none.
+pub fn read_version(tree: &sled::Tree) -> Result<Option<u32>, LogError> {
+    let Some(raw) = tree.get(FORMAT_KEY)? else {
+        return Ok(None);
+    };
+    let bytes: [u8; 4] = raw.as_ref().try_into().map_err(|_| LogError::Corrupt {
+        key: "m/format".into(),
+        what: "expected a 4-byte version".into(),
+    })?;
+    Ok(Some(u32::from_be_bytes(bytes)))
+}
+
+/// The log's epoch (`m/epoch`); missing or malformed is corruption.
+pub fn read_epoch(tree: &sled::Tree) -> Result<Epoch, LogError> {
     let raw = tree.get(EPOCH_KEY)?.ok_or_else(|| LogError::Corrupt {
         key: "m/epoch".into(),
         what: "missing".into(),

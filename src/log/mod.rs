@@ -7,7 +7,9 @@
 //! fan-out, in sequence order.
 
 pub mod codec;
+mod durable;
 pub mod format;
+pub mod offline;
 pub mod retention;
 pub mod sled_log;
 mod stats;
@@ -25,6 +27,8 @@ pub use stats::TopicInfo;
 pub enum LogError {
     #[error("storage error: {0}")]
     Storage(#[from] sled::Error),
+    #[error("cannot sync the log to disk: {0}")]
+    Sync(std::io::Error),
     #[error("the log is shutting down")]
     Closed,
     #[error("storage failed earlier and refuses writes until restarted: {0}")]

@@ -4,7 +4,9 @@
 //! Publishes reach the writer through one bounded channel. The writer takes
 //! everything queued (up to `max_commit_batch`), assigns consecutive
 //! sequences, writes the events, their index entries and the new head in one
-//! atomic `apply_batch`, fsyncs once (`Db::flush`) and only then acks every
+//! atomic `apply_batch`, makes it durable once (`Db::flush`, then the
+//! fdatasync/fsync of `durable.rs`, since sled's flush alone is not
+//! power-safe) and only then acks every
 //! request, raises the durable watermark and hands the events to the hub. So
 //! ids follow commit order, a `201` means on disk, and the fsync cost is
 //! shared by everything that queued while the previous one ran.
@@ -25,6 +27,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::codec::{self, EVENT_PREFIX, INDEX_PREFIX, TRIMMED_PREFIX};
+use super::durable::DiskSync;
 use super::format;
 use super::retention::{self, RetentionPolicy};
 use super::stats::{StatsTable, TopicStats};
@@ -115,8 +118,10 @@ impl SledLog {
         });
 
         let (writer_tx, writer_rx) = mpsc::channel(options.publish_queue);
+        let disk = DiskSync::open(dir).map_err(LogError::Sync)?;
         let writer = Writer {
             shared: Arc::clone(&shared),
+            disk,
             hub,
             metrics,
             next_seq: head + 1,
@@ -181,6 +186,8 @@ fn load_stats(db: &sled::Db) -> Result<StatsTable, LogError> {
 /// The single writer: owns sequence assignment.
 struct Writer {
     shared: Arc<Shared>,
+    /// fdatasync/fsync after sled's flush, which alone is not power-safe.
+    disk: DiskSync,
     hub: Arc<Hub>,
     metrics: Arc<Metrics>,
     next_seq: u64,
@@ -212,7 +219,8 @@ impl Writer {
                 self.commit(&mut pending);
             }
             if let Some(reply) = shutdown {
-                if let Err(e) = self.shared.db.flush() {
+                let flushed = self.shared.db.flush().map_err(LogError::from);
+                if let Err(e) = flushed.and_then(|_| self.disk.sync().map_err(LogError::Sync)) {
                     tracing::error!(error = %e, "final flush failed");
                 }
                 let _ = reply.send(());
@@ -249,7 +257,9 @@ impl Writer {
             .shared
             .db
             .apply_batch(batch)
-            .and_then(|()| self.shared.db.flush().map(drop));
+            .and_then(|()| self.shared.db.flush().map(drop))
+            .map_err(LogError::from)
+            .and_then(|()| self.disk.sync().map_err(LogError::Sync));
         if let Err(e) = written {
             tracing::error!(error = %e, "log write failed; refusing further writes until restart");
             *self.shared.failed.lock() = Some(e.to_string());

@@ -311,6 +311,11 @@ impl SseReader {
             request = request.header("last-event-id", id);
         }
         let response = request.send().await.expect("subscribe request");
+        Self::from_response(response)
+    }
+
+    /// Wraps a response (sent however the test needs) as an SSE stream.
+    pub fn from_response(response: reqwest::Response) -> Self {
         Self {
             status: response.status(),
             headers: response.headers().clone(),
@@ -432,6 +437,17 @@ impl GatewayProcess {
         config: Option<&Path>,
         extra: &[&str],
     ) -> Self {
+        Self::start_with_config_env(data_dir, listen, config, extra, &[])
+    }
+
+    /// Like `start_with_config`, with extra environment variables.
+    pub fn start_with_config_env(
+        data_dir: &Path,
+        listen: &str,
+        config: Option<&Path>,
+        extra: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Self {
         let mut command = Command::new(env!("CARGO_BIN_EXE_sse-gateway"));
         command
             .arg("serve")
@@ -446,6 +462,7 @@ impl GatewayProcess {
         let mut child = command
             .args(extra)
             .env("RUST_LOG", "info")
+            .envs(envs.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

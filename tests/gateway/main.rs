@@ -3,9 +3,14 @@
 
 mod common;
 
+mod auth;
+mod browser;
+mod cli;
 mod durability;
 mod guarantees;
+mod limits;
 mod ops_api;
+mod props;
 mod publish_api;
 mod subscribe_api;
 mod third_party;

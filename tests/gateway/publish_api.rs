@@ -1149,7 +1149,7 @@ async fn a_body_that_is_not_an_object_is_400_invalid_body() {
 async fn unknown_paths_are_404_not_found_json() {
     let server = TestServer::start(|_| {}).await;
     for (method, path) in [
-        (reqwest::Method::GET, "/"),
+        (reqwest::Method::GET, "/console/nope.js"),
         (reqwest::Method::GET, "/nope"),
         (reqwest::Method::POST, "/nope"),
         (reqwest::Method::POST, "/topics/a/b"),

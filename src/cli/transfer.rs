@@ -1,0 +1,126 @@
+//! `sse-gateway export` and `import`: a data directory as JSON lines and
+//! back, for backups, compaction (export, import into a new directory, swap)
+//! and moves between storage backends. The format and what an import keeps
+//! are documented in [`sse_gateway::log::offline`].
+//!
+//! An export to a file is written beside it (`FILE.partial`) and renamed when
+//! complete, so a failed export never leaves a truncated file under the
+//! name, and an older file under that name stays until the new one is whole.
+
+use std::fs::File;
+use std::io::{BufReader, BufWriter, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use sse_gateway::log::offline::{self, OfflineLog};
+
+use super::Bar;
+
+/// `export [--out FILE|-]`
+#[derive(clap::Args, Debug)]
+pub struct ExportArgs {
+    /// Where to write the export; `-` is standard output.
+    #[arg(long, value_name = "FILE", default_value = "-")]
+    out: PathBuf,
+}
+
+/// `import [--in FILE|-]`
+#[derive(clap::Args, Debug)]
+pub struct ImportArgs {
+    /// The export to read; `-` is standard input.
+    #[arg(long = "in", value_name = "FILE", default_value = "-")]
+    input: PathBuf,
+}
+
+/// Exports the log in `dir`.
+pub fn export(args: ExportArgs, dir: &Path) -> anyhow::Result<()> {
+    let log = OfflineLog::open(dir)?;
+    let mut bar = Bar::new();
+    let (stats, written_to) = if args.out.as_os_str() == "-" {
+        let mut out = BufWriter::new(std::io::stdout().lock());
+        (
+            log.export(&mut out, &mut bar)?,
+            "standard output".to_owned(),
+        )
+    } else {
+        let partial = partial_path(&args.out);
+        let exported = (|| {
+            let file = File::create(&partial)
+                .with_context(|| format!("cannot create {}", partial.display()))?;
+            let mut out = BufWriter::new(file);
+            let stats = log.export(&mut out, &mut bar)?;
+            let file = out.into_inner().map_err(|e| e.into_error())?;
+            file.sync_all()
+                .with_context(|| format!("cannot write {}", partial.display()))?;
+            std::fs::rename(&partial, &args.out).with_context(|| {
+                format!(
+                    "cannot rename {} to {}",
+                    partial.display(),
+                    args.out.display()
+                )
+            })?;
+            anyhow::Ok(stats)
+        })();
+        if exported.is_err() {
+            let _ = std::fs::remove_file(&partial);
+        }
+        (exported?, args.out.display().to_string())
+    };
+    let range = match (stats.first, stats.last) {
+        (Some(first), Some(last)) => {
+            format!(" ({} … {})", stats.epoch.id(first), stats.epoch.id(last))
+        }
+        _ => String::new(),
+    };
+    eprintln!(
+        "sse-gateway: exported {} events{range} of epoch {}, head {}, to {written_to}",
+        stats.events,
+        stats.epoch.as_str(),
+        stats.epoch.id(stats.head),
+    );
+    Ok(())
+}
+
+fn partial_path(out: &Path) -> PathBuf {
+    let mut name = out.file_name().unwrap_or_default().to_os_string();
+    name.push(".partial");
+    out.with_file_name(name)
+}
+
+/// Imports an export into `dir`, which must be new or empty.
+pub fn import(args: ImportArgs, dir: &Path) -> anyhow::Result<()> {
+    let mut bar = Bar::new();
+    let stats = if args.input.as_os_str() == "-" {
+        if std::io::stdin().is_terminal() {
+            bail!("reading the export from standard input, which is a terminal: pass --in FILE or pipe it in");
+        }
+        let mut input = BufReader::new(std::io::stdin().lock());
+        offline::import(dir, &mut input, None, &mut bar)
+    } else {
+        let file = File::open(&args.input)
+            .with_context(|| format!("cannot open {}", args.input.display()))?;
+        let len = file.metadata().ok().map(|m| m.len());
+        let mut input = BufReader::with_capacity(1 << 16, file);
+        offline::import(dir, &mut input, len, &mut bar)
+    };
+    let stats = stats
+        .with_context(|| format!("import into {} failed, nothing was written", dir.display()))?;
+    drop(bar);
+    let watermarks = if stats.exact_watermarks {
+        "retention watermarks restored from the export"
+    } else {
+        "no watermarks in the export: reconstructed conservatively"
+    };
+    let mut out = std::io::stderr().lock();
+    writeln!(
+        out,
+        "sse-gateway: imported {} events in {} topics into {}: epoch {}, head {}; new publishes continue at {} ({watermarks})",
+        stats.events,
+        stats.topics,
+        dir.display(),
+        stats.epoch.as_str(),
+        stats.epoch.id(stats.head),
+        stats.epoch.id(stats.head + 1),
+    )?;
+    Ok(())
+}

@@ -1,0 +1,154 @@
+//! Per-client limits against hostile or broken clients: open streams per IP
+//! and publish rates per token and per IP.
+//!
+//! Stream slots are counted like the global connection semaphore: taken
+//! before the stream starts, released when its body ends. Publish rates are
+//! GCRA limiters (`governor`) keyed by IP and by token hash, answered with
+//! `429` + `Retry-After`. Keyed limiters grow with the number of keys, so
+//! `sweep` drops idle keys periodically.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use parking_lot::Mutex;
+
+use crate::config::LimitsConfig;
+
+/// Limits shared by every request.
+pub struct ClientLimits {
+    per_ip_streams: usize,
+    streams: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    by_ip: DefaultKeyedRateLimiter<IpAddr>,
+    by_token: DefaultKeyedRateLimiter<u64>,
+    clock: DefaultClock,
+}
+
+/// A publish refused for its rate: retry after this long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimited {
+    pub retry_after: Duration,
+}
+
+impl ClientLimits {
+    pub fn new(config: &LimitsConfig) -> Self {
+        let quota = |per_second: u32| {
+            let rate = NonZeroU32::new(per_second).unwrap_or(NonZeroU32::MIN);
+            let burst = NonZeroU32::new(config.publish_burst).unwrap_or(NonZeroU32::MIN);
+            Quota::per_second(rate).allow_burst(burst)
+        };
+        Self {
+            per_ip_streams: config.max_connections_per_ip,
+            streams: Arc::default(),
+            by_ip: RateLimiter::keyed(quota(config.publish_rate_per_ip)),
+            by_token: RateLimiter::keyed(quota(config.publish_rate_per_token)),
+            clock: DefaultClock::default(),
+        }
+    }
+
+    /// Takes a stream slot for `ip`, or `None` when it has too many open.
+    pub fn stream_slot(&self, ip: IpAddr) -> Option<IpSlot> {
+        let mut streams = self.streams.lock();
+        let open = streams.entry(ip).or_default();
+        if *open >= self.per_ip_streams {
+            return None;
+        }
+        *open += 1;
+        Some(IpSlot {
+            streams: Arc::clone(&self.streams),
+            ip,
+        })
+    }
+
+    /// Counts one publish against the IP and (if any) the token.
+    pub fn publish(&self, ip: IpAddr, token: Option<u64>) -> Result<(), RateLimited> {
+        let wait = |not_until: governor::NotUntil<_>| RateLimited {
+            retry_after: not_until.wait_time_from(self.clock.now()),
+        };
+        self.by_ip.check_key(&ip).map_err(wait)?;
+        if let Some(token) = token {
+            self.by_token.check_key(&token).map_err(wait)?;
+        }
+        Ok(())
+    }
+
+    /// Forgets limiter state of idle keys (bounded memory).
+    pub fn sweep(&self) {
+        self.by_ip.retain_recent();
+        self.by_token.retain_recent();
+        self.by_ip.shrink_to_fit();
+        self.by_token.shrink_to_fit();
+    }
+}
+
+/// One open stream of one IP; released on drop.
+#[derive(Debug)]
+pub struct IpSlot {
+    streams: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    ip: IpAddr,
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut streams = self.streams.lock();
+        if let Some(open) = streams.get_mut(&self.ip) {
+            *open -= 1;
+            if *open == 0 {
+                streams.remove(&self.ip);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_slots_per_ip() {
+        let config = LimitsConfig {
+            max_connections_per_ip: 2,
+            ..LimitsConfig::default()
+        };
+        let limits = ClientLimits::new(&config);
+        let a: IpAddr = "127.0.0.1".parse().unwrap();
+        let b: IpAddr = "127.0.0.2".parse().unwrap();
+        let first = limits.stream_slot(a).unwrap();
+        let _second = limits.stream_slot(a).unwrap();
+        assert!(limits.stream_slot(a).is_none());
+        assert!(limits.stream_slot(b).is_some());
+        drop(first);
+        assert!(limits.stream_slot(a).is_some());
+    }
+
+    #[test]
+    fn publish_rate_per_ip_and_token() {
+        let config = LimitsConfig {
+            publish_rate_per_ip: 1,
+            publish_rate_per_token: 1,
+            publish_burst: 2,
+            ..LimitsConfig::default()
+        };
+        let limits = ClientLimits::new(&config);
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        assert!(limits.publish(ip, None).is_ok());
+        assert!(limits.publish(ip, None).is_ok());
+        let refused = limits.publish(ip, None).unwrap_err();
+        assert!(
+            refused.retry_after > Duration::ZERO && refused.retry_after <= Duration::from_secs(1)
+        );
+        let other: IpAddr = "10.0.0.2".parse().unwrap();
+        assert!(limits.publish(other, Some(7)).is_ok());
+        assert!(limits.publish("10.0.0.3".parse().unwrap(), Some(7)).is_ok());
+        assert!(
+            limits
+                .publish("10.0.0.4".parse().unwrap(), Some(7))
+                .is_err(),
+            "token limit spans IPs"
+        );
+    }
+}

@@ -1,0 +1,1047 @@
+//! Browser tests: the web console (`GET /`) and `examples/projects-dashboard`
+//! in Debian's headless Chromium, driven by `playwright-core` from the scripts
+//! in `tests/js/browser/`, against the real binary (`GatewayProcess`), which
+//! is `kill -9`ed and restarted on the same port and data dir under them.
+//!
+//! The node script prints what the page shows as JSON lines and takes
+//! commands on stdin (`tests/js/browser/lib.mjs`); the test publishes, kills,
+//! restarts and asserts. Each test saves PNG screenshots of the pages in
+//! `<target dir>/screenshots/`.
+//!
+//! `/usr/bin/chromium` (apt `chromium`), `node` and `tests/js/node_modules`
+//! (`playwright-core`, no browser download) are installed by
+//! `scripts/test.sh`; when one is missing these tests fail and say so.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tempfile::TempDir;
+use tokio::sync::mpsc;
+
+use crate::common::{self, GatewayProcess};
+
+const SETUP_HINT: &str = "run `bash scripts/test.sh` from the repo root: it installs chromium, \
+     nodejs and npm (apt) and tests/js/node_modules with playwright-core (npm ci, no browser \
+     download)";
+
+/// How long a page may take to show something expected (covers an
+/// EventSource reconnect: `retry_ms` below, plus a restart).
+const PAGE_WAIT: Duration = Duration::from_secs(12);
+
+/// One Chromium at a time: on a small CI machine several at once make
+/// every test slow and the timings noisy.
+static ONE_BROWSER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+// ---------------------------------------------------------------- tools
+
+fn chromium_path() -> String {
+    std::env::var("CHROMIUM_PATH").unwrap_or_else(|_| "/usr/bin/chromium".to_owned())
+}
+
+/// Panics (never skips) unless node, playwright-core and Chromium are there.
+fn require_browser_tools() {
+    match Command::new("node").arg("--version").output() {
+        Ok(out) if out.status.success() => {}
+        Ok(out) => panic!("`node --version` failed ({}); {SETUP_HINT}", out.status),
+        Err(e) => panic!("`node` is not installed or not on PATH ({e}); {SETUP_HINT}"),
+    }
+    let package = common::repo_path("tests/js/node_modules/playwright-core/package.json");
+    assert!(
+        package.is_file(),
+        "{} is missing: the npm package `playwright-core` is not installed; {SETUP_HINT}",
+        package.display()
+    );
+    let chromium = chromium_path();
+    match Command::new(&chromium).arg("--version").output() {
+        Ok(out) if out.status.success() => {}
+        Ok(out) => panic!(
+            "`{chromium} --version` failed ({}): {}; {SETUP_HINT}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ),
+        Err(e) => panic!("Chromium is not installed at {chromium} ({e}); {SETUP_HINT}"),
+    }
+}
+
+/// `<target dir>/screenshots/` (next to `debug/`), created.
+fn screenshot_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    // <target>/debug/deps/gateway-<hash>
+    let target = exe
+        .ancestors()
+        .nth(3)
+        .expect("the test binary lives in <target>/<profile>/deps");
+    let dir = target.join("screenshots");
+    std::fs::create_dir_all(&dir).expect("create the screenshots dir");
+    dir
+}
+
+// ---------------------------------------------------------------- the node script
+
+/// `node tests/js/browser/<script>`: commands in, JSON lines out.
+struct BrowserScript {
+    what: String,
+    child: Child,
+    stdin: ChildStdin,
+    lines: mpsc::UnboundedReceiver<String>,
+    stderr: Arc<Mutex<Vec<u8>>>,
+    /// Every line printed, for failure messages.
+    transcript: Vec<Value>,
+    /// The latest `{"state": …}`.
+    state: Value,
+    page_errors: Vec<String>,
+}
+
+impl BrowserScript {
+    fn spawn(script: &str) -> Self {
+        require_browser_tools();
+        let path = common::repo_path(&format!("tests/js/browser/{script}"));
+        assert!(path.is_file(), "{} is missing", path.display());
+        let mut child = Command::new("node")
+            .arg(&path)
+            .current_dir(common::repo_path("tests/js"))
+            .env("CHROMIUM_PATH", chromium_path())
+            .env("PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD", "1")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot spawn node {script} ({e}); {SETUP_HINT}"));
+        let stdin = child.stdin.take().expect("stdin");
+        let (tx, lines) = mpsc::unbounded_channel();
+        let stdout = child.stdout.take().expect("stdout");
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let mut err = child.stderr.take().expect("stderr");
+        let sink = Arc::clone(&stderr);
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 8192];
+            while let Ok(n) = err.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .expect("stderr lock")
+                    .extend_from_slice(&buf[..n]);
+            }
+        });
+        Self {
+            what: format!("node tests/js/browser/{script}"),
+            child,
+            stdin,
+            lines,
+            stderr,
+            transcript: Vec::new(),
+            state: Value::Null,
+            page_errors: Vec::new(),
+        }
+    }
+
+    /// The next line before `deadline`, recorded; `None` on timeout or EOF.
+    async fn next_line(&mut self, deadline: Instant) -> Option<Value> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = tokio::time::timeout(left, self.lines.recv())
+            .await
+            .ok()
+            .flatten()?;
+        let value: Value = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("{} printed a non-JSON line ({e}): {line:?}", self.what));
+        if let Some(state) = value.get("state") {
+            self.state = state.clone();
+        } else {
+            if let Some(error) = value.get("page_error") {
+                self.page_errors.push(error.to_string());
+            }
+            self.transcript.push(value.clone());
+        }
+        Some(value)
+    }
+
+    fn failure(&mut self, what: &str) -> String {
+        let status = self.child.try_wait().ok().flatten();
+        let lines: Vec<String> = self.transcript.iter().map(Value::to_string).collect();
+        format!(
+            "{what}\n{} exited: {status:?}\nlast state shown:\n{}\nother lines:\n{}\nstderr:\n{}",
+            self.what,
+            serde_json::to_string_pretty(&self.state).unwrap_or_default(),
+            lines.join("\n"),
+            String::from_utf8_lossy(&self.stderr.lock().expect("stderr lock"))
+        )
+    }
+
+    /// Reads until a line satisfies `pick`; returns it.
+    async fn line_where(
+        &mut self,
+        what: &str,
+        wait: Duration,
+        pick: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + wait;
+        loop {
+            match self.next_line(deadline).await {
+                Some(line) if pick(&line) => return line,
+                Some(_) => {}
+                None => {
+                    let message =
+                        self.failure(&format!("timed out after {wait:?} waiting for {what}"));
+                    panic!("{message}")
+                }
+            }
+        }
+    }
+
+    /// Waits until the page shows a state where `done` holds; returns that state.
+    async fn wait_state(
+        &mut self,
+        what: &str,
+        wait: Duration,
+        done: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + wait;
+        while !done(&self.state) {
+            if self.next_line(deadline).await.is_none() {
+                let message = self.failure(&format!(
+                    "timed out after {wait:?} waiting for the page to show {what}"
+                ));
+                panic!("{message}");
+            }
+        }
+        self.state.clone()
+    }
+
+    /// Sends a command and waits for its answer (`done`); panics on `failed`.
+    async fn command(&mut self, command: Value) -> Value {
+        let name = command["cmd"].as_str().expect("cmd").to_owned();
+        writeln!(self.stdin, "{command}").expect("write to the node script");
+        self.stdin.flush().expect("flush");
+        let answer = self
+            .line_where(
+                &format!("the answer to {command}"),
+                Duration::from_secs(20),
+                |l| l["done"] == json!(name) || l["failed"] == json!(name),
+            )
+            .await;
+        if answer.get("failed").is_some() {
+            let message = self.failure(&format!("command {command} failed: {}", answer["error"]));
+            panic!("{message}");
+        }
+        answer
+    }
+
+    async fn screenshot(&mut self, name: &str) -> PathBuf {
+        let path = screenshot_dir().join(name);
+        self.command(json!({"cmd": "screenshot", "path": path}))
+            .await;
+        let bytes = std::fs::read(&path).expect("the screenshot was written");
+        assert!(
+            bytes.starts_with(b"\x89PNG"),
+            "{} is not a PNG",
+            path.display()
+        );
+        path
+    }
+
+    /// Uncaught exceptions in the page (a CSP violation or a script bug) fail the test.
+    fn assert_no_page_errors(&mut self) {
+        if !self.page_errors.is_empty() {
+            let message = self.failure(&format!("the page threw: {:?}", self.page_errors));
+            panic!("{message}");
+        }
+    }
+
+    async fn exit(mut self) {
+        let _ = writeln!(self.stdin, "{}", json!({"cmd": "exit"}));
+        let _ = self.stdin.flush();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.next_line(deadline).await.is_some() {}
+    }
+}
+
+impl Drop for BrowserScript {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ---------------------------------------------------------------- gateways
+
+/// A `--config` file: quick reconnects, quick subscriber bookkeeping, and
+/// `origin` allowed by CORS when given.
+fn write_config(dir: &Path, origin: Option<&str>) -> PathBuf {
+    let path = dir.join("config.toml");
+    let cors = origin.map_or_else(String::new, |o| {
+        format!("\n[cors]\nallowed_origins = [{}]\n", json!(o))
+    });
+    std::fs::write(
+        &path,
+        format!("[stream]\nretry_ms = 300\nheartbeat_ms = 1000\n{cors}"),
+    )
+    .expect("write config");
+    path
+}
+
+/// Starts the real binary, retrying for a few seconds while `listen` is still
+/// taken by the process that was just killed.
+async fn start_gateway(data_dir: &Path, listen: &str, config: &Path) -> GatewayProcess {
+    let (data_dir, listen, config) = (
+        data_dir.to_path_buf(),
+        listen.to_owned(),
+        config.to_path_buf(),
+    );
+    tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if Instant::now() < deadline && std::net::TcpListener::bind(&listen).is_err() {
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+            match std::panic::catch_unwind(|| {
+                GatewayProcess::start_with_config(&data_dir, &listen, Some(&config), &[])
+            }) {
+                Ok(gateway) => return gateway,
+                Err(panic) if Instant::now() >= deadline => std::panic::resume_unwind(panic),
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    })
+    .await
+    .expect("start_gateway task")
+}
+
+/// A client that keeps no idle connection (the server behind a port changes).
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .expect("reqwest client")
+}
+
+async fn publish(base: &str, topic: &str, event: &str, data: Value) -> String {
+    common::publish(&client(), base, topic, event, data).await
+}
+
+/// `POST /projects/broadcast/{kind}`; the id.
+async fn broadcast(base: &str, kind: &str, event: &str, payload: Value) -> String {
+    let body = json!({"event": event, "payload": payload}).to_string();
+    let (status, answer) = common::post_raw(
+        &client(),
+        &format!("{base}/projects/broadcast/{kind}"),
+        body,
+    )
+    .await;
+    assert_eq!(
+        status,
+        reqwest::StatusCode::CREATED,
+        "broadcast answered {answer}"
+    );
+    answer["id"].as_str().expect("id").to_owned()
+}
+
+// ---------------------------------------------------------------- console helpers
+
+fn topic_row<'a>(state: &'a Value, topic: &str) -> Option<&'a Value> {
+    state["topics"]
+        .as_array()?
+        .iter()
+        .find(|row| row["topic"] == json!(topic))
+}
+
+/// The tail's rows, oldest first.
+fn tail_rows(state: &Value) -> Vec<Value> {
+    let mut rows = state["tail"]["rows"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    rows.reverse();
+    rows
+}
+
+/// The events the tail shows, oldest first: (id, name, data as JSON).
+fn tail_events(state: &Value) -> Vec<(String, String, Value)> {
+    tail_rows(state)
+        .into_iter()
+        .filter(|row| row["row"] == json!("event"))
+        .map(|row| {
+            let text = row["data"].as_str().unwrap_or_default();
+            let data = serde_json::from_str(text)
+                .unwrap_or_else(|e| panic!("the tail shows data that is not JSON ({e}): {text}"));
+            (
+                row["id"].as_str().unwrap_or_default().to_owned(),
+                row["event"].as_str().unwrap_or_default().to_owned(),
+                data,
+            )
+        })
+        .collect()
+}
+
+fn tail_ids(state: &Value) -> Vec<String> {
+    tail_events(state).into_iter().map(|(id, ..)| id).collect()
+}
+
+// ---------------------------------------------------------------- console tests
+
+/// The console lists topics and metrics; its live tail shows events published
+/// from its own form and over HTTP (a name it did not listen to included);
+/// across a `kill -9` and restart of the gateway it reconnects, says where it
+/// resumed, and shows every event exactly once, in order.
+#[tokio::test(flavor = "multi_thread")]
+async fn console_lists_topics_tails_publishes_and_resumes_across_kill_9() {
+    require_browser_tools();
+    let _one = ONE_BROWSER.lock().await;
+    let started = Instant::now();
+    let dir = TempDir::new().expect("tempdir");
+    let data = dir.path().join("data");
+    let config = write_config(dir.path(), None);
+    let gateway = start_gateway(&data, "127.0.0.1:0", &config).await;
+    let port = gateway.addr.port();
+    let base = gateway.base.clone();
+
+    let mut seeded = Vec::new();
+    for i in 0..2 {
+        seeded.push(publish(&base, "demo", "greeting", json!({"seed": i})).await);
+    }
+    let project = broadcast(
+        &base,
+        "project",
+        "project_created",
+        json!({"uuid": "3f1c2b4a-1111-4222-8333-444455556666", "name": "Roof"}),
+    )
+    .await;
+
+    let mut page = BrowserScript::spawn("console.mjs");
+    page.line_where("the browser to start", PAGE_WAIT, |l| {
+        l["ready"] == json!(true)
+    })
+    .await;
+    page.command(json!({"cmd": "goto", "url": format!("{base}/")}))
+        .await;
+
+    // The topics table and the metrics.
+    let state = page
+        .wait_state(
+            "the topics table with demo and projects:all",
+            PAGE_WAIT,
+            |s| {
+                topic_row(s, "demo").is_some_and(|r| r["count"] == json!(2))
+                    && topic_row(s, "projects:all").is_some_and(|r| r["count"] == json!(1))
+            },
+        )
+        .await;
+    let demo = topic_row(&state, "demo").expect("demo row");
+    assert_eq!(demo["first_id"], json!(seeded[0]), "{state}");
+    assert_eq!(demo["last_id"], json!(seeded[1]), "{state}");
+    assert_eq!(demo["subscribers"], json!(0), "{state}");
+    let per_project = topic_row(
+        &state,
+        "projects:project:3f1c2b4a-1111-4222-8333-444455556666",
+    )
+    .expect("the broadcast's second topic is listed");
+    assert_eq!(per_project["last_id"], json!(project));
+    page.wait_state("the metrics and head id", PAGE_WAIT, |s| {
+        s["metrics"]["published"] == json!("3")
+            && s["metrics"]["head"] == json!("3")
+            && s["head_id"] == json!(project)
+            && s["gateway"] == json!("ready")
+    })
+    .await;
+
+    // A live tail of demo.
+    page.command(json!({"cmd": "tail", "topics": "demo", "from": ""}))
+        .await;
+    let state = page
+        .wait_state("the tail open", PAGE_WAIT, |s| {
+            s["tail"]["state"] == json!("open")
+        })
+        .await;
+    assert_eq!(state["tail"]["url"], json!("/topics/demo"));
+    page.wait_state("the console's own stream counted on demo", PAGE_WAIT, |s| {
+        topic_row(s, "demo").is_some_and(|r| r["subscribers"] == json!(1))
+            && s["metrics"]["streams"] == json!("1")
+    })
+    .await;
+
+    // Published from the form: data shown exactly as sent (`1.0` stays `1.0`).
+    let answer = page
+        .command(
+            json!({"cmd": "publish", "topics": "demo", "event": "from_form",
+                        "data": "{\"via\": \"form\", \"n\": 1.0, \"s\": \"é\"}"}),
+        )
+        .await;
+    assert_eq!(answer["status"], json!(201), "{answer}");
+    let form_id = answer["id"]
+        .as_str()
+        .expect("the page shows the new id")
+        .to_owned();
+    let mut expected = vec![(
+        form_id.clone(),
+        "from_form".to_owned(),
+        json!({"via": "form", "n": 1.0, "s": "é"}),
+    )];
+
+    // An invalid body: the page shows the gateway's JSON error.
+    let answer = page
+        .command(json!({"cmd": "publish", "topics": "demo", "event": "x", "data": "{oops"}))
+        .await;
+    assert_eq!(answer["status"], json!(400), "{answer}");
+    assert_eq!(answer["code"], json!("invalid_json"), "{answer}");
+
+    // Published over HTTP, one under a name the console does not listen to yet.
+    for (event, data) in [
+        ("project_updated", json!({"i": 1})),
+        (
+            "tick",
+            json!({"i": 2, "note": "a name the console learns from the log"}),
+        ),
+        ("project_updated", json!({"i": 3})),
+    ] {
+        let id = publish(&base, "demo", event, data.clone()).await;
+        expected.push((id, event.to_owned(), data));
+    }
+    let state = page
+        .wait_state("the 4 live events in the tail", PAGE_WAIT, |s| {
+            tail_events(s).len() >= 4
+        })
+        .await;
+    assert_eq!(
+        tail_events(&state),
+        expected,
+        "live events, in id order\n{state:#}"
+    );
+    let form_row = tail_rows(&state)
+        .into_iter()
+        .find(|r| r["id"] == json!(form_id))
+        .expect("the form's event row");
+    assert!(
+        form_row["data"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("1.0"),
+        "number text shown as sent: {form_row}"
+    );
+    page.wait_state("the published counter", PAGE_WAIT, |s| {
+        s["metrics"]["published"] == json!("7")
+    })
+    .await;
+    let last_before_kill = expected.last().expect("events").0.clone();
+
+    // kill -9, restart on the same port and data dir, publish more.
+    gateway.kill9();
+    page.wait_state("the tail reconnecting", PAGE_WAIT, |s| {
+        s["tail"]["state"] == json!("reconnecting")
+    })
+    .await;
+    let gateway = start_gateway(&data, &format!("127.0.0.1:{port}"), &config).await;
+    assert_eq!(gateway.addr.port(), port, "restarted on the same port");
+    for i in 0..3 {
+        let data = json!({"after_restart": i});
+        let id = publish(&gateway.base, "demo", "project_updated", data.clone()).await;
+        expected.push((id, "project_updated".to_owned(), data));
+    }
+    let state = page
+        .wait_state("all 7 events after the reconnect", PAGE_WAIT, |s| {
+            tail_events(s).len() >= 7 && s["tail"]["state"] == json!("open")
+        })
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    while page
+        .next_line(Instant::now() + Duration::from_millis(50))
+        .await
+        .is_some()
+    {}
+    let state = if page.state.is_null() {
+        state
+    } else {
+        page.state.clone()
+    };
+    assert_eq!(
+        tail_events(&state),
+        expected,
+        "every event exactly once, in order, across the restart\n{state:#}"
+    );
+    let rows = tail_rows(&state);
+    assert!(
+        rows.iter().all(|r| r["duplicate"] != json!(true)),
+        "no duplicate flagged\n{state:#}"
+    );
+    let reopen = rows
+        .iter()
+        .position(|r| r["row"] == json!("conn") && r["kind"] == json!("reopen"))
+        .unwrap_or_else(|| panic!("the tail shows the reconnect\n{state:#}"));
+    assert_eq!(
+        rows[reopen]["resumed"],
+        json!(last_before_kill),
+        "the reconnect row names the id it resumed after\n{state:#}"
+    );
+    assert!(
+        rows[reopen]["text"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(&last_before_kill),
+        "{}",
+        rows[reopen]
+    );
+    let after_reopen: Vec<&str> = rows[reopen..]
+        .iter()
+        .filter(|r| r["row"] == json!("event"))
+        .filter_map(|r| r["id"].as_str())
+        .collect();
+    let restart_ids: Vec<&str> = expected[4..].iter().map(|(id, ..)| id.as_str()).collect();
+    assert_eq!(
+        after_reopen, restart_ids,
+        "the new events came after the reconnect"
+    );
+    assert!(
+        rows[..reopen]
+            .iter()
+            .any(|r| r["row"] == json!("conn") && r["kind"] == json!("lost")),
+        "the tail showed the connection loss\n{state:#}"
+    );
+    page.wait_state("the topics table after the restart", PAGE_WAIT, |s| {
+        topic_row(s, "demo").is_some_and(|r| {
+            r["count"] == json!(9) && r["last_id"] == json!(expected.last().expect("events").0)
+        }) && s["gateway"] == json!("ready")
+    })
+    .await;
+    page.screenshot("console.png").await;
+    page.assert_no_page_errors();
+    page.exit().await;
+    drop(gateway);
+    assert!(
+        started.elapsed() < Duration::from_secs(40),
+        "the console test took {:?}",
+        started.elapsed()
+    );
+}
+
+/// A tail from an id that is not of this log shows the gateway's `reset`,
+/// highlighted with its reason, then follows live; the metrics count it.
+#[tokio::test(flavor = "multi_thread")]
+async fn console_tail_shows_reset_for_an_unknown_from_id() {
+    require_browser_tools();
+    let _one = ONE_BROWSER.lock().await;
+    let dir = TempDir::new().expect("tempdir");
+    let config = write_config(dir.path(), None);
+    let gateway = start_gateway(&dir.path().join("data"), "127.0.0.1:0", &config).await;
+    let base = gateway.base.clone();
+    let first = publish(
+        &base,
+        "projects:all",
+        "project_created",
+        json!({"uuid": "u1", "name": "Roof"}),
+    )
+    .await;
+
+    let mut page = BrowserScript::spawn("console.mjs");
+    page.line_where("the browser to start", PAGE_WAIT, |l| {
+        l["ready"] == json!(true)
+    })
+    .await;
+    page.command(json!({"cmd": "goto", "url": format!("{base}/")}))
+        .await;
+    page.wait_state("the topics table", PAGE_WAIT, |s| {
+        topic_row(s, "projects:all").is_some()
+    })
+    .await;
+    page.command(json!({"cmd": "tail", "topics": "projects:all", "from": "zzzz-999"}))
+        .await;
+    let state = page
+        .wait_state("the reset row", PAGE_WAIT, |s| {
+            tail_events(s).iter().any(|(_, name, _)| name == "reset")
+        })
+        .await;
+    let (reset_id, _, reset) = tail_events(&state)
+        .into_iter()
+        .find(|(_, name, _)| name == "reset")
+        .expect("reset");
+    assert_eq!(reset["reason"], json!("unknown_id"), "{state:#}");
+    assert_eq!(reset["requested"], json!("zzzz-999"), "{state:#}");
+    assert_eq!(reset["oldest"], json!(first), "{state:#}");
+    assert_eq!(
+        reset_id, first,
+        "the reset continues from the head: {state:#}"
+    );
+    let row = tail_rows(&state)
+        .into_iter()
+        .find(|r| r["event"] == json!("reset"))
+        .expect("reset row");
+    let explained = row["reset"].as_str().unwrap_or_default();
+    assert!(
+        explained.contains("unknown_id") && explained.contains("zzzz-999"),
+        "the reset is explained with its reason: {row}"
+    );
+    assert_eq!(
+        state["tail"]["url"],
+        json!("/topics/projects:all?last_event_id=zzzz-999")
+    );
+
+    // Then live.
+    let live = publish(
+        &base,
+        "projects:all",
+        "project_updated",
+        json!({"uuid": "u1", "name": "Roof 2"}),
+    )
+    .await;
+    let state = page
+        .wait_state("the live event after the reset", PAGE_WAIT, |s| {
+            tail_events(s).len() >= 2
+        })
+        .await;
+    let ids = tail_ids(&state);
+    assert_eq!(ids, vec![first.clone(), live], "{state:#}");
+    page.wait_state("the resets metric", PAGE_WAIT, |s| {
+        s["metrics"]["resets"] == json!("1")
+            && s["metrics_sub"]["resets"]
+                .as_str()
+                .is_some_and(|t| t.contains("unknown_id"))
+    })
+    .await;
+    page.screenshot("console-reset.png").await;
+    page.assert_no_page_errors();
+    page.exit().await;
+}
+
+// ---------------------------------------------------------------- dashboard helpers
+
+const P1: &str = "3f1c2b4a-1111-4222-8333-444455556666";
+const P2: &str = "9a8b7c6d-2222-4333-8444-555566667777";
+const P3: &str = "0d0e0f10-3333-4444-8555-666677778888";
+
+/// The dashboard's projects as (uuid, name, status), sorted by uuid.
+fn projects(state: &Value) -> Vec<(String, String, String)> {
+    let mut list: Vec<(String, String, String)> = state["projects"]
+        .as_array()
+        .map(|rows| {
+            rows.iter()
+                .map(|p| {
+                    let field = |k: &str| p[k].as_str().unwrap_or_default().to_owned();
+                    (field("uuid"), field("name"), field("status"))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    list.sort();
+    list
+}
+
+fn project(uuid: &str, name: &str, status: &str) -> (String, String, String) {
+    (uuid.to_owned(), name.to_owned(), status.to_owned())
+}
+
+fn sorted(mut list: Vec<(String, String, String)>) -> Vec<(String, String, String)> {
+    list.sort();
+    list
+}
+
+/// Starts the dashboard script, its static server and a gateway allowing its origin.
+async fn dashboard_setup(dir: &Path) -> (BrowserScript, String, PathBuf) {
+    let mut page = BrowserScript::spawn("dashboard.mjs");
+    let origin = page
+        .line_where("the static server's origin", PAGE_WAIT, |l| {
+            l.get("origin").is_some()
+        })
+        .await["origin"]
+        .as_str()
+        .expect("origin")
+        .to_owned();
+    page.line_where("the browser to start", PAGE_WAIT, |l| {
+        l["ready"] == json!(true)
+    })
+    .await;
+    let config = write_config(dir, Some(&origin));
+    (page, origin, config)
+}
+
+// ---------------------------------------------------------------- dashboard tests
+
+/// The example dashboard builds its project list from events, follows
+/// `projects:all` + one project across a `kill -9` and restart without
+/// missing or repeating an event, and after a reload resumes from the id it
+/// saved (`?last_event_id=`) instead of replaying.
+#[tokio::test(flavor = "multi_thread")]
+async fn dashboard_example_follows_projects_across_kill_9_and_reload() {
+    require_browser_tools();
+    let _one = ONE_BROWSER.lock().await;
+    let started = Instant::now();
+    let dir = TempDir::new().expect("tempdir");
+    let data = dir.path().join("data");
+    let (mut page, origin, config) = dashboard_setup(dir.path()).await;
+    let gateway = start_gateway(&data, "127.0.0.1:0", &config).await;
+    let port = gateway.addr.port();
+    let base = gateway.base.clone();
+
+    broadcast(
+        &base,
+        "project",
+        "project_created",
+        json!({"uuid": P1, "name": "Roof", "status": "planned"}),
+    )
+    .await;
+    broadcast(
+        &base,
+        "project",
+        "project_created",
+        json!({"uuid": P2, "name": "Basement", "status": "active"}),
+    )
+    .await;
+    broadcast(
+        &base,
+        "project",
+        "project_updated",
+        json!({"uuid": P1, "status": "active"}),
+    )
+    .await;
+
+    let url = format!("{origin}/index.html?gateway={base}&project={P1}");
+    page.command(json!({"cmd": "goto", "url": url})).await;
+    let state = page
+        .wait_state("the 2 projects replayed from 0", PAGE_WAIT, |s| {
+            s["applied"] == json!(3) && s["connection"] == json!("live")
+        })
+        .await;
+    assert_eq!(
+        projects(&state),
+        sorted(vec![
+            project(P1, "Roof", "active"),
+            project(P2, "Basement", "active")
+        ]),
+        "{state:#}"
+    );
+    assert!(
+        state["stream_url"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("last_event_id=0"),
+        "first load without saved state replays from 0: {state:#}"
+    );
+    assert_eq!(state["focus_title"], json!("Roof"));
+
+    // Live, including an event on the watched project's own topic (sent once
+    // although it is in both topics) and one on projects:all only.
+    broadcast(
+        &base,
+        "assignment",
+        "assignment_created",
+        json!({"project_uuid": P1, "title": "Insulation"}),
+    )
+    .await;
+    broadcast(
+        &base,
+        "project",
+        "project_updated",
+        json!({"uuid": P2, "name": "Basement (wet)"}),
+    )
+    .await;
+    page.wait_state("5 events applied", PAGE_WAIT, |s| s["applied"] == json!(5))
+        .await;
+
+    gateway.kill9();
+    page.wait_state("the dashboard reconnecting", PAGE_WAIT, |s| {
+        s["connection"] == json!("reconnecting")
+    })
+    .await;
+    let gateway = start_gateway(&data, &format!("127.0.0.1:{port}"), &config).await;
+    assert_eq!(gateway.addr.port(), port, "restarted on the same port");
+    let base = gateway.base.clone();
+    broadcast(
+        &base,
+        "project",
+        "project_created",
+        json!({"uuid": P3, "name": "Garage", "status": "draft"}),
+    )
+    .await;
+    broadcast(&base, "project", "project_deleted", json!({"uuid": P2})).await;
+    let last = broadcast(
+        &base,
+        "project",
+        "project_updated",
+        json!({"uuid": P1, "name": "Roof & gutters"}),
+    )
+    .await;
+
+    let want = sorted(vec![
+        project(P1, "Roof & gutters", "active"),
+        project(P3, "Garage", "draft"),
+    ]);
+    let state = page
+        .wait_state("all 8 events after the restart", PAGE_WAIT, |s| {
+            s["applied"].as_u64() >= Some(8) && s["connection"] == json!("live")
+        })
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    while page
+        .next_line(Instant::now() + Duration::from_millis(50))
+        .await
+        .is_some()
+    {}
+    let state = if page.state.is_null() {
+        state
+    } else {
+        page.state.clone()
+    };
+    assert_eq!(
+        state["applied"],
+        json!(8),
+        "nothing missed, nothing applied twice\n{state:#}"
+    );
+    assert_eq!(
+        state["duplicates"],
+        json!(0),
+        "the gateway repeated nothing\n{state:#}"
+    );
+    assert_eq!(
+        state["refetches"],
+        json!(0),
+        "no reset across a restart\n{state:#}"
+    );
+    assert!(state["reconnects"].as_u64() >= Some(1), "{state:#}");
+    assert_eq!(state["last_id"], json!(last));
+    assert_eq!(projects(&state), want, "{state:#}");
+    assert_eq!(
+        state["activity"].as_array().map(Vec::len),
+        Some(4),
+        "the watched project's 4 events (created, updated, assignment, updated)\n{state:#}"
+    );
+    page.screenshot("dashboard.png").await;
+
+    // Reload: the saved state and id are used; nothing is replayed or repeated.
+    page.command(json!({"cmd": "reload"})).await;
+    let state = page
+        .wait_state("the reloaded page live", PAGE_WAIT, |s| {
+            s["loaded"] == json!(true)
+                && s["connection"] == json!("live")
+                && s["reconnects"] == json!(0)
+        })
+        .await;
+    assert!(
+        state["stream_url"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(&format!("last_event_id={last}")),
+        "the reload resumes after the saved id: {state:#}"
+    );
+    assert_eq!(projects(&state), want, "{state:#}");
+    let after_reload = broadcast(
+        &base,
+        "project",
+        "project_updated",
+        json!({"uuid": P3, "status": "active"}),
+    )
+    .await;
+    let state = page
+        .wait_state("the event after the reload", PAGE_WAIT, |s| {
+            s["last_id"] == json!(after_reload)
+        })
+        .await;
+    assert_eq!(state["applied"], json!(9), "{state:#}");
+    assert_eq!(state["duplicates"], json!(0), "{state:#}");
+    assert_eq!(
+        projects(&state),
+        sorted(vec![
+            project(P1, "Roof & gutters", "active"),
+            project(P3, "Garage", "active")
+        ])
+    );
+    page.assert_no_page_errors();
+    page.exit().await;
+    drop(gateway);
+    assert!(
+        started.elapsed() < Duration::from_secs(40),
+        "the dashboard test took {:?}",
+        started.elapsed()
+    );
+}
+
+/// When the gateway comes back with another log (a new data dir: the saved
+/// id is unknown to it), the dashboard gets a `reset`, refetches (clears and
+/// replays from 0) and shows exactly the new log's projects.
+#[tokio::test(flavor = "multi_thread")]
+async fn dashboard_example_refetches_on_reset() {
+    require_browser_tools();
+    let _one = ONE_BROWSER.lock().await;
+    let dir = TempDir::new().expect("tempdir");
+    let (mut page, origin, config) = dashboard_setup(dir.path()).await;
+    let gateway = start_gateway(&dir.path().join("data-a"), "127.0.0.1:0", &config).await;
+    let port = gateway.addr.port();
+    let base = gateway.base.clone();
+    broadcast(
+        &base,
+        "project",
+        "project_created",
+        json!({"uuid": P1, "name": "Roof", "status": "active"}),
+    )
+    .await;
+    broadcast(
+        &base,
+        "project",
+        "project_created",
+        json!({"uuid": P2, "name": "Basement", "status": "active"}),
+    )
+    .await;
+
+    let url = format!("{origin}/index.html?gateway={base}&project={P1}");
+    page.command(json!({"cmd": "goto", "url": url})).await;
+    page.wait_state("the first log's 2 projects", PAGE_WAIT, |s| {
+        s["applied"] == json!(2) && s["connection"] == json!("live")
+    })
+    .await;
+
+    // Another log behind the same address.
+    gateway.kill9();
+    let gateway = start_gateway(
+        &dir.path().join("data-b"),
+        &format!("127.0.0.1:{port}"),
+        &config,
+    )
+    .await;
+    let base = gateway.base.clone();
+    let new_id = broadcast(
+        &base,
+        "project",
+        "project_created",
+        json!({"uuid": P3, "name": "Garage", "status": "draft"}),
+    )
+    .await;
+
+    let state = page
+        .wait_state("the refetched state", PAGE_WAIT, |s| {
+            s["refetches"] == json!(1)
+                && s["last_id"] == json!(new_id)
+                && s["connection"] == json!("live")
+        })
+        .await;
+    assert_eq!(
+        projects(&state),
+        vec![project(P3, "Garage", "draft")],
+        "{state:#}"
+    );
+    assert_eq!(state["applied"], json!(1), "{state:#}");
+    assert_eq!(state["duplicates"], json!(0), "{state:#}");
+    let notice = state["notice"].as_str().unwrap_or_default();
+    assert!(
+        notice.contains("unknown_id"),
+        "the page says why it refetched: {state:#}"
+    );
+    assert!(
+        state["stream_url"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("last_event_id=0"),
+        "the refetch replays from 0: {state:#}"
+    );
+    assert_eq!(state["focus_title"], json!("Project not seen yet"));
+    page.screenshot("dashboard-reset.png").await;
+    page.assert_no_page_errors();
+    page.exit().await;
+}
