@@ -712,6 +712,131 @@ async fn console_tail_shows_reset_for_an_unknown_from_id() {
     page.exit().await;
 }
 
+/// With `[auth]` on: without a token the console shows the gateway's answers
+/// (the refused stream explained with its 401, the publish form's 401); once a
+/// token is saved in the `sse_gateway_token` cookie, the tail reconnects by
+/// itself and publishing works, both carried by the cookie alone.
+#[tokio::test(flavor = "multi_thread")]
+async fn console_sends_the_token_cookie_when_auth_is_on() {
+    const SECRET: &str = "console-test-secret-0123456789abcdef";
+    require_browser_tools();
+    let _one = ONE_BROWSER.lock().await;
+    let dir = TempDir::new().expect("tempdir");
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!("[stream]\nretry_ms = 300\nheartbeat_ms = 1000\n\n[auth]\nhs256_secret = \"{SECRET}\"\n"),
+    )
+    .expect("write config");
+    let gateway = start_gateway(&dir.path().join("data"), "127.0.0.1:0", &config).await;
+    let base = gateway.base.clone();
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+        + 600;
+    let token = sse_gateway::auth::mint_hs256(
+        SECRET,
+        &sse_gateway::auth::Claims {
+            exp,
+            subscribe: vec!["orders:*".to_owned()],
+            publish: vec!["orders:*".to_owned()],
+            org: None,
+            sub: Some("console-test".to_owned()),
+        },
+    )
+    .expect("mint a token");
+
+    let mut page = BrowserScript::spawn("console.mjs");
+    page.line_where("the browser to start", PAGE_WAIT, |l| {
+        l["ready"] == json!(true)
+    })
+    .await;
+    page.command(json!({"cmd": "goto", "url": format!("{base}/")}))
+        .await;
+    page.wait_state("the console loaded", PAGE_WAIT, |s| {
+        s["gateway"] == json!("ready")
+    })
+    .await;
+    assert_eq!(page.state["token_set"], json!(false));
+
+    // No token: the stream is refused (EventSource gives up) and the console says why.
+    page.command(json!({"cmd": "tail", "topics": "orders:eu", "from": ""}))
+        .await;
+    let state = page
+        .wait_state("the refused stream explained", PAGE_WAIT, |s| {
+            s["tail"]["state"] == json!("closed")
+                && tail_rows(s).iter().any(|r| {
+                    r["kind"] == json!("closed")
+                        && r["text"]
+                            .as_str()
+                            .is_some_and(|t| t.contains("401 unauthorized"))
+                })
+        })
+        .await;
+    assert!(tail_events(&state).is_empty(), "{state:#}");
+    let answer = page
+        .command(
+            json!({"cmd": "publish", "topics": "orders:eu", "event": "order_placed",
+                        "data": "{\"n\": 1}"}),
+        )
+        .await;
+    assert_eq!(answer["status"], json!(401), "{answer}");
+    assert_eq!(answer["code"], json!("unauthorized"), "{answer}");
+
+    // Save the token: the cookie is set and the tail reconnects with it.
+    let saved = page.command(json!({"cmd": "token", "value": token})).await;
+    assert!(
+        saved["cookie"]
+            .as_str()
+            .is_some_and(|c| c.contains(&format!("sse_gateway_token={token}"))),
+        "{saved}"
+    );
+    page.wait_state("the tail open with the cookie", PAGE_WAIT, |s| {
+        s["token_set"] == json!(true) && s["tail"]["state"] == json!("open")
+    })
+    .await;
+    let answer = page
+        .command(
+            json!({"cmd": "publish", "topics": "orders:eu", "event": "order_placed",
+                        "data": "{\"n\": 2}"}),
+        )
+        .await;
+    assert_eq!(answer["status"], json!(201), "{answer}");
+    let from_form = answer["id"].as_str().expect("id").to_owned();
+    let body = json!({"event": "order_shipped", "data": {"n": 3}}).to_string();
+    let response = client()
+        .post(format!("{base}/topics/orders:eu"))
+        .header("content-type", "application/json")
+        .bearer_auth(&token)
+        .body(body)
+        .send()
+        .await
+        .expect("publish");
+    assert_eq!(response.status(), reqwest::StatusCode::CREATED);
+    let over_http: Value = response.json().await.expect("JSON answer");
+    let state = page
+        .wait_state("both events in the tail", PAGE_WAIT, |s| {
+            tail_events(s).len() >= 2
+        })
+        .await;
+    assert_eq!(
+        tail_events(&state),
+        vec![
+            (from_form, "order_placed".to_owned(), json!({"n": 2})),
+            (
+                over_http["id"].as_str().expect("id").to_owned(),
+                "order_shipped".to_owned(),
+                json!({"n": 3})
+            ),
+        ],
+        "{state:#}"
+    );
+    page.screenshot("console-auth.png").await;
+    page.assert_no_page_errors();
+    page.exit().await;
+}
+
 // ---------------------------------------------------------------- dashboard helpers
 
 const P1: &str = "3f1c2b4a-1111-4222-8333-444455556666";

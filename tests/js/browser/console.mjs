@@ -5,6 +5,7 @@
 //
 // Commands (besides screenshot/goto/reload/wait):
 //   {"cmd":"tail","topics":"a b","from":""}          fill the tail form, Connect
+//   {"cmd":"token","value":"<jwt>"}                  fill the token field, Save
 //   {"cmd":"publish","topics":"a","event":"e","data":"{...}"}
 //                                                    fill the publish form, Publish;
 //                                                    answers with what the page shows
@@ -22,6 +23,11 @@ const handlers = {
     await page.fill("#tail-from", from || "");
     await page.click("#tail-connect");
     return {};
+  },
+  token: async ({ value }) => {
+    await page.fill("#token-input", value);
+    await page.click("#token-form button[type=submit]");
+    return page.evaluate(() => ({ cookie: document.cookie }));
   },
   publish: async ({ topics, event, data }) => {
     await page.evaluate(() => {
@@ -48,6 +54,8 @@ function snapshot() {
   const result = $("pub-result");
   return {
     gateway: $("gateway-status").dataset.state,
+    token_set: $("token-state").dataset.set === "true",
+    topics_error: $("topics-error").hidden ? null : text($("topics-error")),
     head_id: text($("head-id")),
     topics: [...document.querySelectorAll("#topics tbody tr")].map((tr) => ({
       topic: tr.dataset.topic,
