@@ -95,10 +95,18 @@ for _ in $(seq 300); do
     sleep 0.1
 done
 [[ -n "$ADDR" ]] || { cat "$WORK/gateway.log" >&2; echo "error: gateway did not start" >&2; exit 1; }
-for _ in $(seq 100); do
-    curl -fsS "http://$ADDR/readyz" >/dev/null 2>&1 && break
-    sleep 0.1
-done
+"$VENV/bin/python" - "http://$ADDR/readyz" <<'PY'
+import sys, time, urllib.request
+for _ in range(100):
+    try:
+        if urllib.request.urlopen(sys.argv[1], timeout=1).status == 200:
+            break
+    except OSError:
+        pass
+    time.sleep(0.1)
+else:
+    sys.exit("error: the gateway did not become ready")
+PY
 echo "gateway on http://$ADDR (pid $GATEWAY_PID)"
 
 # --- the run -------------------------------------------------------------------------

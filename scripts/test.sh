@@ -58,4 +58,8 @@ cargo clippy --all-targets --locked -- -D warnings
 step "cargo test --locked --all-targets"
 cargo test --locked --all-targets
 
+# --- the OpenAPI contract against a live gateway -------------------------------
+step "schemathesis (openapi.yaml against the debug binary)"
+bash scripts/schemathesis.sh
+
 step "all checks passed"

@@ -2,7 +2,9 @@
 //! regex oracles, in both directions; JSON "as sent" through
 //! `json::compact` → the sled log → `sse::event_frame` → a WHATWG SSE parser
 //! (and once more over real HTTP); the route evaluator on arbitrary payloads;
-//! config's unknown-key errors; `json::compact` on arbitrary text.
+//! config's unknown-key errors; `json::compact` on arbitrary text. Plus the
+//! regression test of a bug this work found: broadcast payloads with numbers
+//! beyond f64 (`1e999`, valid JSON) were refused as `invalid_json`.
 //!
 //! Case counts are small so the suite stays fast on 2 cores; set
 //! `PROPTEST_CASES` for a deeper local run. Failures print the shrunk input;
