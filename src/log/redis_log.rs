@@ -53,9 +53,7 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
 use parking_lot::Mutex;
-use redis::aio::{
-    ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection,
-};
+use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, Value};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -113,8 +111,10 @@ pub struct RedisOptions {
 #[derive(Clone)]
 pub struct RedisClients {
     target: RedisTarget,
-    /// Replay reads, trims, head checks: multiplexed, reconnects by itself.
-    shared: Conn,
+    /// Replay reads, trims, head checks: one multiplexed connection (a
+    /// Cluster connection reconnects by itself; a single server's is dropped
+    /// on an I/O error and made anew on next use).
+    shared: Arc<Mutex<Option<Conn>>>,
     command_timeout: Duration,
     single: Option<redis::Client>,
     cluster: Option<redis::cluster::ClusterClient>,
@@ -129,22 +129,17 @@ impl RedisClients {
         match &target {
             RedisTarget::Single(url) => {
                 let client = redis::Client::open(url.as_str()).map_err(redis_err)?;
-                let config = ConnectionManagerConfig::new()
-                    .set_response_timeout(Some(command_timeout))
-                    .set_connection_timeout(Some(connect_timeout))
-                    .set_number_of_retries(2)
-                    .set_max_delay(Duration::from_millis(500));
-                let manager = ConnectionManager::new_with_config(client.clone(), config)
-                    .await
-                    .map_err(redis_err)?;
-                Ok(Self {
+                let clients = Self {
                     target,
-                    shared: Conn::Manager(manager),
+                    shared: Arc::new(Mutex::new(None)),
                     command_timeout,
                     single: Some(client),
                     cluster: None,
                     cluster_tail: None,
-                })
+                };
+                // Fail now, at start, if Redis cannot be reached.
+                clients.shared().await?;
+                Ok(clients)
             }
             RedisTarget::Cluster(urls) => {
                 let build = |response: Duration| {
@@ -160,13 +155,31 @@ impl RedisClients {
                 let shared = cluster.get_async_connection().await.map_err(redis_err)?;
                 Ok(Self {
                     target,
-                    shared: Conn::Cluster(shared),
+                    shared: Arc::new(Mutex::new(Some(Conn::Cluster(shared)))),
                     command_timeout,
                     single: None,
                     cluster: Some(cluster),
                     cluster_tail: Some(cluster_tail),
                 })
             }
+        }
+    }
+
+    /// The shared connection, connecting it if needed.
+    async fn shared(&self) -> Result<Conn, LogError> {
+        if let Some(conn) = self.shared.lock().clone() {
+            return Ok(conn);
+        }
+        let conn = self.dedicated(false).await?;
+        *self.shared.lock() = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// Forgets a single server's shared connection after an error that
+    /// broke it (a Cluster connection repairs itself).
+    fn broken(&self, e: &redis::RedisError) {
+        if self.single.is_some() && is_broken(e) {
+            *self.shared.lock() = None;
         }
     }
 
@@ -204,10 +217,18 @@ impl RedisClients {
     }
 }
 
+/// Not an error reply of the server: the connection itself failed.
+fn is_broken(e: &redis::RedisError) -> bool {
+    e.code().is_none()
+        || e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_timeout()
+        || e.is_unrecoverable_error()
+}
+
 /// One Redis connection of any kind the log uses.
 #[derive(Clone)]
 enum Conn {
-    Manager(ConnectionManager),
     Dedicated(MultiplexedConnection),
     Cluster(ClusterConnection),
 }
@@ -215,7 +236,6 @@ enum Conn {
 impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
-            Self::Manager(c) => c.req_packed_command(cmd),
             Self::Dedicated(c) => c.req_packed_command(cmd),
             Self::Cluster(c) => c.req_packed_command(cmd),
         }
@@ -228,7 +248,6 @@ impl ConnectionLike for Conn {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
-            Self::Manager(c) => c.req_packed_commands(pipeline, offset, count),
             Self::Dedicated(c) => c.req_packed_commands(pipeline, offset, count),
             Self::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
         }
@@ -236,7 +255,6 @@ impl ConnectionLike for Conn {
 
     fn get_db(&self) -> i64 {
         match self {
-            Self::Manager(c) => c.get_db(),
             Self::Dedicated(c) => c.get_db(),
             Self::Cluster(c) => c.get_db(),
         }
@@ -309,7 +327,7 @@ impl RedisLog {
         let started = Instant::now();
         let script = redis::Script::new(SCRIPT_SOURCE);
         let log_key = format!("{{{}}}:log", options.tag);
-        let mut conn = clients.shared.clone();
+        let mut conn = clients.shared().await?;
         script
             .prepare_invoke()
             .load_async(&mut conn)
@@ -924,7 +942,13 @@ async fn run_trimmer(inner: Arc<Inner>, stop: CancellationToken) {
         if inner.failure().is_some() {
             return;
         }
-        let mut conn = inner.clients.shared.clone();
+        let mut conn = match inner.clients.shared().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                tracing::debug!(error = %e, "retention pass skipped");
+                continue;
+            }
+        };
         let pass: Result<u64, _> = inner
             .script
             .key(&inner.log_key)
@@ -939,7 +963,10 @@ async fn run_trimmer(inner: Arc<Inner>, stop: CancellationToken) {
             Ok(removed) => {
                 tracing::debug!(removed, log = %inner.log_key, "retention trimmed events")
             }
-            Err(e) => tracing::debug!(error = %e, log = %inner.log_key, "retention pass failed"),
+            Err(e) => {
+                inner.clients.broken(&e);
+                tracing::debug!(error = %e, log = %inner.log_key, "retention pass failed");
+            }
         }
     }
 }
@@ -959,7 +986,7 @@ async fn read_range(
             through: after.max(upto),
         });
     }
-    let mut conn = inner.clients.shared.clone();
+    let mut conn = inner.clients.shared().await?;
     let mut invocation = inner.script.key(&inner.log_key);
     invocation
         .arg("read")
@@ -970,10 +997,20 @@ async fn read_range(
     for topic in &topics {
         invocation.arg(topic.as_str());
     }
-    let value: Value = invocation
-        .invoke_async(&mut conn)
-        .await
-        .map_err(redis_err)?;
+    // A read is idempotent: one retry on a fresh connection covers the
+    // shared connection noticing a Redis restart only when it is used.
+    let value: Value = match invocation.invoke_async(&mut conn).await {
+        Ok(value) => value,
+        Err(e) if is_broken(&e) => {
+            inner.clients.broken(&e);
+            let mut conn = inner.clients.shared().await?;
+            invocation.invoke_async(&mut conn).await.map_err(|e| {
+                inner.clients.broken(&e);
+                redis_err(e)
+            })?
+        }
+        Err(e) => return Err(redis_err(e)),
+    };
     let bad = |what: &str| LogError::Corrupt {
         key: inner.log_key.clone(),
         what: format!("read: {what}"),
@@ -1084,14 +1121,18 @@ impl Log for RedisLog {
                 return;
             }
             // Only wait for what Redis really holds: a bogus id answers at once.
-            let mut conn = self.inner.clients.shared.clone();
+            let Ok(mut conn) = self.inner.clients.shared().await else {
+                return;
+            };
             let head_key = format!("{{{}}}:head", self.inner.options.tag);
-            let held: Option<u64> = redis::cmd("GET")
-                .arg(head_key)
-                .query_async(&mut conn)
-                .await
-                .ok()
-                .flatten();
+            let held: Option<u64> =
+                match redis::cmd("GET").arg(head_key).query_async(&mut conn).await {
+                    Ok(held) => held,
+                    Err(e) => {
+                        self.inner.clients.broken(&e);
+                        None
+                    }
+                };
             if held.is_none_or(|h| h < seq) {
                 return;
             }
