@@ -98,12 +98,17 @@ pub enum RedisTarget {
 pub struct RedisOptions {
     /// The hash tag's content: every key of the log is `{<tag>}:…`.
     pub tag: String,
+    /// Publishes waiting for the writer; more wait for a place.
     pub publish_queue: usize,
+    /// Most events sent to Redis in one append call.
     pub max_commit_batch: usize,
+    /// What to keep per topic (trimmed inside the append script).
     pub retention: RetentionPolicy,
+    /// How often the age trim runs when nobody publishes.
     pub trim_interval: Duration,
     /// `WAIT <wait_replicas> <wait_timeout>` after each append (0 = no WAIT).
     pub wait_replicas: u32,
+    /// How long `WAIT` may take.
     pub wait_timeout: Duration,
 }
 

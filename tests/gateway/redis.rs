@@ -711,3 +711,52 @@ async fn redis_cluster_spreads_orgs_over_shards_and_keeps_them_isolated() {
     let seen: HashSet<&str> = ids_a.iter().chain(&ids_b).map(String::as_str).collect();
     assert_eq!(seen.len(), 10);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_retention_resets_are_the_same_on_every_node() {
+    let redis = RedisServer::start();
+    let dir = TempDir::new().unwrap();
+    let config = redis_config(
+        dir.path(),
+        &single(&redis.url()),
+        "[retention]\nmax_events_per_topic = 3\n",
+    );
+    let nodes = gateways(dir.path(), &config, 2);
+    let client = reqwest::Client::new();
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        ids.push(publish_to(&client, &nodes[0], "k", json!(i)).await);
+    }
+    // The trim happened inside the append script; B learns it from the log.
+    let info_url = nodes[1].url("/topics/k/info");
+    let first = ids[3].clone();
+    eventually("B sees the trimmed topic", || {
+        let (client, url, first) = (client.clone(), info_url.clone(), first.clone());
+        async move {
+            let info: Value = client.get(&url).send().await.unwrap().json().await.unwrap();
+            info["count"] == 3 && info["first_id"] == json!(first)
+        }
+    })
+    .await;
+    let mut behind = SseReader::connect(&client, &nodes[1].url("/topics/k"), Some(&ids[0])).await;
+    let reset = behind.next_event().await;
+    assert_eq!(reset.event, "reset");
+    assert_eq!(reset.id, ids[2], "continues from the trimmed watermark");
+    let data = reset.json();
+    assert_eq!(data["reason"], "retention");
+    assert_eq!(data["requested"], json!(ids[0]));
+    assert_eq!(data["oldest"], json!(ids[3]));
+    expect_events(
+        &mut behind,
+        &ids[3..],
+        "the retained events after the reset",
+    )
+    .await;
+    // Everything ("0") never resets; an id at the watermark resumes cleanly.
+    let mut all = SseReader::connect(&client, &nodes[1].url("/topics/k"), Some("0")).await;
+    expect_events(&mut all, &ids[3..], "replay of all retained history").await;
+    assert!(!String::from_utf8_lossy(&all.raw).contains("reset"));
+    let mut at_mark = SseReader::connect(&client, &nodes[0].url("/topics/k"), Some(&ids[2])).await;
+    expect_events(&mut at_mark, &ids[3..], "resume at the watermark").await;
+    assert!(!String::from_utf8_lossy(&at_mark.raw).contains("reset"));
+}
