@@ -15,6 +15,7 @@
 //!   send time travels in the payload, so latency is publish-to-delivery.
 //!
 //! Run: `cargo run --release --example measure -- [--publishers 32] [--events N] …`
+//! (`--backend redis --redis-url redis://127.0.0.1:6379` measures through Redis)
 //! (`--help` lists every option). See BENCHMARKS.md for figures.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -58,6 +59,13 @@ struct Args {
     /// Worker threads of the gateway's runtime (the client runtime gets the same).
     #[arg(long, default_value_t = 2)]
     threads: usize,
+    /// Storage backend: `sled` (temp data dir) or `redis` (`--redis-url`).
+    #[arg(long, default_value = "sled")]
+    backend: String,
+    /// Redis to use with `--backend redis`; each run writes a fresh log under
+    /// its own key prefix (`bench-<pid>-<time>`), left in place afterwards.
+    #[arg(long, default_value = "redis://127.0.0.1:6379")]
+    redis_url: String,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -83,6 +91,28 @@ fn main() -> anyhow::Result<()> {
     let (mut config, limits_note) = bench_config();
     println!("config: defaults, {limits_note}");
     config.storage.data_dir = dir.path().to_path_buf();
+    let storage_note = match args.backend.as_str() {
+        "sled" => format!(
+            "data dir {} (sled; a publish is acked after one apply_batch + Db::flush + fdatasync per group commit)",
+            dir.path().display()
+        ),
+        "redis" => {
+            config.storage.backend = "redis".into();
+            config.storage.url = args.redis_url.clone();
+            config.storage.key_prefix = format!(
+                "bench-{}-{}",
+                std::process::id(),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs())
+            );
+            format!(
+                "redis {} key prefix {} (a publish is acked after one append script call per group commit; durability per the server's appendfsync)",
+                args.redis_url, config.storage.key_prefix
+            )
+        }
+        other => anyhow::bail!("--backend {other:?}: use sled or redis"),
+    };
     // The replay topic must hold every event it is sent (default keeps 100,000).
     config.retention.max_events_per_topic = config
         .retention
@@ -93,10 +123,7 @@ fn main() -> anyhow::Result<()> {
     let base = format!("http://{}", listener.local_addr()?);
     let stop = CancellationToken::new();
     let server = server_rt.spawn(sse_gateway::run(listener, config, stop.clone()));
-    println!(
-        "gateway: {base}, data dir {} (sled; a publish is acked after one apply_batch + Db::flush per group commit)",
-        dir.path().display()
-    );
+    println!("gateway: {base}, {storage_note}");
 
     let result = client_rt.block_on(scenarios(&args, &base));
 

@@ -22,6 +22,9 @@ command -v node >/dev/null 2>&1 || missing+=(nodejs)
 command -v npm >/dev/null 2>&1 || missing+=(npm)
 # The browser tests (tests/gateway/browser.rs) drive Debian's Chromium.
 [[ -x /usr/bin/chromium ]] || missing+=(chromium)
+# The Redis backend tests (tests/gateway/redis.rs) start their own servers.
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
 
 if ((${#missing[@]})); then
     step "installing system packages: ${missing[*]}"
@@ -38,11 +41,12 @@ if ((${#missing[@]})); then
     "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive \
         apt-get install -y -q --no-install-recommends "${missing[@]}"
 else
-    step "system packages present: curl, node, npm, chromium"
+    step "system packages present: curl, node, npm, chromium, redis-server"
 fi
 echo "curl: $(curl --version | head -n1)"
 echo "node: $(node --version), npm: $(npm --version)"
 echo "chromium: $(/usr/bin/chromium --version 2>/dev/null)"
+echo "redis: $(redis-server --version)"
 
 # --- npm packages for the third-party client and browser tests ---------------
 step "npm ci (tests/js)"

@@ -3,6 +3,11 @@
 //! Open: metrics → hub → log (which starts its writer and trimmer). Close:
 //! the server stops first (streams end on `stop`), then the log finishes the
 //! publishes it queued and flushes.
+//!
+//! A request's topics live in one [`Shard`] (a log and the hub fed by it).
+//! There is one shard, except on Redis with tenancy on: there each org has its
+//! own log under its own hash tag (`{sse:org:<org>}`), so orgs spread over a
+//! Cluster's shards; an org's log is opened on first use on this node.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -11,22 +16,42 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::Gate;
+use crate::auth::{Gate, Scope};
 use crate::config::Config;
 use crate::hub::Hub;
 use crate::limits::ClientLimits;
+use crate::log::redis_log::{RedisClients, RedisOptions};
 use crate::log::retention::RetentionPolicy;
 use crate::log::sled_log::SledOptions;
-use crate::log::{Log, LogError, SledLog};
+use crate::log::{Log, LogError, RedisLog, SledLog};
 use crate::metrics::Metrics;
 use crate::routes::RouteSpec;
 use crate::subscription::{StreamContext, StreamSettings};
 
+/// One log and the hub its durable events are fanned out through.
+#[derive(Clone)]
+pub struct Shard {
+    pub log: Arc<dyn Log>,
+    pub hub: Arc<Hub>,
+}
+
+/// The per-org Redis logs of a tenancy deployment, opened on first use.
+struct OrgLogs {
+    clients: RedisClients,
+    /// Options of the default log; each org's log differs in its tag only.
+    options: RedisOptions,
+    open: tokio::sync::Mutex<HashMap<String, Shard>>,
+}
+
 /// Shared application state.
 pub struct App {
     pub config: Config,
+    /// The default shard's log (the only one unless orgs have their own).
     pub log: Arc<dyn Log>,
+    /// The default shard's hub.
     pub hub: Arc<Hub>,
+    /// Per-org logs (Redis with tenancy on), else `None`.
+    orgs: Option<OrgLogs>,
     pub metrics: Arc<Metrics>,
     /// `(module, kind)` → route.
     routes: HashMap<(String, String), RouteSpec>,
@@ -61,29 +86,66 @@ impl From<OpenError> for crate::RunError {
 
 impl App {
     /// Opens storage and builds the state. Must run inside a tokio runtime.
-    pub fn open(config: Config, stop: CancellationToken) -> Result<Self, OpenError> {
+    pub async fn open(config: Config, stop: CancellationToken) -> Result<Self, OpenError> {
         // Keys first: a bad key file should not leave a log open behind it.
         let gate = Gate::from_config(config.auth.as_ref(), config.tenancy.enabled)?;
         let limits = ClientLimits::new(&config.limits);
         let metrics = Arc::new(Metrics::new());
         let hub = Arc::new(Hub::new(config.stream.live_buffer_events));
-        let options = SledOptions {
-            cache_capacity_bytes: config.storage.cache_capacity_bytes,
-            publish_queue: config.limits.publish_queue,
-            max_commit_batch: config.limits.max_commit_batch,
-            retention: RetentionPolicy {
-                max_events_per_topic: config.retention.max_events_per_topic,
-                max_age: Duration::from_secs(config.retention.max_age_s),
-                batch_events: config.retention.trim_batch_events,
-            },
-            trim_interval: Duration::from_millis(config.retention.trim_interval_ms),
+        let retention = RetentionPolicy {
+            max_events_per_topic: config.retention.max_events_per_topic,
+            max_age: Duration::from_secs(config.retention.max_age_s),
+            batch_events: config.retention.trim_batch_events,
         };
-        let log: Arc<dyn Log> = Arc::new(SledLog::open(
-            &config.storage.data_dir,
-            options,
-            Arc::clone(&hub),
-            Arc::clone(&metrics),
-        )?);
+        let trim_interval = Duration::from_millis(config.retention.trim_interval_ms);
+        let (log, orgs): (Arc<dyn Log>, Option<OrgLogs>) = match config.storage.redis_target() {
+            None => {
+                let options = SledOptions {
+                    cache_capacity_bytes: config.storage.cache_capacity_bytes,
+                    publish_queue: config.limits.publish_queue,
+                    max_commit_batch: config.limits.max_commit_batch,
+                    retention,
+                    trim_interval,
+                };
+                let log = SledLog::open(
+                    &config.storage.data_dir,
+                    options,
+                    Arc::clone(&hub),
+                    Arc::clone(&metrics),
+                )?;
+                (Arc::new(log), None)
+            }
+            Some(target) => {
+                let storage = &config.storage;
+                let clients = RedisClients::connect(
+                    target,
+                    Duration::from_millis(storage.command_timeout_ms),
+                )
+                .await?;
+                let options = RedisOptions {
+                    tag: storage.key_prefix.clone(),
+                    publish_queue: config.limits.publish_queue,
+                    max_commit_batch: config.limits.max_commit_batch,
+                    retention,
+                    trim_interval,
+                    wait_replicas: storage.wait_replicas,
+                    wait_timeout: Duration::from_millis(storage.wait_timeout_ms),
+                };
+                let log = RedisLog::open(
+                    clients.clone(),
+                    options.clone(),
+                    Arc::clone(&hub),
+                    Arc::clone(&metrics),
+                )
+                .await?;
+                let orgs = config.tenancy.enabled.then(|| OrgLogs {
+                    clients,
+                    options,
+                    open: tokio::sync::Mutex::new(HashMap::new()),
+                });
+                (Arc::new(log), orgs)
+            }
+        };
         let routes = config
             .effective_routes()
             .into_iter()
@@ -94,6 +156,7 @@ impl App {
             config,
             log,
             hub,
+            orgs,
             metrics,
             routes,
             stop,
@@ -118,10 +181,77 @@ impl App {
         names
     }
 
-    pub fn stream_context(&self) -> StreamContext {
-        StreamContext {
+    /// The shard holding `scope`'s topics, opening an org's log on first use.
+    pub async fn shard(&self, scope: &Scope) -> Result<Shard, LogError> {
+        let default = || Shard {
             log: Arc::clone(&self.log),
             hub: Arc::clone(&self.hub),
+        };
+        let (Some(orgs), Scope::Org(org)) = (&self.orgs, scope) else {
+            return Ok(default());
+        };
+        let mut open = orgs.open.lock().await;
+        if let Some(shard) = open.get(org) {
+            return Ok(shard.clone());
+        }
+        let hub = Arc::new(Hub::new(self.config.stream.live_buffer_events));
+        let mut options = orgs.options.clone();
+        options.tag = format!("{}:org:{org}", options.tag);
+        let log = RedisLog::open(
+            orgs.clients.clone(),
+            options,
+            Arc::clone(&hub),
+            Arc::clone(&self.metrics),
+        )
+        .await?;
+        let shard = Shard {
+            log: Arc::new(log),
+            hub,
+        };
+        open.insert(org.clone(), shard.clone());
+        Ok(shard)
+    }
+
+    /// Every log open on this node is ready (orgs' logs that are being
+    /// opened right now are not counted).
+    pub fn logs_ready(&self) -> bool {
+        if !self.log.is_ready() {
+            return false;
+        }
+        match &self.orgs {
+            Some(orgs) => orgs
+                .open
+                .try_lock()
+                .map(|open| open.values().all(|s| s.log.is_ready()))
+                .unwrap_or(true),
+            None => true,
+        }
+    }
+
+    /// Closes every log: queued publishes finish first.
+    pub async fn close_logs(&self) -> Result<(), LogError> {
+        if let Some(orgs) = &self.orgs {
+            let shards: Vec<Shard> = orgs.open.lock().await.values().cloned().collect();
+            for shard in shards {
+                shard.log.close().await?;
+            }
+        }
+        self.log.close().await
+    }
+
+    /// What a stream of the default shard needs.
+    pub fn stream_context(&self) -> StreamContext {
+        self.stream_context_for(&Shard {
+            log: Arc::clone(&self.log),
+            hub: Arc::clone(&self.hub),
+        })
+    }
+
+    /// What a stream of `shard` needs.
+    pub fn stream_context_for(&self, shard: &Shard) -> StreamContext {
+        StreamContext {
+            log: Arc::clone(&shard.log),
+            hub: Arc::clone(&shard.hub),
             metrics: Arc::clone(&self.metrics),
             stop: self.stop.clone(),
         }

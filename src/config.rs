@@ -69,12 +69,25 @@ impl Default for ServerConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageConfig {
-    /// `sled` (embedded, default) or `redis`.
+    /// `sled` (embedded, default), `redis` (one server, `url`) or
+    /// `redis-cluster` (a Redis Cluster, `cluster_urls`).
     pub backend: String,
     /// sled's data directory.
     pub data_dir: PathBuf,
-    /// Redis URL (for `backend = "redis"`).
+    /// Redis URL for `backend = "redis"`: `redis://host:port[/db]` or
+    /// `redis+unix:///path/to/redis.sock`.
     pub url: String,
+    /// Some nodes of the cluster for `backend = "redis-cluster"`.
+    pub cluster_urls: Vec<String>,
+    /// The hash tag every Redis key of the log is under: `{<key_prefix>}:…`,
+    /// and `{<key_prefix>:org:<org>}:…` for an org's log with tenancy on.
+    pub key_prefix: String,
+    /// Bound on every Redis command but the tailer's blocking read.
+    pub command_timeout_ms: u64,
+    /// After each append, `WAIT` for this many replicas (0 = do not wait).
+    pub wait_replicas: u32,
+    /// How long `WAIT` may take; fewer replicas by then answers 503.
+    pub wait_timeout_ms: u64,
     /// sled page cache size.
     pub cache_capacity_bytes: u64,
 }
@@ -85,8 +98,79 @@ impl Default for StorageConfig {
             backend: "sled".into(),
             data_dir: PathBuf::from("./data"),
             url: "redis://127.0.0.1:6379".into(),
+            cluster_urls: Vec::new(),
+            key_prefix: "sse".into(),
+            command_timeout_ms: 5_000,
+            wait_replicas: 0,
+            wait_timeout_ms: 1_000,
             cache_capacity_bytes: 256 * 1024 * 1024,
         }
+    }
+}
+
+impl StorageConfig {
+    /// Where Redis is, for the Redis backends; `None` for sled.
+    pub fn redis_target(&self) -> Option<crate::log::redis_log::RedisTarget> {
+        use crate::log::redis_log::RedisTarget;
+        match self.backend.as_str() {
+            "redis" => Some(RedisTarget::Single(self.url.clone())),
+            "redis-cluster" => Some(RedisTarget::Cluster(self.cluster_urls.clone())),
+            _ => None,
+        }
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let redis_url = |url: &str| -> Result<(), String> {
+            let ok = ["redis://", "redis+unix://", "unix://"]
+                .iter()
+                .any(|scheme| url.starts_with(scheme))
+                && redis::Client::open(url).is_ok();
+            if ok {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{url:?} is not a Redis URL like redis://127.0.0.1:6379 or redis+unix:///run/redis.sock"
+                ))
+            }
+        };
+        match self.backend.as_str() {
+            "sled" => {}
+            "redis" => redis_url(&self.url).map_err(|m| format!("storage.url: {m}"))?,
+            "redis-cluster" => {
+                if self.cluster_urls.is_empty() {
+                    return Err(
+                        "storage.backend = \"redis-cluster\" needs storage.cluster_urls = [\"redis://host:port\", …]"
+                            .into(),
+                    );
+                }
+                for url in &self.cluster_urls {
+                    if !url.starts_with("redis://") {
+                        return Err(format!(
+                            "storage.cluster_urls: {url:?} must be a redis://host:port URL"
+                        ));
+                    }
+                    redis_url(url).map_err(|m| format!("storage.cluster_urls: {m}"))?;
+                }
+            }
+            other => {
+                return Err(format!(
+                    "storage.backend {other:?} is unknown; use \"sled\", \"redis\" or \"redis-cluster\""
+                ))
+            }
+        }
+        let prefix_ok = !self.key_prefix.is_empty()
+            && self.key_prefix.len() <= 64
+            && self
+                .key_prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_-.:".contains(&b));
+        if !prefix_ok {
+            return Err("storage.key_prefix must be 1 to 64 characters of [A-Za-z0-9_.:-]".into());
+        }
+        if self.command_timeout_ms == 0 {
+            return Err("storage.command_timeout_ms must be greater than 0".into());
+        }
+        Ok(())
     }
 }
 
@@ -304,18 +388,7 @@ impl Config {
                 self.server.listen
             ));
         }
-        match self.storage.backend.as_str() {
-            "sled" => {}
-            "redis" => return invalid(
-                "storage.backend = \"redis\" is not available in this release yet; use \"sled\""
-                    .into(),
-            ),
-            other => {
-                return invalid(format!(
-                    "storage.backend {other:?} is unknown; use \"sled\""
-                ))
-            }
-        }
+        self.storage.validate().map_err(ConfigError::Invalid)?;
         if let Some(auth) = &self.auth {
             auth.validate()
                 .map_err(|m| ConfigError::Invalid(format!("auth: {m}")))?;
@@ -482,6 +555,35 @@ mod tests {
         let kinds: Vec<_> = config.routes.iter().map(|r| r.kind.as_str()).collect();
         assert_eq!(kinds, ["project", "task", "assignment", "dependency"]);
         assert_eq!(config.routes, crate::routes::projects_routes());
+    }
+
+    #[test]
+    fn redis_backends_are_validated() {
+        let config = Config::from_toml(
+            "[storage]\nbackend = \"redis\"\nurl = \"redis+unix:///tmp/r.sock\"\n",
+        )
+        .unwrap();
+        assert!(config.storage.redis_target().is_some());
+        let err = Config::from_toml("[storage]\nbackend = \"redis\"\nurl = \"http://x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("storage.url"), "{err}");
+        let err = Config::from_toml("[storage]\nbackend = \"redis-cluster\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cluster_urls"), "{err}");
+        let err = Config::from_toml("[storage]\nbackend = \"nats\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("redis-cluster"), "{err}");
+        let err = Config::from_toml("[storage]\nkey_prefix = \"{x}\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("key_prefix"), "{err}");
+        let err = Config::from_toml("[storage]\nredis_url = \"x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("redis_url"), "{err}");
     }
 
     #[test]

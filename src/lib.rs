@@ -53,7 +53,7 @@ pub async fn run(
         drain_timeout: Duration::from_millis(config.server.drain_timeout_ms),
     };
     let write_stall = config.limits.write_stall();
-    let app = Arc::new(app::App::open(config, stop.clone())?);
+    let app = Arc::new(app::App::open(config, stop.clone()).await?);
     let local = listener.local_addr()?;
     tracing::info!("listening on http://{local}");
 
@@ -63,7 +63,7 @@ pub async fn run(
     http::server::serve(listener, router, limits, stop.clone()).await;
     sweeper.abort();
     // Close the log last so queued publishes finish and flush.
-    app.log.close().await?;
+    app.close_logs().await?;
     tracing::info!("stopped");
     Ok(())
 }

@@ -60,6 +60,13 @@ struct ServeArgs {
     /// sled data directory, overriding storage.data_dir.
     #[arg(long, env = "SSE_GATEWAY_DATA_DIR", global = true)]
     data_dir: Option<PathBuf>,
+    /// Storage backend, overriding storage.backend: sled, redis or redis-cluster.
+    #[arg(long, env = "SSE_GATEWAY_STORAGE_BACKEND", global = true)]
+    storage_backend: Option<String>,
+    /// Redis URL, overriding storage.url (redis://host:port or redis+unix:///path);
+    /// with redis-cluster, a comma-separated list overriding storage.cluster_urls.
+    #[arg(long, env = "SSE_GATEWAY_STORAGE_URL", global = true)]
+    storage_url: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -125,6 +132,16 @@ fn load_config(args: &ServeArgs) -> anyhow::Result<Config> {
     }
     if let Some(dir) = &args.data_dir {
         config.storage.data_dir = dir.clone();
+    }
+    if let Some(backend) = &args.storage_backend {
+        config.storage.backend = backend.clone();
+    }
+    if let Some(url) = &args.storage_url {
+        if config.storage.backend == "redis-cluster" {
+            config.storage.cluster_urls = url.split(',').map(|u| u.trim().to_owned()).collect();
+        } else {
+            config.storage.url = url.clone();
+        }
     }
     config.validate()?;
     Ok(config)

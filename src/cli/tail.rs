@@ -63,7 +63,7 @@ pub fn run(args: TailArgs) -> anyhow::Result<()> {
     let mut printer = Printer {
         json: args.json,
         color: std::io::stdout().is_terminal()
-            && std::env::var_os("NO_COLOR").map_or(true, |v| v.is_empty()),
+            && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
     };
     let mut parser = Parser::new();
     if let Some(from) = &args.from {

@@ -114,6 +114,12 @@ impl From<LogError> for ApiError {
             LogError::Closed => Self::unavailable(
                 "the gateway is shutting down; retry on another instance or later",
             ),
+            LogError::Replication { .. } => {
+                tracing::error!(error = %e, "replication not confirmed");
+                Self::unavailable(
+                    "the event was stored on the Redis primary but not confirmed by enough replicas in time; it may still be delivered",
+                )
+            }
             other => {
                 tracing::error!(error = %other, "storage unavailable");
                 Self::unavailable("storage is unavailable; nothing was stored, retry later")

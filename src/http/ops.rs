@@ -22,7 +22,7 @@ pub async fn readyz(State(app): State<Arc<App>>) -> Result<Response, ApiError> {
     if app.stop.is_cancelled() {
         return Err(ApiError::unavailable("shutting down"));
     }
-    if !app.log.is_ready() {
+    if !app.logs_ready() {
         return Err(ApiError::unavailable("storage is not writable"));
     }
     Ok(Json(serde_json::json!({ "status": "ready" })).into_response())
@@ -59,8 +59,9 @@ pub async fn list_topics(
     if app.stop.is_cancelled() {
         return Err(ApiError::unavailable("shutting down"));
     }
-    let epoch = app.log.epoch();
-    let topics: Vec<serde_json::Value> = app
+    let shard = app.shard(&scope).await?;
+    let epoch = shard.log.epoch();
+    let topics: Vec<serde_json::Value> = shard
         .log
         .topics()
         .into_iter()
@@ -72,14 +73,16 @@ pub async fn list_topics(
                     "first_id": info.first.map(|seq| epoch.id(seq)),
                     "last_id": info.last.map(|seq| epoch.id(seq)),
                     "count": info.count,
-                    "subscribers": app.hub.subscriber_count(&stored),
+                    "subscribers": shard.hub.subscriber_count(&stored),
                 })
             })
         })
         .collect();
     Ok(
-        Json(serde_json::json!({ "topics": topics, "head_id": epoch.id(app.log.durable_head()) }))
-            .into_response(),
+        Json(
+            serde_json::json!({ "topics": topics, "head_id": epoch.id(shard.log.durable_head()) }),
+        )
+        .into_response(),
     )
 }
 
@@ -98,14 +101,15 @@ pub async fn topic_info(
     if app.stop.is_cancelled() {
         return Err(ApiError::unavailable("shutting down"));
     }
-    let info = app.log.topic_info(&stored);
-    let epoch = app.log.epoch();
+    let shard = app.shard(&scope).await?;
+    let info = shard.log.topic_info(&stored);
+    let epoch = shard.log.epoch();
     Ok(Json(serde_json::json!({
         "topic": topic.as_str(),
         "first_id": info.first.map(|seq| epoch.id(seq)),
         "last_id": info.last.map(|seq| epoch.id(seq)),
         "count": info.count,
-        "subscribers": app.hub.subscriber_count(&stored),
+        "subscribers": shard.hub.subscriber_count(&stored),
     }))
     .into_response())
 }

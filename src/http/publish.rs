@@ -148,11 +148,12 @@ async fn append(
         .iter()
         .map(|t| scope.apply(t))
         .collect::<Result<Vec<_>, _>>()?;
-    let seq = app.log.append(NewEvent { topics, name, data }).await?;
+    let shard = app.shard(&scope).await?;
+    let seq = shard.log.append(NewEvent { topics, name, data }).await?;
     app.metrics
         .publish_duration
         .observe(started.elapsed().as_secs_f64());
-    let id = app.log.epoch().id(seq);
+    let id = shard.log.epoch().id(seq);
     Ok((
         StatusCode::CREATED,
         Json(serde_json::json!({ "id": id, "topics": names })),

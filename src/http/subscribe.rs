@@ -31,7 +31,7 @@ pub async fn subscribe_topic(
 ) -> Result<Response, ApiError> {
     let topic = super::path_topic(path)?;
     let pairs = query_pairs(query.as_deref());
-    open_stream(&app, &access, vec![topic], &headers, &pairs, "topic")
+    open_stream(&app, &access, vec![topic], &headers, &pairs, "topic").await
 }
 
 pub async fn subscribe_events(
@@ -54,7 +54,7 @@ pub async fn subscribe_events(
             topics.len()
         )));
     }
-    open_stream(&app, &access, topics, &headers, &pairs, "events")
+    open_stream(&app, &access, topics, &headers, &pairs, "events").await
 }
 
 fn query_pairs(query: Option<&str>) -> Vec<(String, String)> {
@@ -82,7 +82,7 @@ fn resume_id(headers: &HeaderMap, pairs: &[(String, String)]) -> Option<String> 
 
 /// Authorizes, takes the connection slots (or sheds), and starts the stream.
 /// 401/403 stay errors: no reconnect is wanted for them.
-fn open_stream(
+async fn open_stream(
     app: &Arc<App>,
     access: &Access,
     topics: Vec<Topic>,
@@ -116,10 +116,25 @@ fn open_stream(
             "too many connections from this address; reconnect later",
         ));
     };
-    let resume = ResumePoint::parse(resume_id(headers, pairs).as_deref(), app.log.epoch());
+    let shard = match app.shard(&scope).await {
+        Ok(shard) => shard,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot open the log of this stream");
+            return Ok(shed(
+                app,
+                "storage_unavailable",
+                "storage is unavailable; reconnect shortly",
+            ));
+        }
+    };
+    let resume = ResumePoint::parse(resume_id(headers, pairs).as_deref(), shard.log.epoch());
+    if let ResumePoint::After(seq) = resume {
+        // Acknowledged through another node but not seen by this one yet?
+        shard.log.settle(seq).await;
+    }
     let ends_in = access.caller.principal().map(|p| p.remaining());
     let subscription = Subscription::start(
-        app.stream_context(),
+        app.stream_context_for(&shard),
         stored,
         resume,
         app.stream_settings(),

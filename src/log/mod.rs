@@ -10,6 +10,7 @@ pub mod codec;
 mod durable;
 pub mod format;
 pub mod offline;
+pub mod redis_log;
 pub mod retention;
 pub mod sled_log;
 mod stats;
@@ -19,6 +20,7 @@ use futures_util::future::BoxFuture;
 
 use crate::model::{Epoch, EventName, Topic};
 
+pub use redis_log::RedisLog;
 pub use sled_log::SledLog;
 pub use stats::TopicInfo;
 
@@ -39,6 +41,19 @@ pub enum LogError {
     TooNew { found: u32, supported: u32 },
     #[error("background task failed: {0}")]
     Task(String),
+    /// Redis did not answer or refused a command (down, timeout, failover).
+    #[error("redis error: {0}")]
+    Redis(String),
+    /// Redis no longer holds the log this gateway opened (it lost its data).
+    #[error("redis lost the log: {0}")]
+    Lost(String),
+    /// `WAIT` saw fewer replicas than `storage.wait_replicas` in time.
+    #[error(
+        "stored on the Redis primary but only {acked} of {wanted} replicas confirmed it in time"
+    )]
+    Replication { acked: u64, wanted: u32 },
+    #[error("the Redis log layout version {found} is newer than this build supports ({supported}); upgrade sse-gateway")]
+    LayoutTooNew { found: u32, supported: u32 },
 }
 
 /// One event to append: validated topics and name, compact JSON data.
@@ -122,6 +137,16 @@ pub trait Log: Send + Sync + 'static {
 
     /// Bytes the log takes on disk, if known.
     fn size_on_disk(&self) -> Option<u64>;
+
+    /// Resolves once this node has seen sequence `seq`, if the log holds it
+    /// (a bounded wait; at once for a local log, or for an id the log does
+    /// not hold). A shared log's node may not have seen an event yet that a
+    /// client got acknowledged through another node; a resume from its id
+    /// waits here instead of being taken for an id "ahead of the log".
+    fn settle(&self, seq: u64) -> BoxFuture<'_, ()> {
+        let _ = seq;
+        Box::pin(std::future::ready(()))
+    }
 
     /// Stops accepting appends, finishes those queued, flushes, stops
     /// background work. Idempotent.

@@ -263,7 +263,7 @@ impl OfflineLog {
         for key in self.db.scan_prefix(EVENT_PREFIX).keys() {
             let seq = codec::seq_suffix(&key?)?;
             events += 1;
-            if events % PROGRESS_EVERY == 0 {
+            if events.is_multiple_of(PROGRESS_EVERY) {
                 progress.position(seq - range.map_or(0, |r| r.0) + 1);
             }
         }
@@ -273,7 +273,7 @@ impl OfflineLog {
         for key in self.db.scan_prefix(INDEX_PREFIX).keys() {
             let (topic, seq) = codec::split_index_key(&key?)?;
             index_entries += 1;
-            if index_entries % PROGRESS_EVERY == 0 {
+            if index_entries.is_multiple_of(PROGRESS_EVERY) {
                 progress.position(index_entries);
             }
             let entry = topics.entry(topic).or_default();
@@ -364,7 +364,7 @@ impl OfflineLog {
             stats.events += 1;
             stats.first.get_or_insert(event.seq);
             stats.last = Some(event.seq);
-            if stats.events % PROGRESS_EVERY == 0 {
+            if stats.events.is_multiple_of(PROGRESS_EVERY) {
                 progress.position(event.seq - range.map_or(0, |r| r.0) + 1);
             }
         }

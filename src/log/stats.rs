@@ -75,6 +75,23 @@ impl StatsTable {
         }
     }
 
+    /// Sets a topic's retained range and watermark to what the Redis log
+    /// reported after a trim (absolute values; `first` 0 = none retained).
+    pub fn set_trimmed_state(&self, topic: &Topic, count: u64, first: u64, trimmed_through: u64) {
+        let mut table = self.topics.lock();
+        let stats = table.entry(topic.clone()).or_default();
+        stats.count = count;
+        if count > 0 {
+            stats.first = first;
+        }
+        stats.trimmed_through = stats.trimmed_through.max(trimmed_through);
+    }
+
+    /// Replaces the whole table (a fresh snapshot of a shared log).
+    pub fn replace(&self, table: HashMap<Topic, TopicStats>) {
+        *self.topics.lock() = table;
+    }
+
     /// Loads one topic's state at start.
     pub fn load(&self, topic: Topic, stats: TopicStats) {
         self.topics.lock().insert(topic, stats);

@@ -12,5 +12,6 @@ mod limits;
 mod ops_api;
 mod props;
 mod publish_api;
+mod redis;
 mod subscribe_api;
 mod third_party;

@@ -1,0 +1,762 @@
+//! The Redis backend across nodes (API.md guarantees with publishers and
+//! subscribers on different gateways): real `redis-server` processes on free
+//! loopback ports in temp dirs (`appendonly yes`, `appendfsync always`) and
+//! real gateway processes pointed at them. `redis-server` and `redis-cli`
+//! must be installed (`scripts/test.sh` installs Debian's `redis-server`);
+//! without them these tests fail, they never skip.
+
+use std::collections::{HashMap, HashSet};
+use std::net::TcpListener as StdListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use sse_gateway::auth::{mint_hs256, unix_now, Claims};
+use tempfile::TempDir;
+
+use crate::common::*;
+
+const SECRET: &str = "redis-tests-secret-0123456789abcdefghijkl";
+
+fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+fn require(binary: &str) -> PathBuf {
+    for dir in std::env::var("PATH").unwrap_or_default().split(':') {
+        let path = Path::new(dir).join(binary);
+        if path.is_file() {
+            return path;
+        }
+    }
+    for dir in ["/usr/bin", "/usr/local/bin", "/usr/sbin"] {
+        let path = Path::new(dir).join(binary);
+        if path.is_file() {
+            return path;
+        }
+    }
+    panic!(
+        "{binary} is not installed: the Redis backend tests need it. \
+         Run `bash scripts/test.sh` (installs Debian's redis-server) or `apt-get install redis-server`."
+    );
+}
+
+/// One `redis-server` process on a loopback port, data in a temp dir.
+struct RedisServer {
+    child: Option<Child>,
+    port: u16,
+    dir: TempDir,
+    args: Vec<String>,
+}
+
+impl RedisServer {
+    /// A durable server: AOF with an fsync before every reply.
+    fn start() -> Self {
+        Self::start_with(&["--appendonly", "yes", "--appendfsync", "always"])
+    }
+
+    fn start_with(extra: &[&str]) -> Self {
+        let dir = TempDir::new().expect("tempdir");
+        let mut server = Self {
+            child: None,
+            port: free_port(),
+            dir,
+            args: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        server.spawn();
+        server
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new(require("redis-server"))
+            .arg("--port")
+            .arg(self.port.to_string())
+            .args([
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--protected-mode",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn redis-server");
+        self.child = Some(child);
+        wait_for_ping(self.port);
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// `kill -9`: with `appendfsync always` nothing acknowledged is lost.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts again on the same port and directory.
+    fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn redis_cli(port: u16, args: &[&str]) -> String {
+    let output = Command::new(require("redis-cli"))
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .output()
+        .expect("run redis-cli");
+    let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&output.stderr));
+    text.trim().to_owned()
+}
+
+fn wait_for_ping(port: u16) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if redis_cli(port, &["ping"]) == "PONG" {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "redis-server on port {port} did not answer PING"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Writes a gateway config for the Redis backend.
+fn redis_config(dir: &Path, storage: &str, extra: &str) -> PathBuf {
+    let path = dir.join(format!("config-{}.toml", free_port()));
+    let text =
+        format!("[storage]\n{storage}\n[stream]\nretry_ms = 250\nheartbeat_ms = 1000\n{extra}");
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+fn single(url: &str) -> String {
+    format!("backend = \"redis\"\nurl = \"{url}\"\ncommand_timeout_ms = 2000")
+}
+
+/// `n` gateway processes sharing `config`.
+fn gateways(dir: &Path, config: &Path, n: usize) -> Vec<GatewayProcess> {
+    (0..n)
+        .map(|i| {
+            let data = dir.join(format!("unused-data-{i}"));
+            GatewayProcess::start_with_config(&data, "127.0.0.1:0", Some(config), &[])
+        })
+        .collect()
+}
+
+async fn post(
+    client: &reqwest::Client,
+    url: &str,
+    body: Value,
+    token: Option<&str>,
+) -> (StatusCode, Value) {
+    let mut request = client
+        .post(url)
+        .header("content-type", "application/json")
+        .body(body.to_string());
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().await.expect("publish request");
+    let status = response.status();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+async fn publish_to(
+    client: &reqwest::Client,
+    node: &GatewayProcess,
+    topic: &str,
+    data: Value,
+) -> String {
+    let (status, answer) = post(
+        client,
+        &node.url(&format!("/topics/{topic}")),
+        json!({ "data": data }),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "publish answered {answer}");
+    answer["id"].as_str().expect("id").to_owned()
+}
+
+async fn status_of(client: &reqwest::Client, url: &str) -> Option<StatusCode> {
+    client.get(url).send().await.ok().map(|r| r.status())
+}
+
+async fn wait_status(client: &reqwest::Client, url: &str, want: StatusCode) {
+    eventually(&format!("{url} answers {want}"), || async move {
+        status_of(client, url).await == Some(want)
+    })
+    .await;
+}
+
+/// Reads `n` events and checks ids and data.
+async fn expect_events(reader: &mut SseReader, ids: &[String], what: &str) {
+    let events = reader.take(ids.len()).await;
+    let got: Vec<&str> = events.iter().map(|e| e.id.as_str()).collect();
+    let want: Vec<&str> = ids.iter().map(String::as_str).collect();
+    assert_eq!(got, want, "{what}: every event once, in id order");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_event_published_on_one_node_reaches_every_other_node_once_in_order() {
+    let redis = RedisServer::start();
+    let dir = TempDir::new().unwrap();
+    let config = redis_config(dir.path(), &single(&redis.url()), "");
+    let nodes = gateways(dir.path(), &config, 3);
+    let client = reqwest::Client::new();
+    let mut on_b = SseReader::connect(&client, &nodes[1].url("/topics/t"), None).await;
+    let mut on_c =
+        SseReader::connect(&client, &nodes[2].url("/events?topic=t&topic=u"), None).await;
+    on_b.until_blocks(2).await;
+    on_c.until_blocks(2).await;
+
+    let mut t_ids = Vec::new();
+    let mut tu_ids = Vec::new();
+    for i in 0..30 {
+        // Publishers on A and C, single and multi-topic events.
+        let node = &nodes[if i % 3 == 0 { 2 } else { 0 }];
+        let id = if i % 2 == 0 {
+            publish_to(&client, node, "t", json!({ "i": i })).await
+        } else {
+            let (status, answer) = post(
+                &client,
+                &node.url("/publish"),
+                json!({"topics": ["t", "u"], "data": { "i": i }}),
+                None,
+            )
+            .await;
+            assert_eq!(status, StatusCode::CREATED, "{answer}");
+            answer["id"].as_str().unwrap().to_owned()
+        };
+        t_ids.push(id.clone());
+        tu_ids.push(id);
+    }
+    let u_only = publish_to(&client, &nodes[0], "u", json!("u only")).await;
+    tu_ids.push(u_only);
+    assert!(
+        t_ids.windows(2).all(|w| seq_of(&w[1]) == seq_of(&w[0]) + 1),
+        "one id sequence across nodes: {t_ids:?}"
+    );
+    expect_events(&mut on_b, &t_ids, "node B, /topics/t").await;
+    expect_events(
+        &mut on_c,
+        &tu_ids,
+        "node C, /events t+u (multi-topic events once)",
+    )
+    .await;
+    on_b.expect_no_event(Duration::from_millis(300)).await;
+    on_c.expect_no_event(Duration::from_millis(300)).await;
+
+    // Every node reports the same topic state.
+    for node in &nodes {
+        let url = node.url("/topics/t/info");
+        eventually("info converges", || {
+            let (client, url) = (client.clone(), url.clone());
+            async move {
+                let info: Value = client.get(&url).send().await.unwrap().json().await.unwrap();
+                info["count"] == 30
+            }
+        })
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_client_resumes_on_another_node_with_no_gap_and_no_duplicate() {
+    let redis = RedisServer::start();
+    let dir = TempDir::new().unwrap();
+    let config = redis_config(dir.path(), &single(&redis.url()), "");
+    let nodes = gateways(dir.path(), &config, 3);
+    let client = reqwest::Client::new();
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        ids.push(publish_to(&client, &nodes[i % 2], "r", json!(i)).await);
+    }
+    let mut first = SseReader::connect(&client, &nodes[0].url("/topics/r"), Some("0")).await;
+    let seen = first.take(7).await;
+    drop(first);
+    let last = seen.last().unwrap().id.clone();
+
+    // The client's node died; it comes back to B with its Last-Event-ID.
+    let mut resumed = SseReader::connect(&client, &nodes[1].url("/topics/r"), Some(&last)).await;
+    expect_events(&mut resumed, &ids[7..], "resume on node B").await;
+    resumed.expect_no_event(Duration::from_millis(200)).await;
+    assert!(
+        !String::from_utf8_lossy(&resumed.raw).contains("reset"),
+        "a valid id of the shared log never resets"
+    );
+
+    // An id acknowledged through A, resumed on C right away: C may not have
+    // seen it yet, and still must not call it "ahead of the log".
+    let fresh = publish_to(&client, &nodes[0], "r", json!("fresh")).await;
+    let mut at_c = SseReader::connect(&client, &nodes[2].url("/topics/r"), Some(&fresh)).await;
+    let next = publish_to(&client, &nodes[1], "r", json!("next")).await;
+    let event = at_c.next_event().await;
+    assert_eq!(
+        (event.id.as_str(), event.event.as_str()),
+        (next.as_str(), "message")
+    );
+
+    // Reset semantics are the same: another epoch is an unknown id.
+    let mut bad = SseReader::connect(&client, &nodes[2].url("/topics/r"), Some("Zz9-3")).await;
+    let reset = bad.next_event().await;
+    assert_eq!(reset.event, "reset");
+    assert_eq!(reset.json()["reason"], "unknown_id");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restart_mid_stream_answers_503_then_resumes_with_nothing_lost() {
+    let mut redis = RedisServer::start();
+    let dir = TempDir::new().unwrap();
+    let config = redis_config(dir.path(), &single(&redis.url()), "");
+    let nodes = gateways(dir.path(), &config, 2);
+    let client = reqwest::Client::new();
+    let mut live = SseReader::connect(&client, &nodes[1].url("/topics/r"), None).await;
+    live.until_blocks(2).await;
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        ids.push(publish_to(&client, &nodes[0], "r", json!(i)).await);
+    }
+
+    redis.kill();
+    for node in &nodes {
+        wait_status(
+            &client,
+            &node.url("/readyz"),
+            StatusCode::SERVICE_UNAVAILABLE,
+        )
+        .await;
+    }
+    let (status, answer) = post(
+        &client,
+        &nodes[0].url("/topics/r"),
+        json!({"data": "lost?"}),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{answer}");
+    assert_eq!(answer["error"]["code"], "unavailable");
+
+    redis.restart();
+    for node in &nodes {
+        wait_status(&client, &node.url("/readyz"), StatusCode::OK).await;
+    }
+    for i in 10..20 {
+        ids.push(publish_to(&client, &nodes[0], "r", json!(i)).await);
+    }
+    // The open stream stayed open and continues without gap or duplicate.
+    expect_events(&mut live, &ids, "stream open across the Redis restart").await;
+    live.expect_no_event(Duration::from_millis(300)).await;
+    assert!(!live.ended);
+    // And the refused publish stored nothing.
+    let mut replay = SseReader::connect(&client, &nodes[1].url("/topics/r"), Some("0")).await;
+    let mut events = Vec::new();
+    while let Some(event) = replay.next_event_within(WAIT).await {
+        events.push(event);
+        if events.len() == 20 {
+            break;
+        }
+    }
+    assert_eq!(
+        events.len(),
+        20,
+        "replay after the restart: {} / {:?}",
+        String::from_utf8_lossy(&replay.raw),
+        nodes[1].log.lock().unwrap()
+    );
+    assert!(events.iter().all(|e| e.data != "\"lost?\""));
+    replay.expect_no_event(Duration::from_millis(200)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_that_lost_its_data_is_detected_and_writes_are_refused() {
+    // No persistence at all: a restart comes back empty.
+    let mut redis = RedisServer::start_with(&["--appendonly", "no"]);
+    let dir = TempDir::new().unwrap();
+    let config = redis_config(dir.path(), &single(&redis.url()), "");
+    let node = gateways(dir.path(), &config, 1).remove(0);
+    let client = reqwest::Client::new();
+    let id = publish_to(&client, &node, "r", json!(1)).await;
+    redis.restart();
+    let readyz = node.url("/readyz");
+    wait_status(&client, &readyz, StatusCode::SERVICE_UNAVAILABLE).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        status_of(&client, &readyz).await,
+        Some(StatusCode::SERVICE_UNAVAILABLE),
+        "stays unready: ids of the old epoch must never be reused"
+    );
+    let (status, _) = post(&client, &node.url("/topics/r"), json!({"data": 2}), None).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    let log = node.log.lock().unwrap().join("\n");
+    assert!(log.contains("lost its data"), "the gateway says why: {log}");
+    assert_eq!(seq_of(&id), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_kill_9_of_a_gateway_under_load_loses_no_acknowledged_event() {
+    let redis = RedisServer::start();
+    let dir = TempDir::new().unwrap();
+    let config = redis_config(dir.path(), &single(&redis.url()), "");
+    let mut nodes = gateways(dir.path(), &config, 2);
+    let survivor = nodes.pop().unwrap();
+    let victim = nodes.pop().unwrap();
+    let client = reqwest::Client::new();
+    let acked: Arc<Mutex<HashMap<String, String>>> = Default::default();
+    let running = Arc::new(AtomicBool::new(true));
+    let mut publishers = Vec::new();
+    for p in 0..6 {
+        let (client, base, acked, running) = (
+            client.clone(),
+            victim.base.clone(),
+            Arc::clone(&acked),
+            Arc::clone(&running),
+        );
+        publishers.push(tokio::spawn(async move {
+            let mut i = 0u64;
+            while running.load(Ordering::Relaxed) {
+                let data = format!(r#"{{"p":{p},"i":{i},"t":"\u00e9\/","n":1.50}}"#);
+                let body = format!(r#"{{"topics":["crash","crash:{p}"],"data":{data}}}"#);
+                let sent = client
+                    .post(format!("{base}/publish"))
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send()
+                    .await;
+                if let Ok(response) = sent {
+                    if response.status() == 201 {
+                        if let Ok(answer) = response.json::<Value>().await {
+                            if let Some(id) = answer["id"].as_str() {
+                                acked.lock().unwrap().insert(id.to_owned(), data);
+                            }
+                        }
+                    }
+                }
+                i += 1;
+            }
+        }));
+    }
+    let acked_ref = Arc::clone(&acked);
+    eventually("publishes acknowledged", || {
+        let acked = Arc::clone(&acked_ref);
+        async move { acked.lock().unwrap().len() >= 200 }
+    })
+    .await;
+    victim.kill9();
+    running.store(false, Ordering::Relaxed);
+    for publisher in publishers {
+        publisher.await.unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+
+    // Its clients come back to the survivor and find every acknowledged event.
+    let (_, info) = {
+        let response = client
+            .get(survivor.url("/topics/crash/info"))
+            .send()
+            .await
+            .unwrap();
+        (response.status(), response.json::<Value>().await.unwrap())
+    };
+    let stored = info["count"].as_u64().unwrap() as usize;
+    assert!(
+        stored >= acked.len(),
+        "{stored} stored < {} acknowledged",
+        acked.len()
+    );
+    let mut replay = SseReader::connect(&client, &survivor.url("/topics/crash"), Some("0")).await;
+    let events = replay.take(stored).await;
+    let mut previous = 0;
+    let mut found = 0;
+    for event in &events {
+        let seq = seq_of(&event.id);
+        assert!(seq > previous, "ids strictly increase in the replay");
+        previous = seq;
+        if let Some(data) = acked.get(&event.id) {
+            assert_eq!(&event.data, data, "exact data for {}", event.id);
+            found += 1;
+        }
+    }
+    assert_eq!(found, acked.len(), "every acknowledged event is there");
+    let next = publish_to(&client, &survivor, "crash", json!("after")).await;
+    assert!(seq_of(&next) > previous, "no id is reused");
+}
+
+/// A 3-primary Redis Cluster on loopback.
+struct Cluster {
+    nodes: Vec<RedisServer>,
+}
+
+impl Cluster {
+    fn start() -> Self {
+        let nodes: Vec<RedisServer> = (0..3)
+            .map(|_| {
+                RedisServer::start_with(&[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-node-timeout",
+                    "2000",
+                    "--appendonly",
+                    "yes",
+                    "--appendfsync",
+                    "always",
+                ])
+            })
+            .collect();
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let output = Command::new(require("redis-cli"))
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli --cluster create");
+        assert!(
+            output.status.success(),
+            "cluster create failed: {}",
+            String::from_utf8_lossy(&output.stdout)
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        for node in &nodes {
+            while !redis_cli(node.port, &["cluster", "info"]).contains("cluster_state:ok") {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "cluster did not become ok"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Self { nodes }
+    }
+
+    /// The node (index) serving `key`'s slot.
+    fn owner_of(&self, key: &str) -> usize {
+        let owners: Vec<usize> = (0..self.nodes.len())
+            .filter(|&i| redis_cli(self.nodes[i].port, &["exists", key]) == "1")
+            .collect();
+        assert_eq!(
+            owners.len(),
+            1,
+            "{key} lives on exactly one node: {owners:?}"
+        );
+        owners[0]
+    }
+
+    /// The node serving `key`'s slot (the one that does not answer MOVED).
+    fn slot_node(&self, key: &str) -> usize {
+        let owners: Vec<usize> = (0..self.nodes.len())
+            .filter(|&i| !redis_cli(self.nodes[i].port, &["get", key]).contains("MOVED"))
+            .collect();
+        assert_eq!(owners.len(), 1, "one node serves the slot of {key}");
+        owners[0]
+    }
+}
+
+fn token(org: &str) -> String {
+    mint_hs256(
+        SECRET,
+        &Claims {
+            exp: unix_now() + 3600,
+            subscribe: vec!["*".into()],
+            publish: vec!["*".into()],
+            org: Some(org.into()),
+            sub: None,
+        },
+    )
+    .expect("token")
+}
+
+async fn subscribe_as(
+    client: &reqwest::Client,
+    url: &str,
+    token: &str,
+    last: Option<&str>,
+) -> SseReader {
+    let mut request = client.get(url).bearer_auth(token);
+    if let Some(id) = last {
+        request = request.header("last-event-id", id);
+    }
+    SseReader::from_response(request.send().await.expect("subscribe"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_spreads_orgs_over_shards_and_keeps_them_isolated() {
+    let cluster = Cluster::start();
+    // Two orgs whose logs hash to different primaries.
+    let org_a = "acme".to_owned();
+    let node_a = cluster.slot_node(&format!("{{sse:org:{org_a}}}:log"));
+    let org_b = (0..200)
+        .map(|i| format!("org{i}"))
+        .find(|o| cluster.slot_node(&format!("{{sse:org:{o}}}:log")) != node_a)
+        .expect("an org on another shard");
+    let dir = TempDir::new().unwrap();
+    let urls: Vec<String> = cluster
+        .nodes
+        .iter()
+        .map(|n| format!("\"{}\"", n.url()))
+        .collect();
+    let storage = format!(
+        "backend = \"redis-cluster\"\ncluster_urls = [{}]\ncommand_timeout_ms = 3000",
+        urls.join(", ")
+    );
+    let extra = format!("[auth]\nhs256_secret = \"{SECRET}\"\n[tenancy]\nenabled = true\n");
+    let config = redis_config(dir.path(), &storage, &extra);
+    let nodes = gateways(dir.path(), &config, 2);
+    let client = reqwest::Client::new();
+    let (ta, tb) = (token(&org_a), token(&org_b));
+
+    let mut sub_a = subscribe_as(&client, &nodes[1].url("/topics/projects:all"), &ta, None).await;
+    let mut sub_b = subscribe_as(&client, &nodes[1].url("/topics/projects:all"), &tb, None).await;
+    sub_a.until_blocks(2).await;
+    sub_b.until_blocks(2).await;
+    let mut ids_a = Vec::new();
+    let mut ids_b = Vec::new();
+    for i in 0..5 {
+        for (token, ids, org) in [(&ta, &mut ids_a, &org_a), (&tb, &mut ids_b, &org_b)] {
+            let (status, answer) = post(
+                &client,
+                &nodes[0].url("/topics/projects:all"),
+                json!({"data": {"org": org, "i": i}}),
+                Some(token),
+            )
+            .await;
+            assert_eq!(status, StatusCode::CREATED, "{answer}");
+            ids.push(answer["id"].as_str().unwrap().to_owned());
+        }
+    }
+    assert_ne!(
+        epoch_of(&ids_a[0]),
+        epoch_of(&ids_b[0]),
+        "each org has its own log"
+    );
+    for (sub, ids, org) in [(&mut sub_a, &ids_a, &org_a), (&mut sub_b, &ids_b, &org_b)] {
+        let events = sub.take(5).await;
+        assert_eq!(
+            events.iter().map(|e| e.id.clone()).collect::<Vec<_>>(),
+            *ids
+        );
+        assert!(
+            events.iter().all(|e| e.json()["org"] == json!(org)),
+            "only its own org's events"
+        );
+        sub.expect_no_event(Duration::from_millis(300)).await;
+    }
+    // An id of one org's log means nothing in the other's.
+    let mut cross = subscribe_as(
+        &client,
+        &nodes[1].url("/topics/projects:all"),
+        &tb,
+        Some(&ids_a[4]),
+    )
+    .await;
+    let reset = cross.next_event().await;
+    assert_eq!(
+        (reset.event.as_str(), reset.json()["reason"].clone()),
+        ("reset", json!("unknown_id"))
+    );
+    // Resume on the other node, within the org.
+    let mut resumed = subscribe_as(
+        &client,
+        &nodes[0].url("/topics/projects:all"),
+        &ta,
+        Some(&ids_a[1]),
+    )
+    .await;
+    assert_eq!(
+        resumed
+            .take(3)
+            .await
+            .iter()
+            .map(|e| e.id.clone())
+            .collect::<Vec<_>>(),
+        ids_a[2..]
+    );
+    // The two orgs' logs live on different primaries.
+    let shard_a = cluster.owner_of(&format!("{{sse:org:{org_a}}}:log"));
+    let shard_b = cluster.owner_of(&format!("{{sse:org:{org_b}}}:log"));
+    assert_ne!(shard_a, shard_b, "orgs spread over shards");
+    // Nothing of either org in the other's keys.
+    let keys_a = redis_cli(cluster.nodes[shard_a].port, &["keys", "*"]);
+    assert!(!keys_a.contains(&format!("org:{org_b}}}")), "{keys_a}");
+    let seen: HashSet<&str> = ids_a.iter().chain(&ids_b).map(String::as_str).collect();
+    assert_eq!(seen.len(), 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_retention_resets_are_the_same_on_every_node() {
+    let redis = RedisServer::start();
+    let dir = TempDir::new().unwrap();
+    let config = redis_config(
+        dir.path(),
+        &single(&redis.url()),
+        "[retention]\nmax_events_per_topic = 3\n",
+    );
+    let nodes = gateways(dir.path(), &config, 2);
+    let client = reqwest::Client::new();
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        ids.push(publish_to(&client, &nodes[0], "k", json!(i)).await);
+    }
+    // The trim happened inside the append script; B learns it from the log.
+    let info_url = nodes[1].url("/topics/k/info");
+    let first = ids[3].clone();
+    eventually("B sees the trimmed topic", || {
+        let (client, url, first) = (client.clone(), info_url.clone(), first.clone());
+        async move {
+            let info: Value = client.get(&url).send().await.unwrap().json().await.unwrap();
+            info["count"] == 3 && info["first_id"] == json!(first)
+        }
+    })
+    .await;
+    let mut behind = SseReader::connect(&client, &nodes[1].url("/topics/k"), Some(&ids[0])).await;
+    let reset = behind.next_event().await;
+    assert_eq!(reset.event, "reset");
+    assert_eq!(reset.id, ids[2], "continues from the trimmed watermark");
+    let data = reset.json();
+    assert_eq!(data["reason"], "retention");
+    assert_eq!(data["requested"], json!(ids[0]));
+    assert_eq!(data["oldest"], json!(ids[3]));
+    expect_events(
+        &mut behind,
+        &ids[3..],
+        "the retained events after the reset",
+    )
+    .await;
+    // Everything ("0") never resets; an id at the watermark resumes cleanly.
+    let mut all = SseReader::connect(&client, &nodes[1].url("/topics/k"), Some("0")).await;
+    expect_events(&mut all, &ids[3..], "replay of all retained history").await;
+    assert!(!String::from_utf8_lossy(&all.raw).contains("reset"));
+    let mut at_mark = SseReader::connect(&client, &nodes[0].url("/topics/k"), Some(&ids[2])).await;
+    expect_events(&mut at_mark, &ids[3..], "resume at the watermark").await;
+    assert!(!String::from_utf8_lossy(&at_mark.raw).contains("reset"));
+}
