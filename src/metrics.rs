@@ -36,6 +36,9 @@ pub struct Metrics {
     pub resets: Family<Labels, Counter>,
     /// Publish handling time, from a complete body to the durable ack.
     pub publish_duration: Histogram,
+    /// From an event becoming durable on this node to its frame being handed
+    /// to a subscriber's connection (live path; observed once per write).
+    pub delivery_latency: Histogram,
     /// One group commit: batch write plus fsync.
     pub commit_duration: Histogram,
     pub commit_batch_events: Histogram,
@@ -58,6 +61,7 @@ impl Metrics {
         let resets = Family::<Labels, Counter>::default();
         let publish_duration = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
         let commit_duration = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
+        let delivery_latency = Histogram::new(exponential_buckets(0.00005, 2.0, 18));
         let commit_batch_events = Histogram::new(exponential_buckets(1.0, 2.0, 14));
         let storage_bytes = Gauge::default();
         let log_head = Gauge::default();
@@ -109,6 +113,11 @@ impl Metrics {
             publish_duration.clone(),
         );
         registry.register(
+            "delivery_latency_seconds",
+            "Live delivery latency: durable on this node to handed to a subscriber connection",
+            delivery_latency.clone(),
+        );
+        registry.register(
             "commit_duration_seconds",
             "Group commit write and fsync time",
             commit_duration.clone(),
@@ -141,6 +150,7 @@ impl Metrics {
             lag_fallbacks,
             resets,
             publish_duration,
+            delivery_latency,
             commit_duration,
             commit_batch_events,
             storage_bytes,

@@ -296,6 +296,7 @@ impl Subscription {
     /// Takes `first` and whatever else is already waiting on the receiver
     /// (up to one batch) into one chunk of this subscriber's events.
     fn take_live(&mut self, first: Arc<LiveEvent>) -> Option<Bytes> {
+        let oldest = first.durable_at;
         let mut frames: Vec<Bytes> = Vec::new();
         let mut next = Some(first);
         let mut fall_back = false;
@@ -333,6 +334,13 @@ impl Subscription {
             .metrics
             .events_delivered
             .inc_by(frames.len() as u64);
+        if !frames.is_empty() {
+            // The oldest event of the write: one observation per write, not per frame.
+            self.ctx
+                .metrics
+                .delivery_latency
+                .observe(oldest.elapsed().as_secs_f64());
+        }
         match frames.len() {
             0 => None,
             // The common case: the shared frame itself, no copy.

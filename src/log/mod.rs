@@ -91,6 +91,8 @@ pub struct LiveEvent {
     pub seq: u64,
     pub topics: Vec<Topic>,
     pub frame: Bytes,
+    /// When this node saw it durable: the start of its delivery latency.
+    pub durable_at: std::time::Instant,
 }
 
 /// What a subscriber needs to know about retention for a set of topics.

@@ -929,6 +929,7 @@ impl Inner {
             seq,
             topics: event.topics,
             frame,
+            durable_at: std::time::Instant::now(),
         }));
     }
 }

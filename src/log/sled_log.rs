@@ -278,6 +278,7 @@ impl Writer {
         // Visible to readers only now that it is on disk; before the hub so a
         // subscriber that reads the head after subscribing misses nothing.
         self.shared.durable_head.store(last_seq, Ordering::Release);
+        let durable_at = Instant::now();
         self.metrics.record_commit(pending.len(), started.elapsed());
         for (offset, (event, reply)) in pending.drain(..).enumerate() {
             let seq = first_seq + offset as u64;
@@ -291,6 +292,7 @@ impl Writer {
                 seq,
                 topics: event.topics,
                 frame,
+                durable_at,
             }));
             let _ = reply.send(Ok(seq));
         }

@@ -567,3 +567,32 @@ async fn cors_is_off_without_allowed_origins() {
         None
     );
 }
+
+#[tokio::test]
+async fn metrics_time_live_delivery_from_durable_to_the_subscriber() {
+    let server = TestServer::start(|_| {}).await;
+    let metrics = || async {
+        server
+            .client
+            .get(server.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let count = |text: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with("sse_gateway_delivery_latency_seconds_count"))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .expect("delivery latency histogram exported")
+    };
+    assert_eq!(count(&metrics().await), 0.0);
+    let mut stream = server.subscribe("/topics/lat", None).await;
+    stream.until_blocks(2).await;
+    server.publish("lat", "e", serde_json::json!(1)).await;
+    stream.next_event().await;
+    assert!(count(&metrics().await) >= 1.0, "a live delivery was timed");
+}
