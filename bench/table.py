@@ -41,9 +41,10 @@ def parse(path):
 
 def num(value):
     try:
-        return float(value)
+        v = float(value)
     except (TypeError, ValueError):
         return None
+    return None if v != v else v  # NaN: the run did not finish
 
 
 def main():

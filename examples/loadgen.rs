@@ -423,8 +423,7 @@ impl Stream {
             match target.resume {
                 ResumeVia::Header => header = format!("Last-Event-ID: {id}\r\n"),
                 ResumeVia::Query => {
-                    let encoded: String =
-                        form_urlencoded::byte_serialize(id.as_bytes()).collect();
+                    let encoded: String = form_urlencoded::byte_serialize(id.as_bytes()).collect();
                     let sep = if path.contains('?') { '&' } else { '?' };
                     path = format!("{path}{sep}{}={encoded}", target.resume_query_name);
                 }
@@ -620,9 +619,10 @@ fn ms(us: u64) -> String {
     format!("{:.2}", us as f64 / 1000.0)
 }
 
-fn percentiles(h: &Histogram<u64>) -> String {
+/// `<prefix>p50_ms=… <prefix>p99_ms=… <prefix>max_ms=…`
+fn percentiles(prefix: &str, h: &Histogram<u64>) -> String {
     format!(
-        "p50_ms={} p99_ms={} max_ms={}",
+        "{prefix}p50_ms={} {prefix}p99_ms={} {prefix}max_ms={}",
         ms(h.value_at_quantile(0.5)),
         ms(h.value_at_quantile(0.99)),
         ms(h.max())
@@ -712,14 +712,14 @@ async fn publish(args: &Args, target: &Target) -> Result<String> {
     let secs = started.elapsed().as_secs_f64();
     let acked: u64 = ranges.iter().map(|r| r.end).sum();
     Ok(format!(
-        "publishers={} payload_bytes={} acked={} errors={} secs={:.2} events_per_s={:.0} ack_{}",
+        "publishers={} payload_bytes={} acked={} errors={} secs={:.2} events_per_s={:.0} {}",
         args.publishers,
         args.payload_bytes,
         acked,
         errors,
         secs,
         acked as f64 / secs,
-        percentiles(&acks)
+        percentiles("ack_", &acks)
     ))
 }
 
@@ -783,12 +783,13 @@ async fn live(args: &Args, target: &Target, rate: Option<f64>) -> Result<String>
     for reader in readers {
         totals.add(reader.await?, &ranges);
     }
-    let secs = totals
-        .last_finish
-        .map_or(f64::NAN, |at| (at - started).as_secs_f64());
+    let secs = totals.last_finish.map_or_else(
+        || started.elapsed().as_secs_f64(),
+        |at| (at - started).as_secs_f64(),
+    );
     let latency = totals.latency.take().unwrap_or_else(histogram);
     Ok(format!(
-        "subscribers={} publishers={} rate={} payload_bytes={} acked={} publish_errors={} secs={:.2} deliveries_per_s={:.0} events_per_s={:.1} e2e_{} ack_{} {}",
+        "subscribers={} publishers={} rate={} payload_bytes={} acked={} publish_errors={} secs={:.2} deliveries_per_s={:.0} events_per_s={:.1} {} {} {}",
         args.subscribers,
         publishers,
         rate.map_or("max".to_string(), |r| r.to_string()),
@@ -798,8 +799,8 @@ async fn live(args: &Args, target: &Target, rate: Option<f64>) -> Result<String>
         secs,
         totals.delivered as f64 / secs,
         acked as f64 / secs,
-        percentiles(&latency),
-        percentiles(&acks),
+        percentiles("e2e_", &latency),
+        percentiles("ack_", &acks),
         totals.checks()
     ))
 }
@@ -867,9 +868,10 @@ async fn replay(args: &Args, target: &Target) -> Result<String> {
     let report = consume(stream, acked, deadline).await;
     let mut totals = Totals::default();
     totals.add(report, &ranges);
-    let secs = totals
-        .last_finish
-        .map_or(f64::NAN, |at| (at - started).as_secs_f64());
+    let secs = totals.last_finish.map_or_else(
+        || started.elapsed().as_secs_f64(),
+        |at| (at - started).as_secs_f64(),
+    );
     Ok(format!(
         "events={} fill_events_per_s={:.0} publish_errors={} secs={:.2} replay_events_per_s={:.0} {}",
         acked,
@@ -943,18 +945,19 @@ async fn storm(args: &Args, target: &Target) -> Result<String> {
         }
         totals.add(report, &ranges);
     }
-    let secs = totals
-        .last_finish
-        .map_or(f64::NAN, |at| (at - started).as_secs_f64());
+    let secs = totals.last_finish.map_or_else(
+        || started.elapsed().as_secs_f64(),
+        |at| (at - started).as_secs_f64(),
+    );
     totals.latency = None;
     Ok(format!(
-        "clients={} behind={} publish_errors={} secs={:.2} deliveries_per_s={:.0} catchup_{} {}",
+        "clients={} behind={} publish_errors={} secs={:.2} deliveries_per_s={:.0} {} {}",
         args.subscribers,
         acked,
         errors,
         secs,
         totals.delivered as f64 / secs,
-        percentiles(&catch_up),
+        percentiles("catchup_", &catch_up),
         totals.checks()
     ))
 }

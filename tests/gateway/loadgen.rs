@@ -41,7 +41,8 @@ fn event(event: &str, data: &str, id: &str) -> SseEvent {
 
 #[test]
 fn sse_parser_reads_our_frames_and_moves_the_id_on_id_only_blocks() {
-    let input = b"retry: 2000\n\nid: ep-0\n\nid: ep-1\nevent: created\ndata: {\"a\":1}\n\n: keepalive\n\n";
+    let input =
+        b"retry: 2000\n\nid: ep-0\n\nid: ep-1\nevent: created\ndata: {\"a\":1}\n\n: keepalive\n\n";
     let events = parse_every_split(input);
     assert_eq!(events, vec![event("created", "{\"a\":1}", "ep-1")]);
     let (_, parser) = parse_all(input);
