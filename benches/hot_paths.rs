@@ -230,7 +230,7 @@ fn sled_append(c: &mut Criterion) {
         if events > 0 {
             println!(
                 "sled_append/group_of_{n}: writer formed {commits} commits for {events} events \
-             (mean group {:.1}); mean commit (apply_batch + Db::flush) {:.3} ms; \
+             (mean group {:.1}); mean commit (apply_batch + Db::flush + fdatasync) {:.3} ms; \
              {:.0}% of wall time inside commits; loadavg {}",
                 events as f64 / commits.max(1) as f64,
                 commit_secs * 1e3 / commits.max(1) as f64,
