@@ -7,12 +7,10 @@
 //!   pretty-printed (what every publish pays).
 //! - `sled_append`: `Log::append` on a real `SledLog` in a temp dir, N appends
 //!   issued concurrently and awaited together so the writer thread can commit
-//!   them as one group (one `apply_batch` + one fsync). Throughput is per
-//!   event. The writer forms the groups itself, so after each group size the
-//!   bench prints the groups it actually formed (from the log's metrics).
-//!   "Durable" is what `Db::flush` does: on Linux sled 0.34.7 issues
-//!   `sync_file_range`, not `fsync` (see BENCHMARKS.md); the extra
-//!   `group_of_1_plus_fdatasync_whatif` prices a real `fdatasync` per commit.
+//!   them as one group (one `apply_batch`, `Db::flush` and the `fdatasync`
+//!   of `log/durable.rs`: exactly what a publish waits for). Throughput is
+//!   per event. The writer forms the groups itself, so after each group size
+//!   the bench prints the groups it actually formed (from the log's metrics).
 //! - `log_read`: `Log::read` of 512 events from one topic, and from 4 topics
 //!   merged in sequence order (the replay path, `spawn_blocking` included).
 //!
@@ -114,7 +112,8 @@ struct BenchLog {
     rt: Runtime,
     log: SledLog,
     metrics: Arc<Metrics>,
-    dir: TempDir,
+    /// Kept so the data dir lives as long as the log.
+    _dir: TempDir,
 }
 
 impl BenchLog {
@@ -152,7 +151,7 @@ impl BenchLog {
             rt,
             log,
             metrics,
-            dir,
+            _dir: dir,
         }
     }
 
@@ -231,7 +230,7 @@ fn sled_append(c: &mut Criterion) {
         if events > 0 {
             println!(
                 "sled_append/group_of_{n}: writer formed {commits} commits for {events} events \
-             (mean group {:.1}); mean commit (apply_batch + Db::flush) {:.3} ms; \
+             (mean group {:.1}); mean commit (apply_batch + Db::flush + fdatasync) {:.3} ms; \
              {:.0}% of wall time inside commits; loadavg {}",
                 events as f64 / commits.max(1) as f64,
                 commit_secs * 1e3 / commits.max(1) as f64,
@@ -242,20 +241,6 @@ fn sled_append(c: &mut Criterion) {
         bench_log.close();
     }
 
-    // What-if, not the gateway's current behaviour: sled 0.34.7's `flush`
-    // uses `sync_file_range` on Linux, which neither flushes the device
-    // cache nor the file's metadata. This prices adding one real
-    // `fdatasync` of sled's data file (`<dir>/db`) after each commit.
-    let bench_log = BenchLog::open();
-    let db_file = std::fs::File::open(bench_log.dir.path().join("db")).expect("sled data file");
-    group.throughput(Throughput::Elements(1));
-    group.bench_function("group_of_1_plus_fdatasync_whatif", |b| {
-        b.iter(|| {
-            bench_log.append_group(&topics, 1, &data);
-            db_file.sync_data().expect("fdatasync");
-        })
-    });
-    bench_log.close();
     group.finish();
 }
 

@@ -152,9 +152,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async move {
         let addr = config.listen_addr().context("server.listen")?;
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("cannot listen on {addr}"))?;
+        let listener = listen(addr).with_context(|| format!("cannot listen on {addr}"))?;
         let stop = CancellationToken::new();
         tokio::spawn(stop_on_signal(stop.clone()));
         sse_gateway::run(listener, config, stop)
@@ -162,6 +160,24 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .context("gateway stopped with an error")
     })
 }
+
+/// Binds `addr` with a listen backlog of [`LISTEN_BACKLOG`] (tokio's `bind`
+/// uses 1,024): thousands of `EventSource`s reconnecting at once after a
+/// restart would otherwise overflow the accept queue and wait for SYN
+/// retransmits (1 s, 3 s, …).
+fn listen(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+/// Pending connections the kernel queues for us (capped by `net.core.somaxconn`).
+const LISTEN_BACKLOG: u32 = 4096;
 
 /// Cancels `stop` on SIGTERM or Ctrl-C.
 async fn stop_on_signal(stop: CancellationToken) {

@@ -9,6 +9,7 @@ mod cli;
 mod durability;
 mod guarantees;
 mod limits;
+mod loadgen;
 mod ops_api;
 mod props;
 mod publish_api;
