@@ -297,7 +297,7 @@ impl Subscription {
     /// (up to one batch) into one chunk of this subscriber's events.
     fn take_live(&mut self, first: Arc<LiveEvent>) -> Option<Bytes> {
         let oldest = first.durable_at;
-        let mut frames: Vec<Bytes> = Vec::new();
+        let mut chunk = Chunk::default();
         let mut next = Some(first);
         let mut fall_back = false;
         while let Some(event) = next.take() {
@@ -315,10 +315,10 @@ impl Subscription {
                 }
                 self.cursor = event.seq;
                 if event.topics.iter().any(|t| self.topics.contains(t)) {
-                    frames.push(event.frame.clone());
+                    chunk.push(&event.frame);
                 }
             }
-            if frames.len() >= self.settings.batch {
+            if chunk.frames >= self.settings.batch {
                 break;
             }
             match self.feed.try_recv() {
@@ -330,29 +330,18 @@ impl Subscription {
         if fall_back {
             self.fall_back_to_log();
         }
-        self.ctx
-            .metrics
-            .events_delivered
-            .inc_by(frames.len() as u64);
-        if !frames.is_empty() {
+        if chunk.frames > 0 {
+            self.ctx
+                .metrics
+                .events_delivered
+                .inc_by(chunk.frames as u64);
             // The oldest event of the write: one observation per write, not per frame.
             self.ctx
                 .metrics
                 .delivery_latency
                 .observe(oldest.elapsed().as_secs_f64());
         }
-        match frames.len() {
-            0 => None,
-            // The common case: the shared frame itself, no copy.
-            1 => frames.pop(),
-            _ => {
-                let mut buf = BytesMut::with_capacity(frames.iter().map(Bytes::len).sum());
-                for frame in &frames {
-                    buf.extend_from_slice(frame);
-                }
-                Some(buf.freeze())
-            }
-        }
+        chunk.into_bytes()
     }
 
     /// Leaves the live ring and catches up from the log from the cursor.
@@ -374,6 +363,36 @@ fn truncate(raw: &str) -> &str {
     &raw[..end]
 }
 
+/// The frames of one write. The common case, one frame, is the shared
+/// `Bytes` itself (a reference count, no allocation); only a backlog of
+/// several frames is copied into one buffer, so it goes out in one write.
+#[derive(Default)]
+struct Chunk {
+    single: Option<Bytes>,
+    joined: Option<BytesMut>,
+    frames: usize,
+}
+
+impl Chunk {
+    fn push(&mut self, frame: &Bytes) {
+        self.frames += 1;
+        if let Some(joined) = &mut self.joined {
+            joined.extend_from_slice(frame);
+        } else if let Some(first) = self.single.take() {
+            let mut joined = BytesMut::with_capacity((first.len() + frame.len()) * 4);
+            joined.extend_from_slice(&first);
+            joined.extend_from_slice(frame);
+            self.joined = Some(joined);
+        } else {
+            self.single = Some(frame.clone());
+        }
+    }
+
+    fn into_bytes(self) -> Option<Bytes> {
+        self.joined.map(BytesMut::freeze).or(self.single)
+    }
+}
+
 /// Counts a stream in `streams_open` while it lives.
 struct OpenGauge(Gauge);
 
@@ -387,5 +406,27 @@ impl OpenGauge {
 impl Drop for OpenGauge {
     fn drop(&mut self) {
         self.0.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_frame_is_shared_not_copied_and_several_are_joined_in_order() {
+        let a = Bytes::from_static(b"id: e-1\n\n");
+        let b = Bytes::from_static(b"id: e-2\n\n");
+        let mut one = Chunk::default();
+        one.push(&a);
+        let out = one.into_bytes().unwrap();
+        assert_eq!(out.as_ptr(), a.as_ptr(), "the shared frame itself");
+        let mut two = Chunk::default();
+        for frame in [&a, &b, &a] {
+            two.push(frame);
+        }
+        assert_eq!(two.frames, 3);
+        assert_eq!(&two.into_bytes().unwrap()[..], b"id: e-1\n\nid: e-2\n\nid: e-1\n\n");
+        assert!(Chunk::default().into_bytes().is_none());
     }
 }
