@@ -426,7 +426,10 @@ mod tests {
             two.push(frame);
         }
         assert_eq!(two.frames, 3);
-        assert_eq!(&two.into_bytes().unwrap()[..], b"id: e-1\n\nid: e-2\n\nid: e-1\n\n");
+        assert_eq!(
+            &two.into_bytes().unwrap()[..],
+            b"id: e-1\n\nid: e-2\n\nid: e-1\n\n"
+        );
         assert!(Chunk::default().into_bytes().is_none());
     }
 }
