@@ -40,7 +40,9 @@ struct OrgLogs {
     clients: RedisClients,
     /// Options of the default log; each org's log differs in its tag only.
     options: RedisOptions,
-    open: tokio::sync::Mutex<HashMap<String, Shard>>,
+    /// One cell per org: opening an org's log (Redis round trips) makes only
+    /// that org's requests wait, never another org's.
+    open: parking_lot::Mutex<HashMap<String, Arc<tokio::sync::OnceCell<Shard>>>>,
 }
 
 /// Shared application state.
@@ -141,7 +143,7 @@ impl App {
                 let orgs = config.tenancy.enabled.then(|| OrgLogs {
                     clients,
                     options,
-                    open: tokio::sync::Mutex::new(HashMap::new()),
+                    open: parking_lot::Mutex::new(HashMap::new()),
                 });
                 (Arc::new(log), orgs)
             }
@@ -190,26 +192,28 @@ impl App {
         let (Some(orgs), Scope::Org(org)) = (&self.orgs, scope) else {
             return Ok(default());
         };
-        let mut open = orgs.open.lock().await;
-        if let Some(shard) = open.get(org) {
-            return Ok(shard.clone());
-        }
-        let hub = Arc::new(Hub::new(self.config.stream.live_buffer_events));
-        let mut options = orgs.options.clone();
-        options.tag = format!("{}:org:{org}", options.tag);
-        let log = RedisLog::open(
-            orgs.clients.clone(),
-            options,
-            Arc::clone(&hub),
-            Arc::clone(&self.metrics),
-        )
-        .await?;
-        let shard = Shard {
-            log: Arc::new(log),
-            hub,
-        };
-        open.insert(org.clone(), shard.clone());
-        Ok(shard)
+        // The map lock is held only to find the org's cell, never across an await.
+        let cell = Arc::clone(orgs.open.lock().entry(org.clone()).or_default());
+        let shard = cell
+            .get_or_try_init(|| async {
+                let hub = Arc::new(Hub::new(self.config.stream.live_buffer_events));
+                let mut options = orgs.options.clone();
+                options.tag = format!("{}:org:{org}", options.tag);
+                let log = RedisLog::open(
+                    orgs.clients.clone(),
+                    options,
+                    Arc::clone(&hub),
+                    Arc::clone(&self.metrics),
+                )
+                .await?;
+                Ok::<_, LogError>(Shard {
+                    log: Arc::new(log),
+                    hub,
+                })
+            })
+            .await?;
+        // A failed open leaves the cell empty: the next request tries again.
+        Ok(shard.clone())
     }
 
     /// Every log open on this node is ready (orgs' logs that are being
@@ -221,9 +225,10 @@ impl App {
         match &self.orgs {
             Some(orgs) => orgs
                 .open
-                .try_lock()
-                .map(|open| open.values().all(|s| s.log.is_ready()))
-                .unwrap_or(true),
+                .lock()
+                .values()
+                .filter_map(|cell| cell.get())
+                .all(|s| s.log.is_ready()),
             None => true,
         }
     }
@@ -231,7 +236,12 @@ impl App {
     /// Closes every log: queued publishes finish first.
     pub async fn close_logs(&self) -> Result<(), LogError> {
         if let Some(orgs) = &self.orgs {
-            let shards: Vec<Shard> = orgs.open.lock().await.values().cloned().collect();
+            let shards: Vec<Shard> = orgs
+                .open
+                .lock()
+                .values()
+                .filter_map(|cell| cell.get().cloned())
+                .collect();
             for shard in shards {
                 shard.log.close().await?;
             }
