@@ -18,19 +18,24 @@
 //! slow client's backlog lives in the log, not in a queue.
 //!
 //! No task per subscriber: the stream is a state machine polled by the
-//! connection that sends it.
+//! connection that sends it. Its timers are armed once and re-armed only when
+//! they fire (a heartbeat is due at most once per interval), so a live event
+//! costs a subscriber no timer-wheel or waiter-list traffic beyond the
+//! broadcast receive itself.
 
 use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::Stream;
+use parking_lot::Mutex;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::sync::{broadcast, OwnedSemaphorePermit};
-use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
+use tokio::time::{Instant, Sleep};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::hub::{Hub, SubscriberGuard};
 use crate::limits::IpSlot;
@@ -76,6 +81,10 @@ pub struct Subscription {
     settings: StreamSettings,
     last_write: Instant,
     deadline: Option<Instant>,
+    /// Fires at the next heartbeat or the deadline, whichever is first.
+    timer: Pin<Box<Sleep>>,
+    /// Resolves when the gateway shuts down.
+    stopping: Pin<Box<WaitForCancellationFutureOwned>>,
     _subscriber: SubscriberGuard,
     _open: OpenGauge,
     /// Connection-limit slots, released when the stream ends.
@@ -168,13 +177,19 @@ impl Subscription {
         );
         let subscriber = ctx.hub.track(&topics);
         let now = Instant::now();
+        // The earlier of the stream age limit and the token's expiry.
+        let deadline = [settings.max_age, guards.ends_in]
+            .into_iter()
+            .flatten()
+            .min()
+            .map(|d| now + d);
+        let first_wake = deadline.map_or(now + settings.heartbeat, |d| {
+            d.min(now + settings.heartbeat)
+        });
         Self {
-            // The earlier of the stream age limit and the token's expiry.
-            deadline: [settings.max_age, guards.ends_in]
-                .into_iter()
-                .flatten()
-                .min()
-                .map(|d| now + d),
+            deadline,
+            timer: Box::pin(tokio::time::sleep_until(first_wake)),
+            stopping: Box::pin(ctx.stop.clone().cancelled_owned()),
             ctx,
             topics,
             feed,
@@ -193,14 +208,22 @@ impl Subscription {
     pub fn into_stream(self) -> impl Stream<Item = Result<Bytes, Infallible>> + Send {
         futures_util::stream::unfold(self, |mut sub| async move {
             let chunk = sub.next_chunk().await?;
-            sub.last_write = Instant::now();
             Some((Ok(chunk), sub))
         })
     }
 
     /// The next bytes to write, or `None` when the stream ends (shutdown,
-    /// max age, storage error).
-    async fn next_chunk(&mut self) -> Option<Bytes> {
+    /// max age, storage error). Cancel-safe: state changes only after the
+    /// awaits they depend on, so it may be raced against the socket.
+    pub async fn next_chunk(&mut self) -> Option<Bytes> {
+        let chunk = self.produce().await;
+        if chunk.is_some() {
+            self.last_write = Instant::now();
+        }
+        chunk
+    }
+
+    async fn produce(&mut self) -> Option<Bytes> {
         if let Some(prelude) = self.prelude.take() {
             return Some(prelude);
         }
@@ -222,18 +245,14 @@ impl Subscription {
                     }
                 }
             }
-            let heartbeat_at = self.last_write + self.settings.heartbeat;
-            let deadline = self.deadline;
-            let max_age = async move {
-                match deadline {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending().await,
-                }
-            };
             tokio::select! {
                 biased;
-                () = self.ctx.stop.cancelled() => return None,
-                () = max_age => return None,
+                () = &mut self.stopping => return None,
+                () = &mut self.timer => {
+                    if let Some(keepalive) = self.on_timer() {
+                        return Some(keepalive);
+                    }
+                }
                 received = self.feed.recv() => match received {
                     Ok(event) => {
                         if let Some(chunk) = self.take_live(event) {
@@ -243,9 +262,25 @@ impl Subscription {
                     Err(RecvError::Lagged(_)) => self.fall_back_to_log(),
                     Err(RecvError::Closed) => return None,
                 },
-                () = tokio::time::sleep_until(heartbeat_at) => return Some(Bytes::from_static(sse::KEEPALIVE)),
             }
         }
+    }
+
+    /// The timer fired: a keepalive if nothing was written for a heartbeat
+    /// interval, then re-armed for the next heartbeat or the deadline. (At
+    /// the deadline the loop in `produce` ends the stream.)
+    fn on_timer(&mut self) -> Option<Bytes> {
+        let now = Instant::now();
+        let mut next_heartbeat = self.last_write + self.settings.heartbeat;
+        let keepalive = (next_heartbeat <= now).then(|| {
+            next_heartbeat = now + self.settings.heartbeat;
+            Bytes::from_static(sse::KEEPALIVE)
+        });
+        let wake = self
+            .deadline
+            .map_or(next_heartbeat, |d| d.min(next_heartbeat));
+        self.timer.as_mut().reset(wake);
+        keepalive
     }
 
     /// Reads the next batch of `(cursor, upto]`. `Ok(None)` means nothing to
@@ -390,6 +425,35 @@ impl Chunk {
 
     fn into_bytes(self) -> Option<Bytes> {
         self.joined.map(BytesMut::freeze).or(self.single)
+    }
+}
+
+/// A subscription on its way from the handler to whoever sends it.
+///
+/// The subscribe handler answers with a body that takes the subscription
+/// from this slot when first polled (hyper sends it), and puts the same slot
+/// in the response extensions: a connection writer that serves the stream on
+/// the raw socket takes it first, and the body then ends empty.
+#[derive(Clone)]
+pub struct Handoff(Arc<Mutex<Option<Subscription>>>);
+
+impl Handoff {
+    /// The slot and the body that sends it unless someone takes it first.
+    pub fn new(
+        subscription: Subscription,
+    ) -> (Self, impl Stream<Item = Result<Bytes, Infallible>> + Send) {
+        use futures_util::StreamExt;
+        let slot = Arc::new(Mutex::new(Some(subscription)));
+        let body_slot = Arc::clone(&slot);
+        let body = futures_util::stream::once(async move { body_slot.lock().take() })
+            .filter_map(std::future::ready)
+            .flat_map(Subscription::into_stream);
+        (Self(slot), body)
+    }
+
+    /// The subscription, if the body has not started sending it.
+    pub fn take(&self) -> Option<Subscription> {
+        self.0.lock().take()
     }
 }
 

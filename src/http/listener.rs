@@ -1,6 +1,9 @@
 //! The TCP listener: `TCP_NODELAY` on every connection, and the write-stall
 //! guard that closes a socket which takes no bytes for `limits.write_stall`.
 //!
+//! Connections served by hyper get the guard as an IO wrapper; streams
+//! written on the raw socket (`stream_conn`) time their own writes.
+//!
 //! hyper stops polling a response body while the socket is full, so a stalled
 //! client cannot be noticed from inside the SSE stream. It is noticed here,
 //! at the socket: a write that stays `Pending` for the whole stall time fails
@@ -19,7 +22,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Sleep;
 
-/// A listener whose connections carry the write-stall guard.
+/// The listening socket; every accepted connection gets `TCP_NODELAY`.
 pub struct GuardedListener {
     inner: TcpListener,
     write_stall: Duration,
@@ -29,27 +32,21 @@ impl GuardedListener {
     pub fn new(inner: TcpListener, write_stall: Duration) -> Self {
         Self { inner, write_stall }
     }
-}
 
-impl axum::serve::Listener for GuardedListener {
-    type Io = StallGuardedStream;
-    type Addr = SocketAddr;
+    /// How long a write may make no progress before the connection is closed.
+    pub fn write_stall(&self) -> Duration {
+        self.write_stall
+    }
 
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+    /// The next connection. Never fails: accept errors are logged and retried.
+    pub async fn accept(&mut self) -> (TcpStream, SocketAddr) {
         loop {
             match self.inner.accept().await {
                 Ok((stream, addr)) => {
                     if let Err(e) = stream.set_nodelay(true) {
                         tracing::debug!(error = %e, "could not set TCP_NODELAY");
                     }
-                    return (
-                        StallGuardedStream {
-                            inner: stream,
-                            stall: self.write_stall,
-                            timer: None,
-                        },
-                        addr,
-                    );
+                    return (stream, addr);
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
@@ -59,21 +56,25 @@ impl axum::serve::Listener for GuardedListener {
             }
         }
     }
-
-    fn local_addr(&self) -> io::Result<Self::Addr> {
-        self.inner.local_addr()
-    }
 }
 
-/// A TCP stream whose writes fail after `stall` without progress.
-pub struct StallGuardedStream {
-    inner: TcpStream,
+/// A stream whose writes fail after `stall` without progress.
+pub struct StallGuardedStream<S> {
+    inner: S,
     stall: Duration,
     /// Running while a write is pending; cleared by any progress.
     timer: Option<Pin<Box<Sleep>>>,
 }
 
-impl StallGuardedStream {
+impl<S> StallGuardedStream<S> {
+    pub fn new(inner: S, stall: Duration) -> Self {
+        Self {
+            inner,
+            stall,
+            timer: None,
+        }
+    }
+
     /// Wraps a pending write: arms the timer, and fails once it fires.
     fn on_pending<T>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
         let stall = self.stall;
@@ -102,7 +103,7 @@ impl StallGuardedStream {
     }
 }
 
-impl AsyncRead for StallGuardedStream {
+impl<S: AsyncRead + Unpin> AsyncRead for StallGuardedStream<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -112,7 +113,7 @@ impl AsyncRead for StallGuardedStream {
     }
 }
 
-impl AsyncWrite for StallGuardedStream {
+impl<S: AsyncWrite + Unpin> AsyncWrite for StallGuardedStream<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -11,7 +11,9 @@ pub mod error;
 pub mod listener;
 mod ops;
 mod publish;
+mod rewind;
 pub mod server;
+mod stream_conn;
 mod subscribe;
 
 use std::sync::Arc;

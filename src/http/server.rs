@@ -1,28 +1,35 @@
-//! The accept loop: hyper HTTP/1.1 connections with the limits axum's
-//! `serve` does not expose, and a bounded graceful drain.
+//! The accept loop: one task per connection, the limits axum's `serve` does
+//! not expose, and a bounded graceful drain.
 //!
 //! Per connection: the request head must arrive within
 //! `limits.header_read_timeout` (slowloris) and fit `limits.max_header_bytes`
 //! (hyper answers 431 and closes otherwise); the peer address is put in the
-//! request extensions as `ConnectInfo` for per-IP limits. On `stop` the loop
-//! stops accepting, every connection is told to finish its in-flight request
-//! and close, and the drain is bounded by `server.drain_timeout_ms`.
+//! request extensions as `ConnectInfo` for per-IP limits. A connection whose
+//! first request is a stream is served by `stream_conn` on the raw socket;
+//! every other one by hyper. On `stop` the loop stops accepting, hyper
+//! connections are told to finish their in-flight request and close, streams
+//! end on their own (they watch the same token), and the drain is bounded by
+//! `server.drain_timeout_ms`.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::ConnectInfo;
-use axum::serve::Listener;
 use axum::Router;
 use hyper::body::Incoming;
 use hyper::Request;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
-use super::listener::GuardedListener;
+use super::listener::{GuardedListener, StallGuardedStream};
+use super::rewind::Rewind;
+use super::stream_conn::{self, Next};
 
 /// Connection settings.
 #[derive(Debug, Clone, Copy)]
@@ -44,28 +51,38 @@ pub async fn serve(
         .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(limits.max_header_bytes.max(8192))
         .keep_alive(true);
+    let shared = Arc::new(stream_conn::Shared {
+        router,
+        header_read_timeout: limits.header_read_timeout,
+        max_header_bytes: limits.max_header_bytes,
+        write_stall: listener.write_stall(),
+        stop: stop.clone(),
+    });
     let graceful = GracefulShutdown::new();
+    let connections = TaskTracker::new();
     loop {
-        let (io, peer) = tokio::select! {
+        let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => accepted,
             () = stop.cancelled() => break,
         };
-        let router = router.clone();
-        let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
-            request
-                .extensions_mut()
-                .insert(ConnectInfo::<SocketAddr>(peer));
-            router.clone().oneshot(request.map(Body::new))
-        });
-        let connection = graceful.watch(http.serve_connection(TokioIo::new(io), service));
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, %peer, "connection ended with an error");
+        let shared = Arc::clone(&shared);
+        let http = http.clone();
+        let watcher = graceful.watcher();
+        connections.spawn(async move {
+            let mut tcp = tcp;
+            if let Next::Hyper(prefix) = stream_conn::serve_first(&mut tcp, peer, &shared).await {
+                // Boxed: only connections hyper serves pay for its state.
+                Box::pin(serve_with_hyper(tcp, prefix, peer, &shared, &http, watcher)).await;
             }
         });
     }
     drop(listener);
-    if tokio::time::timeout(limits.drain_timeout, graceful.shutdown())
+    connections.close();
+    let drained = async {
+        graceful.shutdown().await;
+        connections.wait().await;
+    };
+    if tokio::time::timeout(limits.drain_timeout, drained)
         .await
         .is_err()
     {
@@ -73,5 +90,27 @@ pub async fn serve(
             timeout_ms = limits.drain_timeout.as_millis() as u64,
             "drain timed out; closing with requests still open"
         );
+    }
+}
+
+async fn serve_with_hyper(
+    tcp: TcpStream,
+    prefix: bytes::Bytes,
+    peer: SocketAddr,
+    shared: &stream_conn::Shared,
+    http: &hyper::server::conn::http1::Builder,
+    watcher: hyper_util::server::graceful::Watcher,
+) {
+    let router = shared.router.clone();
+    let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+        request
+            .extensions_mut()
+            .insert(ConnectInfo::<SocketAddr>(peer));
+        router.clone().oneshot(request.map(Body::new))
+    });
+    let io = StallGuardedStream::new(Rewind::new(prefix, tcp), shared.write_stall);
+    let connection = watcher.watch(http.serve_connection(TokioIo::new(io), service));
+    if let Err(e) = connection.await {
+        tracing::debug!(error = %e, %peer, "connection ended with an error");
     }
 }

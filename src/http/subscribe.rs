@@ -20,7 +20,7 @@ use crate::app::App;
 use crate::metrics::Metrics;
 use crate::model::{parse_topic_list, ResumePoint, Topic};
 use crate::sse;
-use crate::subscription::{StreamGuards, Subscription};
+use crate::subscription::{Handoff, StreamGuards, Subscription};
 
 pub async fn subscribe_topic(
     State(app): State<Arc<App>>,
@@ -145,9 +145,10 @@ async fn open_stream(
         },
         mode,
     );
-    Ok(event_stream_response(Body::from_stream(
-        subscription.into_stream(),
-    )))
+    let (handoff, body) = Handoff::new(subscription);
+    let mut response = event_stream_response(Body::from_stream(body));
+    response.extensions_mut().insert(handoff);
+    Ok(response)
 }
 
 /// `200` + `retry:` + a comment saying why, then close.
