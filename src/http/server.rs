@@ -53,6 +53,7 @@ pub async fn serve(
         .keep_alive(true);
     let shared = Arc::new(stream_conn::Shared {
         router,
+        http,
         header_read_timeout: limits.header_read_timeout,
         max_header_bytes: limits.max_header_bytes,
         write_stall: listener.write_stall(),
@@ -66,13 +67,19 @@ pub async fn serve(
             () = stop.cancelled() => break,
         };
         let shared = Arc::clone(&shared);
-        let http = http.clone();
         let watcher = graceful.watcher();
+        // Every phase is boxed, so this task's own state stays a few words:
+        // an idle stream pays for its pump and nothing else.
         connections.spawn(async move {
             let mut tcp = tcp;
-            if let Next::Hyper(prefix) = stream_conn::serve_first(&mut tcp, peer, &shared).await {
-                // Boxed: only connections hyper serves pay for its state.
-                Box::pin(serve_with_hyper(tcp, prefix, peer, &shared, &http, watcher)).await;
+            match Box::pin(stream_conn::serve_first(&mut tcp, peer, &shared)).await {
+                Next::Close => {}
+                Next::Stream(stream) => {
+                    Box::pin(stream_conn::pump(&mut tcp, *stream, shared.write_stall)).await;
+                }
+                Next::Hyper(prefix) => {
+                    Box::pin(serve_with_hyper(tcp, prefix, peer, &shared, watcher)).await;
+                }
             }
         });
     }
@@ -98,7 +105,6 @@ async fn serve_with_hyper(
     prefix: bytes::Bytes,
     peer: SocketAddr,
     shared: &stream_conn::Shared,
-    http: &hyper::server::conn::http1::Builder,
     watcher: hyper_util::server::graceful::Watcher,
 ) {
     let router = shared.router.clone();
@@ -109,7 +115,7 @@ async fn serve_with_hyper(
         router.clone().oneshot(request.map(Body::new))
     });
     let io = StallGuardedStream::new(Rewind::new(prefix, tcp), shared.write_stall);
-    let connection = watcher.watch(http.serve_connection(TokioIo::new(io), service));
+    let connection = watcher.watch(shared.http.serve_connection(TokioIo::new(io), service));
     if let Err(e) = connection.await {
         tracing::debug!(error = %e, %peer, "connection ended with an error");
     }

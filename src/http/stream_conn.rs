@@ -45,6 +45,8 @@ const MAX_SMALL_BODY: usize = 1 << 20;
 /// What a connection needs, shared by all of them.
 pub struct Shared {
     pub router: Router,
+    /// hyper's settings, for connections it serves.
+    pub http: hyper::server::conn::http1::Builder,
     pub header_read_timeout: Duration,
     pub max_header_bytes: usize,
     pub write_stall: Duration,
@@ -57,6 +59,15 @@ pub enum Next {
     Close,
     /// Serve it with hyper, replaying these bytes first.
     Hyper(Bytes),
+    /// Send this stream ([`pump`]).
+    Stream(Box<Stream>),
+}
+
+/// A stream ready to send: its response head and its subscription.
+pub struct Stream {
+    head: BytesMut,
+    subscription: Subscription,
+    chunked: bool,
 }
 
 /// A stream request's head, ready for the router.
@@ -66,8 +77,11 @@ struct StreamHead {
     http11: bool,
 }
 
-/// Reads the first head and serves it when it is a stream; otherwise says how
-/// to go on. `tcp` stays usable for hyper afterwards.
+/// Reads the first head and, when it is a stream request, runs it through
+/// the router: a subscription comes back as [`Next::Stream`], any other
+/// answer is sent here. Otherwise says how to go on; `tcp` stays usable for
+/// hyper afterwards. Everything this allocates is gone when it returns, so an
+/// idle stream keeps none of it.
 pub async fn serve_first(tcp: &mut TcpStream, peer: SocketAddr, shared: &Shared) -> Next {
     let deadline = Instant::now() + shared.header_read_timeout;
     let limit = shared.max_header_bytes.max(8192);
@@ -99,9 +113,7 @@ pub async fn serve_first(tcp: &mut TcpStream, peer: SocketAddr, shared: &Shared)
     // Bytes after the head: a pipelined request (only served if the stream is refused).
     let rest = buf.split_off(len).freeze();
     drop(buf);
-    // Boxed: the router's future is large and lives only for this call, while
-    // the connection task's size is paid by every idle stream.
-    let response = match Box::pin(shared.router.clone().oneshot(request)).await {
+    let response = match shared.router.clone().oneshot(request).await {
         Ok(response) => response,
         Err(infallible) => match infallible {},
     };
@@ -110,11 +122,15 @@ pub async fn serve_first(tcp: &mut TcpStream, peer: SocketAddr, shared: &Shared)
         .get::<Handoff>()
         .and_then(Handoff::take)
     {
-        let (parts, _unused_body) = response.into_parts();
+        // The body (now empty) and the parts go here; the stream keeps neither.
+        let (parts, _) = response.into_parts();
         // A stream connection is closed when the stream ends.
         let head = response_head(&parts, http11, Framing::stream(http11), false);
-        pump(tcp, head, subscription, http11, shared.write_stall).await;
-        return Next::Close;
+        return Next::Stream(Box::new(Stream {
+            head,
+            subscription,
+            chunked: http11,
+        }));
     }
     match send_small(tcp, response, http11, keep_alive, shared.write_stall).await {
         Ok(()) if keep_alive => Next::Hyper(rest),
@@ -291,13 +307,12 @@ async fn send_small(
 
 /// Writes the head, then every chunk of the subscription, until it ends,
 /// the peer leaves, or a write stalls.
-async fn pump(
-    tcp: &mut TcpStream,
-    head: BytesMut,
-    mut subscription: Subscription,
-    chunked: bool,
-    stall: Duration,
-) {
+pub async fn pump(tcp: &mut TcpStream, stream: Stream, stall: Duration) {
+    let Stream {
+        head,
+        mut subscription,
+        chunked,
+    } = stream;
     let mut head = Some(head);
     loop {
         let chunk = tokio::select! {
@@ -363,14 +378,18 @@ async fn write_all(tcp: &TcpStream, slices: &mut [IoSlice<'_>], stall: Duration)
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => IoSlice::advance_slices(&mut slices, n),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                tokio::time::timeout(stall, std::future::poll_fn(|cx| tcp.poll_write_ready(cx)))
-                    .await
-                    .map_err(|_| {
-                        io::Error::new(
-                            io::ErrorKind::TimedOut,
-                            "client took no bytes for limits.write_stall",
-                        )
-                    })??;
+                // Boxed: the rare slow path should not size every stream's state.
+                Box::pin(tokio::time::timeout(
+                    stall,
+                    std::future::poll_fn(|cx| tcp.poll_write_ready(cx)),
+                ))
+                .await
+                .map_err(|_| {
+                    io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "client took no bytes for limits.write_stall",
+                    )
+                })??;
             }
             Err(e) => return Err(e),
         }

@@ -6,6 +6,7 @@ mod common;
 mod auth;
 mod browser;
 mod cli;
+mod connections;
 mod durability;
 mod guarantees;
 mod limits;
