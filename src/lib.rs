@@ -61,10 +61,11 @@ pub async fn run(
     let sweeper = tokio::spawn(sweep_limits(Arc::clone(&app), stop.clone()));
     let router = http::router(Arc::clone(&app));
     let listener = http::listener::GuardedListener::new(listener, write_stall);
-    http::server::serve(listener, router, limits, stop.clone()).await;
+    let served = http::server::serve(listener, router, limits, stop.clone()).await;
     sweeper.abort();
     // Close the log last so queued publishes finish and flush.
     app.close_logs().await?;
+    served?;
     tracing::info!("stopped");
     Ok(())
 }

@@ -6,7 +6,16 @@
 //! (hyper answers 431 and closes otherwise); the peer address is put in the
 //! request extensions as `ConnectInfo` for per-IP limits. A connection whose
 //! first request is a stream is served by `stream_conn` on the raw socket;
-//! every other one by hyper. On `stop` the loop stops accepting, hyper
+//! every other one by hyper.
+//!
+//! Streams are sent from their own runtime (one worker per core), not the
+//! one that accepts and serves requests. Why: a publish fans out to every
+//! subscriber at once, and on a shared runtime the publisher's acknowledgement
+//! waits in the run queue behind all of those writes, which throttles
+//! publishing to the speed of the slowest fan-out and leaves every write
+//! carrying one event. Apart, the OS scheduler shares the cores between the
+//! two: acks stay prompt under any fan-out load, and subscribers that fall
+//! behind take several events per write. On `stop` the loop stops accepting, hyper
 //! connections are told to finish their in-flight request and close, streams
 //! end on their own (they watch the same token), and the drain is bounded by
 //! `server.drain_timeout_ms`.
@@ -39,13 +48,20 @@ pub struct ConnectionLimits {
     pub drain_timeout: Duration,
 }
 
-/// Serves `router` until `stop`, then drains (bounded).
+/// Serves `router` until `stop`, then drains (bounded). Fails only when the
+/// stream runtime cannot be started.
 pub async fn serve(
     mut listener: GuardedListener,
     router: Router,
     limits: ConnectionLimits,
     stop: CancellationToken,
-) {
+) -> std::io::Result<()> {
+    let stream_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(std::thread::available_parallelism().map_or(2, |n| n.get()))
+        .thread_name("sse-streams")
+        .enable_all()
+        .build()?;
+    let streams = stream_runtime.handle().clone();
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
@@ -68,14 +84,34 @@ pub async fn serve(
         };
         let shared = Arc::clone(&shared);
         let watcher = graceful.watcher();
-        // Every phase is boxed, so this task's own state stays a few words:
-        // an idle stream pays for its pump and nothing else.
+        let streams = streams.clone();
+        let tracker = connections.clone();
         connections.spawn(async move {
             let mut tcp = tcp;
             match Box::pin(stream_conn::serve_first(&mut tcp, peer, &shared)).await {
                 Next::Close => {}
                 Next::Stream(stream) => {
-                    Box::pin(stream_conn::pump(&mut tcp, *stream, shared.write_stall)).await;
+                    // Moves the socket to the stream runtime (module docs).
+                    let tcp = match tcp.into_std() {
+                        Ok(tcp) => tcp,
+                        Err(e) => {
+                            tracing::debug!(error = %e, "cannot hand the stream over");
+                            return;
+                        }
+                    };
+                    let stall = shared.write_stall;
+                    // Boxed: an idle stream pays for its pump and nothing else.
+                    tracker.spawn_on(
+                        async move {
+                            match TcpStream::from_std(tcp) {
+                                Ok(mut tcp) => {
+                                    Box::pin(stream_conn::pump(&mut tcp, *stream, stall)).await;
+                                }
+                                Err(e) => tracing::debug!(error = %e, "cannot register the stream"),
+                            }
+                        },
+                        &streams,
+                    );
                 }
                 Next::Hyper(prefix) => {
                     Box::pin(serve_with_hyper(tcp, prefix, peer, &shared, watcher)).await;
@@ -98,6 +134,9 @@ pub async fn serve(
             "drain timed out; closing with requests still open"
         );
     }
+    // Not dropped here: dropping a runtime blocks, which an async context must not.
+    stream_runtime.shutdown_background();
+    Ok(())
 }
 
 async fn serve_with_hyper(
