@@ -23,10 +23,13 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 # Workload sizes (QUICK=1 shrinks them for a smoke run).
 if [[ "${QUICK:-0}" == 1 ]]; then
   PUB_EVENTS=5000 FAN_SUBS=200 FAN_EVENTS=200 LAT_SUBS=200 IDLE=1000
-  REPLAY=10000 STORM=1000 BEHIND=200 LAT_SECS=2
+  REPLAY=10000 STORM=1000 BEHIND=200 LAT_SECS=2 IDLE_MAX=2000
 else
   PUB_EVENTS=40000 FAN_SUBS=1000 FAN_EVENTS=1000 LAT_SUBS=1000 IDLE=10000
   REPLAY=100000 STORM=10000 BEHIND=1000 LAT_SECS=5
+  # The most one process holds under the 20,000 open-files hard limit, with
+  # room for the servers' own files and the client's.
+  IDLE_MAX=${IDLE_MAX:-19000}
 fi
 
 ulimit -n "$(ulimit -Hn)"
@@ -113,6 +116,7 @@ trap stop_servers EXIT
 # name | loadgen arguments
 SCENARIOS=(
   "idle|--scenario idle --subscribers $IDLE"
+  "idlemax|--scenario idle --subscribers $IDLE_MAX"
   "publish|--scenario publish --publishers 32 --events $PUB_EVENTS"
   "fanout|--scenario fanout --subscribers $FAN_SUBS --publishers 4 --events $FAN_EVENTS --timeout-s 90"
   "latency10|--scenario latency --subscribers $LAT_SUBS --rate 10 --duration-s $LAT_SECS --timeout-s 60"

@@ -228,10 +228,16 @@ impl Subscription {
             return Some(prelude);
         }
         loop {
-            if self.ctx.stop.is_cancelled() || self.deadline.is_some_and(|d| d <= Instant::now()) {
+            if self.deadline.is_some_and(|d| d <= Instant::now()) {
                 return None;
             }
             if let Some(upto) = self.replay_upto {
+                // Checked here, not on every live wake-up: it takes a lock
+                // that every subscriber would contend on; live waits watch
+                // `stopping` instead.
+                if self.ctx.stop.is_cancelled() {
+                    return None;
+                }
                 if self.cursor >= upto {
                     self.replay_upto = None;
                     continue;
