@@ -14,7 +14,6 @@ pub mod redis_log;
 pub mod retention;
 pub mod sled_log;
 mod stats;
-mod sync_stage;
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;

@@ -4,21 +4,20 @@
 //! Publishes reach the writer through one bounded channel. The writer takes
 //! everything queued (up to `max_commit_batch`), assigns consecutive
 //! sequences, writes the events, their index entries and the new head in one
-//! atomic `apply_batch` and calls sled's `flush`. It then hands the batch to
-//! the sync stage (`sync_stage.rs`) and goes on with the next one: the stage
-//! makes it durable (the fdatasync/fsync of `durable.rs`, since sled's flush
-//! alone is not power-safe) and only then, in sequence order, raises the
-//! durable watermark, hands the events to the hub and acks every request. So
-//! ids follow commit order, a `201` means on disk, and the cost of one
-//! fdatasync is shared by every batch flushed while the previous one ran.
+//! atomic `apply_batch`, makes it durable once (`Db::flush`, then the
+//! fdatasync/fsync of `durable.rs`, since sled's flush alone is not
+//! power-safe) and only then acks every
+//! request, raises the durable watermark and hands the events to the hub. So
+//! ids follow commit order, a `201` means on disk, and the fsync cost is
+//! shared by everything that queued while the previous one ran.
 //!
-//! The writer and the stage are OS threads, not tokio tasks: `flush` and
-//! fdatasync block on the disk and must not hold a runtime worker.
+//! The writer is an OS thread, not a tokio task: `flush` blocks on the disk
+//! and must not hold a runtime worker.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc as std_mpsc, Arc};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures_util::future::BoxFuture;
@@ -32,16 +31,11 @@ use super::durable::DiskSync;
 use super::format;
 use super::retention::{self, RetentionPolicy};
 use super::stats::{StatsTable, TopicStats};
-use super::sync_stage::{self, Flushed, Pending, StageMsg, SyncStage};
-use super::{Log, LogError, NewEvent, ReadBatch, RetentionFloor, TopicInfo};
+use super::{LiveEvent, Log, LogError, NewEvent, ReadBatch, RetentionFloor, TopicInfo};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::model::{Epoch, Topic};
-
-/// Flushed batches that may wait for the sync stage. The stage syncs all
-/// waiting batches at once, so a few are enough to keep the writer busy while
-/// an fdatasync runs; more would only let the writer run further ahead.
-const SYNC_STAGE_DEPTH: usize = 4;
+use crate::sse;
 
 /// Settings the sled log needs, gathered from the config.
 #[derive(Debug, Clone)]
@@ -125,21 +119,11 @@ impl SledLog {
 
         let (writer_tx, writer_rx) = mpsc::channel(options.publish_queue);
         let disk = DiskSync::open(dir).map_err(LogError::Sync)?;
-        let (stage_tx, stage_rx) = std_mpsc::sync_channel(SYNC_STAGE_DEPTH);
-        let stage = SyncStage {
-            shared: Arc::clone(&shared),
-            syncer: disk,
-            hub,
-            metrics,
-        };
-        let stage_thread = std::thread::Builder::new()
-            .name("log-sync".into())
-            .spawn(move || stage.run(stage_rx))
-            .map_err(|e| LogError::Task(e.to_string()))?;
         let writer = Writer {
             shared: Arc::clone(&shared),
-            stage_tx,
-            stage_thread,
+            disk,
+            hub,
+            metrics,
             next_seq: head + 1,
             max_batch: options.max_commit_batch,
         };
@@ -199,26 +183,26 @@ fn load_stats(db: &sled::Db) -> Result<StatsTable, LogError> {
     Ok(stats)
 }
 
-/// The single writer: owns sequence assignment; the first stage of the
-/// commit pipeline (encode, `apply_batch`, `flush`). The second stage
-/// (`sync_stage.rs`) makes each batch power-safe and acks it.
+/// The single writer: owns sequence assignment.
 struct Writer {
     shared: Arc<Shared>,
-    /// Flushed batches go here, in sequence order. Bounded, so the writer
-    /// stalls (and the publish queue fills) when syncs fall behind.
-    stage_tx: std_mpsc::SyncSender<StageMsg>,
-    stage_thread: std::thread::JoinHandle<()>,
+    /// fdatasync/fsync after sled's flush, which alone is not power-safe.
+    disk: DiskSync,
+    hub: Arc<Hub>,
+    metrics: Arc<Metrics>,
     next_seq: u64,
     max_batch: usize,
 }
 
+type Pending = (NewEvent, oneshot::Sender<Result<u64, LogError>>);
+
 impl Writer {
     fn run(mut self, mut rx: mpsc::Receiver<WriterMsg>) {
         let mut pending: Vec<Pending> = Vec::with_capacity(self.max_batch);
-        let mut shutdown = None;
         while let Some(first) = rx.blocking_recv() {
+            let mut shutdown = None;
             let mut next = Some(first);
-            // Group commit: everything that queued while the last flush ran.
+            // Group commit: everything that queued while the last fsync ran.
             while let Some(msg) = next.take() {
                 match msg {
                     WriterMsg::Append(event, reply) => pending.push((event, reply)),
@@ -232,34 +216,24 @@ impl Writer {
                 }
             }
             if !pending.is_empty() {
-                let batch = std::mem::replace(&mut pending, Vec::with_capacity(self.max_batch));
-                self.commit(batch);
+                self.commit(&mut pending);
             }
-            if shutdown.is_some() {
-                break;
-            }
-        }
-        // The stage handles everything sent before, then flushes and syncs
-        // once more. Without a shutdown message (the log was dropped without
-        // `close`) hanging up ends it the same way, minus the final sync.
-        if let Some(reply) = shutdown {
-            if let Err(std_mpsc::SendError(StageMsg::Shutdown(reply))) =
-                self.stage_tx.send(StageMsg::Shutdown(reply))
-            {
+            if let Some(reply) = shutdown {
+                let flushed = self.shared.db.flush().map_err(LogError::from);
+                if let Err(e) = flushed.and_then(|_| self.disk.sync().map_err(LogError::Sync)) {
+                    tracing::error!(error = %e, "final flush failed");
+                }
                 let _ = reply.send(());
+                return;
             }
-        }
-        drop(self.stage_tx);
-        if self.stage_thread.join().is_err() {
-            tracing::error!("log sync stage panicked");
         }
     }
 
-    /// Writes one batch and flushes it, then hands it to the sync stage.
-    /// Acks nothing itself.
-    fn commit(&mut self, pending: Vec<Pending>) {
+    fn commit(&mut self, pending: &mut Vec<Pending>) {
         if let Some(reason) = self.shared.failed.lock().clone() {
-            sync_stage::fail_pending(pending, &reason);
+            for (_, reply) in pending.drain(..) {
+                let _ = reply.send(Err(LogError::Failed(reason.clone())));
+            }
             return;
         }
         let started = Instant::now();
@@ -283,28 +257,44 @@ impl Writer {
             .shared
             .db
             .apply_batch(batch)
-            .and_then(|()| self.shared.db.flush().map(drop));
+            .and_then(|()| self.shared.db.flush().map(drop))
+            .map_err(LogError::from)
+            .and_then(|()| self.disk.sync().map_err(LogError::Sync));
         if let Err(e) = written {
-            let e = LogError::from(e);
             tracing::error!(error = %e, "log write failed; refusing further writes until restart");
-            let reason = e.to_string();
-            self.shared.failed.lock().get_or_insert(reason.clone());
-            sync_stage::fail_pending(pending, &reason);
+            *self.shared.failed.lock() = Some(e.to_string());
+            for (_, reply) in pending.drain(..) {
+                let _ = reply.send(Err(LogError::Failed(e.to_string())));
+            }
             return;
         }
         self.next_seq = last_seq + 1;
-        let flushed = Flushed {
-            first_seq,
-            events: pending,
-            started,
-        };
-        if let Err(std_mpsc::SendError(StageMsg::Batch(batch))) =
-            self.stage_tx.send(StageMsg::Batch(flushed))
-        {
-            // Only if the stage panicked: nobody can sync this batch.
-            let reason = "the log sync stage stopped".to_owned();
-            self.shared.failed.lock().get_or_insert(reason.clone());
-            sync_stage::fail_pending(batch.events, &reason);
+        self.shared.stats.record_appends(
+            pending
+                .iter()
+                .enumerate()
+                .map(|(i, (e, _))| (&e.topics[..], first_seq + i as u64)),
+        );
+        // Visible to readers only now that it is on disk; before the hub so a
+        // subscriber that reads the head after subscribing misses nothing.
+        self.shared.durable_head.store(last_seq, Ordering::Release);
+        let durable_at = Instant::now();
+        self.metrics.record_commit(pending.len(), started.elapsed());
+        for (offset, (event, reply)) in pending.drain(..).enumerate() {
+            let seq = first_seq + offset as u64;
+            let frame = sse::event_frame(
+                &self.shared.epoch,
+                seq,
+                event.name.as_str(),
+                event.data.as_bytes(),
+            );
+            self.hub.publish(Arc::new(LiveEvent {
+                seq,
+                topics: event.topics,
+                frame,
+                durable_at,
+            }));
+            let _ = reply.send(Ok(seq));
         }
     }
 }
