@@ -134,9 +134,18 @@ RESULTS=$OUT/results.txt
 : > "$RESULTS"
 for round in $(seq "$ROUNDS"); do
   start_servers
+  fresh=1
   for entry in "${SCENARIOS[@]}"; do
     name=${entry%%|*}
     [[ -z ${ONLY:-} || " $ONLY " == *" $name "* ]] || continue
+    # Memory is measured on servers that never held anything: after another
+    # scenario, freed memory the allocator kept would flatter the figure (and
+    # Nchan notices closed idle subscribers only when it next writes to them).
+    if [[ $name == idle* && $fresh == 0 ]]; then
+      stop_servers
+      start_servers
+    fi
+    fresh=0
     read -r -a sargs <<< "${entry#*|}"
     for server in ours nchan; do
       if [[ $server == ours ]]; then extra=("${OURS_ARGS[@]}"); else extra=("${NCHAN_ARGS[@]}"); fi
