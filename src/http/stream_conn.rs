@@ -86,11 +86,20 @@ pub async fn serve_first(tcp: &mut TcpStream, peer: SocketAddr, shared: &Shared)
     let deadline = Instant::now() + shared.header_read_timeout;
     let limit = shared.max_header_bytes.max(8192);
     let mut buf = BytesMut::with_capacity(INITIAL_HEAD_BUFFER);
+    let mut scanned = 0;
     let (head, len) = loop {
-        match classify(&buf, peer) {
-            Classified::Partial if buf.len() <= limit => {}
-            Classified::Partial | Classified::Other => return Next::Hyper(buf.freeze()),
-            Classified::Stream(head, len) => break (head, len),
+        // Parsed again only when a line was completed: a client trickling a
+        // head byte by byte must not cost a parse of the whole buffer per byte.
+        if buf[scanned..].contains(&b'\n') {
+            match classify(&buf, peer) {
+                Classified::Partial => {}
+                Classified::Other => return Next::Hyper(buf.freeze()),
+                Classified::Stream(head, len) => break (head, len),
+            }
+        }
+        scanned = buf.len();
+        if buf.len() > limit {
+            return Next::Hyper(buf.freeze());
         }
         if buf.len() == buf.capacity() {
             buf.reserve(buf.len());

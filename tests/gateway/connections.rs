@@ -299,3 +299,20 @@ async fn an_http10_stream_is_delimited_by_close() {
     server.begin_stop();
     assert!(conn.closed_within(WAIT).await);
 }
+
+#[tokio::test]
+async fn a_stream_head_that_arrives_byte_by_byte_is_served() {
+    let server = TestServer::start(|_| {}).await;
+    let mut conn = RawConn::open(&server).await;
+    conn.tcp.set_nodelay(true).unwrap();
+    for byte in "GET /topics/trickle?last_event_id=0 HTTP/1.1\r\nHost: t\r\n\r\n".bytes() {
+        conn.tcp.write_all(&[byte]).await.unwrap();
+        conn.tcp.flush().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let head = conn.head().await;
+    assert_eq!(head.status, 200);
+    assert_eq!(head.headers["content-type"], "text/event-stream");
+    let id = server.publish("trickle", "e", json!(1)).await;
+    assert_eq!(conn.events(&mut SseParser::default(), 1).await[0].id, id);
+}
