@@ -56,12 +56,13 @@ pub async fn serve(
     limits: ConnectionLimits,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
-    let stream_runtime = tokio::runtime::Builder::new_multi_thread()
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(std::thread::available_parallelism().map_or(2, |n| n.get()))
         .thread_name("sse-streams")
         .enable_all()
         .build()?;
-    let streams = stream_runtime.handle().clone();
+    let streams = runtime.handle().clone();
+    let stream_runtime = StreamRuntime(Some(runtime));
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
@@ -134,9 +135,21 @@ pub async fn serve(
             "drain timed out; closing with requests still open"
         );
     }
-    // Not dropped here: dropping a runtime blocks, which an async context must not.
-    stream_runtime.shutdown_background();
+    drop(stream_runtime);
     Ok(())
+}
+
+/// The stream runtime, shut down without blocking however `serve` ends
+/// (returning, or its future dropped with the outer runtime): dropping a
+/// runtime blocks, which an async context must not.
+struct StreamRuntime(Option<tokio::runtime::Runtime>);
+
+impl Drop for StreamRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 async fn serve_with_hyper(
