@@ -32,6 +32,17 @@ impl RawConn {
         }
     }
 
+    /// A new connection whose first request is `GET <target>` (HTTP/1.1);
+    /// returns it with the response head, which must be `200`.
+    async fn stream(server: &TestServer, target: &str) -> (Self, Head) {
+        let mut conn = Self::open(server).await;
+        conn.send(&format!("GET {target} HTTP/1.1\r\nHost: t\r\n\r\n"))
+            .await;
+        let head = conn.head().await;
+        assert_eq!(head.status, 200, "GET {target}");
+        (conn, head)
+    }
+
     async fn send(&mut self, raw: &str) {
         self.tcp.write_all(raw.as_bytes()).await.expect("write");
     }
@@ -136,11 +147,7 @@ async fn subscribers(server: &TestServer, topic: &str) -> u64 {
 #[tokio::test]
 async fn a_first_request_stream_is_chunked_with_sse_headers_and_carries_events_in_order() {
     let server = TestServer::start(|_| {}).await;
-    let mut conn = RawConn::open(&server).await;
-    conn.send("GET /topics/raw?last_event_id=0 HTTP/1.1\r\nHost: t\r\n\r\n")
-        .await;
-    let head = conn.head().await;
-    assert_eq!(head.status, 200);
+    let (mut conn, head) = RawConn::stream(&server, "/topics/raw?last_event_id=0").await;
     assert_eq!(head.headers["content-type"], "text/event-stream");
     assert_eq!(head.headers["cache-control"], "no-store");
     assert_eq!(head.headers["x-accel-buffering"], "no");
@@ -162,10 +169,7 @@ async fn a_first_request_stream_is_chunked_with_sse_headers_and_carries_events_i
 async fn a_stream_is_released_when_the_client_closes_not_at_the_next_heartbeat() {
     // A heartbeat far beyond the wait: only noticing EOF can free the slot.
     let server = TestServer::start(|c| c.stream.heartbeat_ms = 600_000).await;
-    let mut conn = RawConn::open(&server).await;
-    conn.send("GET /topics/gone HTTP/1.1\r\nHost: t\r\n\r\n")
-        .await;
-    assert_eq!(conn.head().await.status, 200);
+    let (conn, _) = RawConn::stream(&server, "/topics/gone").await;
     assert_eq!(subscribers(&server, "gone").await, 1);
     drop(conn);
     eventually("the closed stream to be released", || async {
@@ -257,11 +261,7 @@ async fn bytes_sent_after_a_stream_head_are_discarded_and_the_stream_goes_on() {
 #[tokio::test]
 async fn on_shutdown_a_chunked_stream_ends_with_the_last_chunk_and_closes() {
     let server = TestServer::start(|_| {}).await;
-    let mut conn = RawConn::open(&server).await;
-    conn.send("GET /topics/bye HTTP/1.1\r\nHost: t\r\n\r\n")
-        .await;
-    let head = conn.head().await;
-    assert_eq!(head.status, 200);
+    let (mut conn, head) = RawConn::stream(&server, "/topics/bye").await;
     assert_eq!(head.headers["connection"], "close");
     let id = server.publish("bye", "e", json!(1)).await;
     let mut parser = SseParser::default();
