@@ -15,9 +15,11 @@
 //! publishing to the speed of the slowest fan-out and leaves every write
 //! carrying one event. Apart, the OS scheduler shares the cores between the
 //! two: acks stay prompt under any fan-out load, and subscribers that fall
-//! behind take several events per write. On `stop` the loop stops accepting, hyper
-//! connections are told to finish their in-flight request and close, streams
-//! end on their own (they watch the same token), and the drain is bounded by
+//! behind take several events per write.
+//!
+//! On `stop` the loop stops accepting, hyper connections are told to finish
+//! their in-flight request and close, streams end on their own (they watch
+//! the same token), and the drain of both is bounded by
 //! `server.drain_timeout_ms`.
 
 use std::net::SocketAddr;
