@@ -10,6 +10,7 @@ pub mod codec;
 mod durable;
 pub mod format;
 pub mod offline;
+mod queue;
 pub mod redis_log;
 pub mod retention;
 pub mod sled_log;

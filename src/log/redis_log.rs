@@ -56,9 +56,10 @@ use parking_lot::Mutex;
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, Value};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+use super::queue::{self, Pending, WriterMsg};
 use super::retention::RetentionPolicy;
 use super::stats::{StatsTable, TopicStats};
 use super::{
@@ -300,14 +301,6 @@ struct Inner {
     metrics: Arc<Metrics>,
     options: RedisOptions,
 }
-
-enum WriterMsg {
-    Append(NewEvent, oneshot::Sender<Result<u64, LogError>>),
-    /// Finish everything queued before this, and stop.
-    Shutdown(oneshot::Sender<()>),
-}
-
-type Pending = (NewEvent, oneshot::Sender<Result<u64, LogError>>);
 
 /// A log kept in Redis, shared by every gateway pointed at it.
 pub struct RedisLog {
@@ -1078,12 +1071,7 @@ impl Log for RedisLog {
             if let Some(reason) = self.inner.failure() {
                 return Err(LogError::Failed(reason));
             }
-            let (reply_tx, reply_rx) = oneshot::channel();
-            self.writer_tx
-                .send(WriterMsg::Append(event, reply_tx))
-                .await
-                .map_err(|_| LogError::Closed)?;
-            reply_rx.await.map_err(|_| LogError::Closed)?
+            queue::append(&self.writer_tx, event).await
         }
         .boxed()
     }
@@ -1151,15 +1139,7 @@ impl Log for RedisLog {
     fn close(&self) -> BoxFuture<'_, Result<(), LogError>> {
         async move {
             self.closing.store(true, Ordering::Release);
-            let (done_tx, done_rx) = oneshot::channel();
-            if self
-                .writer_tx
-                .send(WriterMsg::Shutdown(done_tx))
-                .await
-                .is_ok()
-            {
-                let _ = done_rx.await;
-            }
+            queue::shut_down(&self.writer_tx).await;
             self.stop.cancel();
             let tasks = std::mem::take(&mut *self.tasks.lock());
             for task in tasks {

@@ -23,12 +23,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
 use parking_lot::Mutex;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::codec::{self, EVENT_PREFIX, INDEX_PREFIX, TRIMMED_PREFIX};
 use super::durable::DiskSync;
 use super::format;
+use super::queue::{self, Pending, WriterMsg};
 use super::retention::{self, RetentionPolicy};
 use super::stats::{StatsTable, TopicStats};
 use super::{LiveEvent, Log, LogError, NewEvent, ReadBatch, RetentionFloor, TopicInfo};
@@ -57,12 +58,6 @@ pub(crate) struct Shared {
     /// Set when a write or fsync failed: from then on the on-disk state is
     /// uncertain, so writes are refused (ids are never reused) until restart.
     pub failed: Mutex<Option<String>>,
-}
-
-enum WriterMsg {
-    Append(NewEvent, oneshot::Sender<Result<u64, LogError>>),
-    /// Finish everything queued before this, flush, and stop.
-    Shutdown(oneshot::Sender<()>),
 }
 
 /// The sled-backed log.
@@ -193,8 +188,6 @@ struct Writer {
     next_seq: u64,
     max_batch: usize,
 }
-
-type Pending = (NewEvent, oneshot::Sender<Result<u64, LogError>>);
 
 impl Writer {
     fn run(mut self, mut rx: mpsc::Receiver<WriterMsg>) {
@@ -365,13 +358,7 @@ impl Log for SledLog {
             if let Some(reason) = self.shared.failed.lock().clone() {
                 return Err(LogError::Failed(reason));
             }
-            let (reply_tx, reply_rx) = oneshot::channel();
-            // Waits for a place when the queue is full: backpressure on publishers.
-            self.writer_tx
-                .send(WriterMsg::Append(event, reply_tx))
-                .await
-                .map_err(|_| LogError::Closed)?;
-            reply_rx.await.map_err(|_| LogError::Closed)?
+            queue::append(&self.writer_tx, event).await
         }
         .boxed()
     }
@@ -422,15 +409,7 @@ impl Log for SledLog {
             if let Some(trimmer) = trimmer {
                 let _ = trimmer.await;
             }
-            let (done_tx, done_rx) = oneshot::channel();
-            if self
-                .writer_tx
-                .send(WriterMsg::Shutdown(done_tx))
-                .await
-                .is_ok()
-            {
-                let _ = done_rx.await;
-            }
+            queue::shut_down(&self.writer_tx).await;
             let thread = self.writer_thread.lock().take();
             if let Some(thread) = thread {
                 tokio::task::spawn_blocking(move || thread.join())

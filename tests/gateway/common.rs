@@ -588,3 +588,46 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// `GET url` as JSON: (status, body).
+pub async fn get_json(client: &reqwest::Client, url: &str) -> (StatusCode, Value) {
+    let response = client.get(url).send().await.expect("GET");
+    (
+        response.status(),
+        response.json().await.expect("a JSON body"),
+    )
+}
+
+/// After a crash: every acknowledged event (`id → data`) of `topic` is in the
+/// log of the gateway at `base`, with its exact data, in strictly increasing
+/// id order. Returns the highest sequence replayed (a later publish must get
+/// a higher one: no id reused).
+pub async fn assert_every_acked_event_replays(
+    client: &reqwest::Client,
+    base: &str,
+    topic: &str,
+    acked: &std::collections::HashMap<String, String>,
+) -> u64 {
+    let (_, info) = get_json(client, &format!("{base}/topics/{topic}/info")).await;
+    let stored = info["count"].as_u64().expect("count") as usize;
+    assert!(
+        stored >= acked.len(),
+        "{stored} stored < {} acknowledged",
+        acked.len()
+    );
+    let mut replay = SseReader::connect(client, &format!("{base}/topics/{topic}"), Some("0")).await;
+    let events = replay.take(stored).await;
+    let mut previous = 0;
+    let mut found = 0;
+    for event in &events {
+        let seq = seq_of(&event.id);
+        assert!(seq > previous, "ids strictly increase in the replay");
+        previous = seq;
+        if let Some(data) = acked.get(&event.id) {
+            assert_eq!(&event.data, data, "exact data for {}", event.id);
+            found += 1;
+        }
+    }
+    assert_eq!(found, acked.len(), "every acknowledged event is present");
+    previous
+}

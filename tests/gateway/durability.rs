@@ -112,31 +112,7 @@ async fn kill_9_under_load_loses_no_acknowledged_event_and_reuses_no_id() {
     let max_acked = acked.keys().map(|id| seq_of(id)).max().unwrap();
 
     let gateway = GatewayProcess::start(dir.path(), "127.0.0.1:0", &[]);
-    let (_, info) = get_json(&client, &gateway.url("/topics/crash/info")).await;
-    let stored = info["count"].as_u64().unwrap() as usize;
-    assert!(
-        stored >= acked.len(),
-        "{stored} stored < {} acknowledged",
-        acked.len()
-    );
-    let mut replay = SseReader::connect(&client, &gateway.url("/topics/crash"), Some("0")).await;
-    let events = replay.take(stored).await;
-    let mut previous = 0;
-    let mut found = 0;
-    for event in &events {
-        let seq = seq_of(&event.id);
-        assert!(seq > previous, "ids strictly increase in the replay");
-        previous = seq;
-        if let Some(data) = acked.get(&event.id) {
-            assert_eq!(&event.data, data, "exact data for {}", event.id);
-            found += 1;
-        }
-    }
-    assert_eq!(
-        found,
-        acked.len(),
-        "every acknowledged event is present after kill -9"
-    );
+    let previous = assert_every_acked_event_replays(&client, &gateway.base, "crash", &acked).await;
     let new_id = publish(&client, &gateway.base, "crash", "after", json!("after")).await;
     assert!(
         seq_of(&new_id) > max_acked,
@@ -146,11 +122,6 @@ async fn kill_9_under_load_loses_no_acknowledged_event_and_reuses_no_id() {
         seq_of(&new_id) > previous,
         "no id is reused: {new_id} vs newest stored {previous}"
     );
-}
-
-async fn get_json(client: &reqwest::Client, url: &str) -> (reqwest::StatusCode, serde_json::Value) {
-    let response = client.get(url).send().await.unwrap();
-    (response.status(), response.json().await.unwrap())
 }
 
 /// SIGTERM while publishes are in flight: every `201` is on disk, streams are

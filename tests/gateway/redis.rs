@@ -477,34 +477,7 @@ async fn redis_kill_9_of_a_gateway_under_load_loses_no_acknowledged_event() {
     let acked = acked.lock().unwrap().clone();
 
     // Its clients come back to the survivor and find every acknowledged event.
-    let (_, info) = {
-        let response = client
-            .get(survivor.url("/topics/crash/info"))
-            .send()
-            .await
-            .unwrap();
-        (response.status(), response.json::<Value>().await.unwrap())
-    };
-    let stored = info["count"].as_u64().unwrap() as usize;
-    assert!(
-        stored >= acked.len(),
-        "{stored} stored < {} acknowledged",
-        acked.len()
-    );
-    let mut replay = SseReader::connect(&client, &survivor.url("/topics/crash"), Some("0")).await;
-    let events = replay.take(stored).await;
-    let mut previous = 0;
-    let mut found = 0;
-    for event in &events {
-        let seq = seq_of(&event.id);
-        assert!(seq > previous, "ids strictly increase in the replay");
-        previous = seq;
-        if let Some(data) = acked.get(&event.id) {
-            assert_eq!(&event.data, data, "exact data for {}", event.id);
-            found += 1;
-        }
-    }
-    assert_eq!(found, acked.len(), "every acknowledged event is there");
+    let previous = assert_every_acked_event_replays(&client, &survivor.base, "crash", &acked).await;
     let next = publish_to(&client, &survivor, "crash", json!("after")).await;
     assert!(seq_of(&next) > previous, "no id is reused");
 }
