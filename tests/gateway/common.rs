@@ -631,3 +631,75 @@ pub async fn assert_every_acked_event_replays(
     assert_eq!(found, acked.len(), "every acknowledged event is present");
     previous
 }
+
+/// Publishers for crash tests: each posts to `["<topic>", "<topic>:<p>"]` of
+/// the gateway at `base` as fast as it is answered, with unusual but valid
+/// JSON (to check it survives byte-exact), and remembers every acknowledged
+/// id with its exact data, until stopped. Errors (the gateway being killed)
+/// are expected and not counted.
+pub struct AckingPublishers {
+    running: Arc<std::sync::atomic::AtomicBool>,
+    acked: Arc<Mutex<std::collections::HashMap<String, String>>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl AckingPublishers {
+    pub fn start(client: &reqwest::Client, base: &str, topic: &str, publishers: usize) -> Self {
+        let running = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let acked: Arc<Mutex<std::collections::HashMap<String, String>>> = Default::default();
+        let tasks = (0..publishers)
+            .map(|p| {
+                let (client, url, topic) =
+                    (client.clone(), format!("{base}/publish"), topic.to_owned());
+                let (running, acked) = (Arc::clone(&running), Arc::clone(&acked));
+                tokio::spawn(async move {
+                    let mut i = 0u64;
+                    while running.load(std::sync::atomic::Ordering::Relaxed) {
+                        let data = format!(r#"{{"p":{p},"i":{i},"t":"\u00e9\/","n":1.50}}"#);
+                        let body =
+                            format!(r#"{{"topics":["{topic}","{topic}:{p}"],"data":{data}}}"#);
+                        let sent = client
+                            .post(&url)
+                            .header("content-type", "application/json")
+                            .body(body)
+                            .send()
+                            .await;
+                        if let Ok(response) = sent {
+                            if response.status() == StatusCode::CREATED {
+                                if let Ok(answer) = response.json::<Value>().await {
+                                    let id = answer["id"].as_str().expect("a 201 carries the id");
+                                    acked.lock().unwrap().insert(id.to_owned(), data);
+                                }
+                            }
+                        }
+                        i += 1;
+                    }
+                })
+            })
+            .collect();
+        Self {
+            running,
+            acked,
+            tasks,
+        }
+    }
+
+    /// Waits until at least `count` publishes were acknowledged.
+    pub async fn wait_for(&self, count: usize) {
+        eventually("publishes to be acknowledged", || async {
+            self.acked.lock().unwrap().len() >= count
+        })
+        .await;
+    }
+
+    /// Stops them; every acknowledged id with its data.
+    pub async fn stop(self) -> std::collections::HashMap<String, String> {
+        self.running
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        for task in self.tasks {
+            task.await.expect("publisher task");
+        }
+        let acked = self.acked.lock().unwrap().clone();
+        acked
+    }
+}

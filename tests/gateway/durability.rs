@@ -1,9 +1,7 @@
 //! Durability: restart, `kill -9` under publish load, SIGTERM drain, and the
 //! on-disk format (opening a v1 data dir, refusing a newer one).
 
-use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -60,54 +58,10 @@ async fn kill_9_under_load_loses_no_acknowledged_event_and_reuses_no_id() {
     let gateway = GatewayProcess::start(dir.path(), "127.0.0.1:0", &[]);
     let base = gateway.base.clone();
     let client = reqwest::Client::new();
-    let acked: Arc<Mutex<HashMap<String, String>>> = Default::default();
-    let running = Arc::new(AtomicBool::new(true));
-    let mut publishers = Vec::new();
-    for p in 0..8 {
-        let (client, base, acked, running) = (
-            client.clone(),
-            base.clone(),
-            Arc::clone(&acked),
-            Arc::clone(&running),
-        );
-        publishers.push(tokio::spawn(async move {
-            let mut i = 0u64;
-            while running.load(Ordering::Relaxed) {
-                // Unusual but valid JSON text, to check it survives byte-exact.
-                let data = format!(r#"{{"p":{p},"i":{i},"t":"\u00e9\/","n":1.50}}"#);
-                let body = format!(r#"{{"topics":["crash","crash:{p}"],"data":{data}}}"#);
-                let sent = client
-                    .post(format!("{base}/publish"))
-                    .header("content-type", "application/json")
-                    .body(body)
-                    .send()
-                    .await;
-                if let Ok(response) = sent {
-                    if response.status() == 201 {
-                        if let Ok(answer) = response.json::<serde_json::Value>().await {
-                            acked
-                                .lock()
-                                .unwrap()
-                                .insert(answer["id"].as_str().unwrap().to_owned(), data);
-                        }
-                    }
-                }
-                i += 1;
-            }
-        }));
-    }
-    let acked_ref = Arc::clone(&acked);
-    eventually("some publishes to be acknowledged", || {
-        let acked = Arc::clone(&acked_ref);
-        async move { acked.lock().unwrap().len() >= 300 }
-    })
-    .await;
+    let publishers = AckingPublishers::start(&client, &base, "crash", 8);
+    publishers.wait_for(300).await;
     gateway.kill9();
-    running.store(false, Ordering::Relaxed);
-    for publisher in publishers {
-        publisher.await.unwrap();
-    }
-    let acked = acked.lock().unwrap().clone();
+    let acked = publishers.stop().await;
     assert!(acked.len() >= 300);
     let max_acked = acked.keys().map(|id| seq_of(id)).max().unwrap();
 

@@ -5,12 +5,10 @@
 //! must be installed (`scripts/test.sh` installs Debian's `redis-server`);
 //! without them these tests fail, they never skip.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::net::TcpListener as StdListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use reqwest::StatusCode;
@@ -429,52 +427,10 @@ async fn redis_kill_9_of_a_gateway_under_load_loses_no_acknowledged_event() {
     let survivor = nodes.pop().unwrap();
     let victim = nodes.pop().unwrap();
     let client = reqwest::Client::new();
-    let acked: Arc<Mutex<HashMap<String, String>>> = Default::default();
-    let running = Arc::new(AtomicBool::new(true));
-    let mut publishers = Vec::new();
-    for p in 0..6 {
-        let (client, base, acked, running) = (
-            client.clone(),
-            victim.base.clone(),
-            Arc::clone(&acked),
-            Arc::clone(&running),
-        );
-        publishers.push(tokio::spawn(async move {
-            let mut i = 0u64;
-            while running.load(Ordering::Relaxed) {
-                let data = format!(r#"{{"p":{p},"i":{i},"t":"\u00e9\/","n":1.50}}"#);
-                let body = format!(r#"{{"topics":["crash","crash:{p}"],"data":{data}}}"#);
-                let sent = client
-                    .post(format!("{base}/publish"))
-                    .header("content-type", "application/json")
-                    .body(body)
-                    .send()
-                    .await;
-                if let Ok(response) = sent {
-                    if response.status() == 201 {
-                        if let Ok(answer) = response.json::<Value>().await {
-                            if let Some(id) = answer["id"].as_str() {
-                                acked.lock().unwrap().insert(id.to_owned(), data);
-                            }
-                        }
-                    }
-                }
-                i += 1;
-            }
-        }));
-    }
-    let acked_ref = Arc::clone(&acked);
-    eventually("publishes acknowledged", || {
-        let acked = Arc::clone(&acked_ref);
-        async move { acked.lock().unwrap().len() >= 200 }
-    })
-    .await;
+    let publishers = AckingPublishers::start(&client, &victim.base, "crash", 6);
+    publishers.wait_for(200).await;
     victim.kill9();
-    running.store(false, Ordering::Relaxed);
-    for publisher in publishers {
-        publisher.await.unwrap();
-    }
-    let acked = acked.lock().unwrap().clone();
+    let acked = publishers.stop().await;
 
     // Its clients come back to the survivor and find every acknowledged event.
     let previous = assert_every_acked_event_replays(&client, &survivor.base, "crash", &acked).await;
