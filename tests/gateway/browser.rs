@@ -12,7 +12,7 @@
 //! (`playwright-core`, no browser download) are installed by
 //! `scripts/test.sh`; when one is missing these tests fail and say so.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -22,7 +22,7 @@ use serde_json::{json, Value};
 use tempfile::TempDir;
 use tokio::sync::mpsc;
 
-use crate::common::{self, GatewayProcess};
+use crate::common::{self, collect_stderr, GatewayProcess};
 
 const SETUP_HINT: &str = "run `bash scripts/test.sh` from the repo root: it installs chromium, \
      nodejs and npm (apt) and tests/js/node_modules with playwright-core (npm ci, no browser \
@@ -121,20 +121,7 @@ impl BrowserScript {
                 }
             }
         });
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        let mut err = child.stderr.take().expect("stderr");
-        let sink = Arc::clone(&stderr);
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 8192];
-            while let Ok(n) = err.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                sink.lock()
-                    .expect("stderr lock")
-                    .extend_from_slice(&buf[..n]);
-            }
-        });
+        let stderr = collect_stderr(&mut child);
         Self {
             what: format!("node tests/js/browser/{script}"),
             child,

@@ -703,3 +703,23 @@ impl AckingPublishers {
         acked
     }
 }
+
+/// Collects a child's stderr on a thread, for failure messages.
+pub fn collect_stderr(child: &mut Child) -> Arc<Mutex<Vec<u8>>> {
+    use std::io::Read;
+    let stderr = Arc::new(Mutex::new(Vec::new()));
+    let mut err = child.stderr.take().expect("stderr");
+    let sink = Arc::clone(&stderr);
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 8192];
+        while let Ok(n) = err.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            sink.lock()
+                .expect("stderr lock")
+                .extend_from_slice(&buf[..n]);
+        }
+    });
+    stderr
+}

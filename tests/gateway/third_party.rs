@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 use tempfile::TempDir;
 use tokio::sync::mpsc;
 
-use crate::common::{self, GatewayProcess, SseEvent, SseParser, TestServer};
+use crate::common::{self, collect_stderr, GatewayProcess, SseEvent, SseParser, TestServer};
 
 const SETUP_HINT: &str = "run `bash scripts/test.sh` from the repo root: it installs curl, \
      nodejs and npm (apt) and tests/js/node_modules (npm ci)";
@@ -90,20 +90,7 @@ impl PipedChild {
                 }
             }
         });
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        let mut err = child.stderr.take().expect("stderr");
-        let sink = Arc::clone(&stderr);
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 8192];
-            while let Ok(n) = err.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                sink.lock()
-                    .expect("stderr lock")
-                    .extend_from_slice(&buf[..n]);
-            }
-        });
+        let stderr = collect_stderr(&mut child);
         Self {
             what: what.to_owned(),
             child,
