@@ -19,7 +19,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
 use crate::config::AuthConfig;
-use crate::model::{Topic, MAX_TOPIC_LEN};
+use crate::model::{Topic, TopicPattern as Pattern};
 
 /// Name of the cookie a token may travel in (set by the web console).
 pub const TOKEN_COOKIE: &str = "sse_gateway_token";
@@ -53,37 +53,6 @@ pub enum AuthConfigError {
         algorithm: &'static str,
         message: String,
     },
-}
-
-/// A topic pattern: an exact topic, or a prefix ending in `*`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Pattern {
-    Exact(String),
-    Prefix(String),
-}
-
-impl Pattern {
-    /// Parses a pattern; the part before a trailing `*` must be topic characters.
-    pub fn parse(raw: &str) -> Result<Self, String> {
-        let ok_chars = |s: &str| {
-            s.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"._~:@-".contains(&b))
-        };
-        match raw.strip_suffix('*') {
-            Some(prefix) if ok_chars(prefix) && prefix.len() < MAX_TOPIC_LEN => {
-                Ok(Self::Prefix(prefix.to_owned()))
-            }
-            None if Topic::parse(raw).is_ok() => Ok(Self::Exact(raw.to_owned())),
-            _ => Err(format!("{raw:?} is not a topic or a `prefix*` pattern")),
-        }
-    }
-
-    pub fn matches(&self, topic: &str) -> bool {
-        match self {
-            Self::Exact(exact) => exact == topic,
-            Self::Prefix(prefix) => topic.starts_with(prefix.as_str()),
-        }
-    }
 }
 
 fn any_match(patterns: &[Pattern], topic: &Topic) -> bool {
@@ -440,17 +409,6 @@ mod tests {
 
     fn topic(s: &str) -> Topic {
         Topic::parse(s).unwrap()
-    }
-
-    #[test]
-    fn patterns() {
-        let p = Pattern::parse("projects:project:*").unwrap();
-        assert!(p.matches("projects:project:abc"));
-        assert!(!p.matches("projects:all"));
-        assert!(Pattern::parse("*").unwrap().matches("anything"));
-        assert!(Pattern::parse("a*b").is_err());
-        assert!(Pattern::parse("a b").is_err());
-        assert_eq!(Pattern::parse("x").unwrap(), Pattern::Exact("x".into()));
     }
 
     #[test]

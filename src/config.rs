@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::model::Topic;
 use crate::routes::RouteSpec;
 
 /// What can go wrong reading the configuration.
@@ -340,7 +339,8 @@ impl AuthConfig {
             }
         }
         for pattern in &self.public_topics {
-            crate::auth::Pattern::parse(pattern).map_err(|m| format!("public_topics: {m}"))?;
+            crate::model::TopicPattern::parse(pattern)
+                .map_err(|m| format!("public_topics: {m}"))?;
         }
         Ok(())
     }
@@ -525,11 +525,6 @@ impl LimitsConfig {
     pub fn max_stream_age(&self) -> Option<Duration> {
         (self.max_stream_age_ms > 0).then(|| Duration::from_millis(self.max_stream_age_ms))
     }
-}
-
-/// Checks a topic template's literal parts are topic characters (used by routes).
-pub(crate) fn literal_topic_ok(text: &str) -> bool {
-    text.is_empty() || Topic::parse(text).is_ok()
 }
 
 #[cfg(test)]

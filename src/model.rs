@@ -64,6 +64,44 @@ impl fmt::Display for Topic {
     }
 }
 
+/// A topic pattern: an exact topic, or a prefix ending in `*`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TopicPattern {
+    Exact(String),
+    Prefix(String),
+}
+
+impl TopicPattern {
+    /// Parses a pattern; the part before a trailing `*` must be topic characters.
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        let ok_chars = |s: &str| {
+            s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._~:@-".contains(&b))
+        };
+        match raw.strip_suffix('*') {
+            Some(prefix) if ok_chars(prefix) && prefix.len() < MAX_TOPIC_LEN => {
+                Ok(Self::Prefix(prefix.to_owned()))
+            }
+            None if Topic::parse(raw).is_ok() => Ok(Self::Exact(raw.to_owned())),
+            _ => Err(format!("{raw:?} is not a topic or a `prefix*` pattern")),
+        }
+    }
+
+    /// Whether `topic` is the exact topic or starts with the prefix.
+    pub fn matches(&self, topic: &str) -> bool {
+        match self {
+            Self::Exact(exact) => exact == topic,
+            Self::Prefix(prefix) => topic.starts_with(prefix.as_str()),
+        }
+    }
+}
+
+/// Whether `text` may stand as a literal part of a topic template: empty, or
+/// topic characters only (a route's template is checked once, at config load).
+pub fn literal_topic_ok(text: &str) -> bool {
+    text.is_empty() || Topic::parse(text).is_ok()
+}
+
 /// Parses a list of raw topic names: validates each, removes repeats keeping
 /// first-seen order, and enforces 1..=64 topics.
 pub fn parse_topic_list<'a>(
@@ -222,6 +260,20 @@ fn truncate_for_message(raw: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn topic_patterns() {
+        let p = TopicPattern::parse("projects:project:*").unwrap();
+        assert!(p.matches("projects:project:abc"));
+        assert!(!p.matches("projects:all"));
+        assert!(TopicPattern::parse("*").unwrap().matches("anything"));
+        assert!(TopicPattern::parse("a*b").is_err());
+        assert!(TopicPattern::parse("a b").is_err());
+        assert_eq!(
+            TopicPattern::parse("x").unwrap(),
+            TopicPattern::Exact("x".into())
+        );
+    }
 
     #[test]
     fn topic_grammar() {

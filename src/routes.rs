@@ -146,7 +146,7 @@ impl RouteSpec {
             count += 1;
             for part in split_template(template)? {
                 match part {
-                    Part::Literal(text) if !crate::config::literal_topic_ok(text) => {
+                    Part::Literal(text) if !crate::model::literal_topic_ok(text) => {
                         return Err(format!(
                             "topic template {template:?} has characters not allowed in a topic"
                         ));

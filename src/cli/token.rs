@@ -63,7 +63,7 @@ pub fn run(args: TokenArgs, config: Option<&Path>) -> anyhow::Result<()> {
         bail!("the HS256 secret must be at least 32 bytes");
     }
     for pattern in args.subscribe.iter().chain(&args.publish) {
-        sse_gateway::auth::Pattern::parse(pattern).map_err(|m| anyhow::anyhow!(m))?;
+        sse_gateway::model::TopicPattern::parse(pattern).map_err(|m| anyhow::anyhow!(m))?;
     }
     let exp = sse_gateway::auth::unix_now() + args.ttl;
     let claims = Claims {

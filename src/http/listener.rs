@@ -2,7 +2,7 @@
 //! guard that closes a socket which takes no bytes for `limits.write_stall`.
 //!
 //! Connections served by hyper get the guard as an IO wrapper; streams
-//! written on the raw socket (`stream_conn`) time their own writes.
+//! written on the raw socket (`http::raw`) time their own writes.
 //!
 //! hyper stops polling a response body while the socket is full, so a stalled
 //! client cannot be noticed from inside the SSE stream. It is noticed here,

@@ -11,10 +11,10 @@ pub mod error;
 pub mod listener;
 mod ops;
 mod publish;
-mod rewind;
+mod raw;
 pub mod server;
-mod stream_conn;
 mod subscribe;
+mod table;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,7 +23,7 @@ use axum::extract::rejection::PathRejection;
 use axum::extract::Path;
 use axum::http::{header, HeaderName, HeaderValue, Method, Request, StatusCode};
 use axum::response::IntoResponse;
-use axum::routing::{get, post};
+use axum::routing::{on, MethodRouter};
 use axum::Router;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::trace::TraceLayer;
@@ -36,21 +36,11 @@ use crate::model::Topic;
 
 /// The whole router, with its state.
 pub fn router(app: Arc<App>) -> Router {
-    let mut router = Router::new()
-        .route("/", get(console::index))
-        .route("/console/{file}", get(console::asset))
-        .route("/healthz", get(ops::healthz))
-        .route("/readyz", get(ops::readyz))
-        .route("/metrics", get(ops::metrics))
-        .route(
-            "/topics/{topic}",
-            get(subscribe::subscribe_topic).post(publish::publish_topic),
-        )
-        .route("/topics", get(ops::list_topics))
-        .route("/topics/{topic}/info", get(ops::topic_info))
-        .route("/events", get(subscribe::subscribe_events))
-        .route("/publish", post(publish::publish_many))
-        .route("/{module}/broadcast/{kind}", post(publish::broadcast))
+    let mut routes: Router<Arc<App>> = Router::new();
+    for route in table::ROUTES {
+        routes = routes.route(route.path, method_router(route));
+    }
+    let mut router = routes
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(Arc::clone(&app));
@@ -76,6 +66,26 @@ pub fn router(app: Arc<App>) -> Router {
                 tracing::info_span!("http", method = %request.method(), path = %request.uri().path())
             }),
     )
+}
+
+/// The handler of one table entry, for its method only.
+fn method_router(route: &table::Route) -> MethodRouter<Arc<App>> {
+    use table::Endpoint;
+    let filter = route.verb.filter();
+    match route.endpoint {
+        Endpoint::Console => on(filter, console::index),
+        Endpoint::ConsoleAsset => on(filter, console::asset),
+        Endpoint::Healthz => on(filter, ops::healthz),
+        Endpoint::Readyz => on(filter, ops::readyz),
+        Endpoint::Metrics => on(filter, ops::metrics),
+        Endpoint::ListTopics => on(filter, ops::list_topics),
+        Endpoint::TopicInfo => on(filter, ops::topic_info),
+        Endpoint::SubscribeTopic => on(filter, subscribe::subscribe_topic),
+        Endpoint::SubscribeEvents => on(filter, subscribe::subscribe_events),
+        Endpoint::PublishTopic => on(filter, publish::publish_topic),
+        Endpoint::PublishMany => on(filter, publish::publish_many),
+        Endpoint::Broadcast => on(filter, publish::broadcast),
+    }
 }
 
 async fn not_found() -> ApiError {

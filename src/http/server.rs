@@ -5,7 +5,7 @@
 //! `limits.header_read_timeout` (slowloris) and fit `limits.max_header_bytes`
 //! (hyper answers 431 and closes otherwise); the peer address is put in the
 //! request extensions as `ConnectInfo` for per-IP limits. A connection whose
-//! first request is a stream is served by `stream_conn` on the raw socket;
+//! first request is a stream is served by `raw` on the raw socket;
 //! every other one by hyper.
 //!
 //! Streams are sent from their own runtime (one worker per core), not the
@@ -39,8 +39,8 @@ use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
 use super::listener::{GuardedListener, StallGuardedStream};
-use super::rewind::Rewind;
-use super::stream_conn::{self, Next};
+use super::raw::{self, Next, Rewind};
+use super::table::StreamRoutes;
 
 /// Connection settings.
 #[derive(Debug, Clone, Copy)]
@@ -70,13 +70,14 @@ pub async fn serve(
         .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(limits.max_header_bytes.max(8192))
         .keep_alive(true);
-    let shared = Arc::new(stream_conn::Shared {
+    let shared = Arc::new(raw::Shared {
         router,
         http,
         header_read_timeout: limits.header_read_timeout,
         max_header_bytes: limits.max_header_bytes,
         write_stall: listener.write_stall(),
         stop: stop.clone(),
+        stream_routes: StreamRoutes::new(),
     });
     let graceful = GracefulShutdown::new();
     let connections = TaskTracker::new();
@@ -91,7 +92,7 @@ pub async fn serve(
         let tracker = connections.clone();
         connections.spawn(async move {
             let mut tcp = tcp;
-            match Box::pin(stream_conn::serve_first(&mut tcp, peer, &shared)).await {
+            match Box::pin(raw::serve_first(&mut tcp, peer, &shared)).await {
                 Next::Close => {}
                 Next::Stream(stream) => {
                     // Moves the socket to the stream runtime (module docs).
@@ -108,7 +109,7 @@ pub async fn serve(
                         async move {
                             match TcpStream::from_std(tcp) {
                                 Ok(mut tcp) => {
-                                    Box::pin(stream_conn::pump(&mut tcp, *stream, stall)).await;
+                                    Box::pin(raw::pump(&mut tcp, *stream, stall)).await;
                                 }
                                 Err(e) => tracing::debug!(error = %e, "cannot register the stream"),
                             }
@@ -158,7 +159,7 @@ async fn serve_with_hyper(
     tcp: TcpStream,
     prefix: bytes::Bytes,
     peer: SocketAddr,
-    shared: &stream_conn::Shared,
+    shared: &raw::Shared,
     watcher: hyper_util::server::graceful::Watcher,
 ) {
     let router = shared.router.clone();

@@ -1,5 +1,5 @@
 //! An IO that yields bytes already read from it before reading on: how a
-//! connection whose head was read by `stream_conn` is handed to hyper, which
+//! connection whose head was read by `http::raw` is handed to hyper, which
 //! then parses that head itself.
 
 use std::io;

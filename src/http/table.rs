@@ -1,0 +1,226 @@
+//! The route table: every method and path the gateway serves, and what
+//! answers it.
+//!
+//! Two readers share it. [`super::router`] registers every entry with axum,
+//! and the raw stream path ([`super::raw`]) asks [`StreamRoutes`] whether a
+//! request head is a stream before it hands the request to that router. One
+//! table means a new stream route cannot silently miss the raw path, and a
+//! test walks every entry to prove both readers agree.
+
+use axum::routing::MethodFilter;
+
+/// The methods the gateway routes (any `GET` also answers `HEAD`, as axum does).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verb {
+    Get,
+    Post,
+}
+
+impl Verb {
+    /// The method as it appears on the request line.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::Get => "GET",
+            Self::Post => "POST",
+        }
+    }
+
+    /// axum's filter for this method.
+    pub(crate) fn filter(self) -> MethodFilter {
+        match self {
+            Self::Get => MethodFilter::GET,
+            Self::Post => MethodFilter::POST,
+        }
+    }
+}
+
+/// What answers a route: one handler each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Endpoint {
+    Console,
+    ConsoleAsset,
+    Healthz,
+    Readyz,
+    Metrics,
+    ListTopics,
+    TopicInfo,
+    SubscribeTopic,
+    SubscribeEvents,
+    PublishTopic,
+    PublishMany,
+    Broadcast,
+}
+
+impl Endpoint {
+    /// Whether a successful answer is an event stream, which the raw path
+    /// writes to the socket itself. Exhaustive on purpose: a new endpoint
+    /// must say whether it streams.
+    pub(crate) fn is_stream(self) -> bool {
+        match self {
+            Self::SubscribeTopic | Self::SubscribeEvents => true,
+            Self::Console
+            | Self::ConsoleAsset
+            | Self::Healthz
+            | Self::Readyz
+            | Self::Metrics
+            | Self::ListTopics
+            | Self::TopicInfo
+            | Self::PublishTopic
+            | Self::PublishMany
+            | Self::Broadcast => false,
+        }
+    }
+}
+
+/// One entry: a path in axum's syntax (`{name}` is one segment), a method,
+/// and its endpoint.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Route {
+    pub path: &'static str,
+    pub verb: Verb,
+    pub endpoint: Endpoint,
+}
+
+const fn route(verb: Verb, path: &'static str, endpoint: Endpoint) -> Route {
+    Route {
+        path,
+        verb,
+        endpoint,
+    }
+}
+
+/// Every route of the gateway, in the order `docs/API.md` lists them.
+pub(crate) const ROUTES: &[Route] = &[
+    route(Verb::Get, "/", Endpoint::Console),
+    route(Verb::Get, "/console/{file}", Endpoint::ConsoleAsset),
+    route(Verb::Get, "/healthz", Endpoint::Healthz),
+    route(Verb::Get, "/readyz", Endpoint::Readyz),
+    route(Verb::Get, "/metrics", Endpoint::Metrics),
+    route(Verb::Get, "/topics", Endpoint::ListTopics),
+    route(Verb::Get, "/topics/{topic}", Endpoint::SubscribeTopic),
+    route(Verb::Post, "/topics/{topic}", Endpoint::PublishTopic),
+    route(Verb::Get, "/topics/{topic}/info", Endpoint::TopicInfo),
+    route(Verb::Get, "/events", Endpoint::SubscribeEvents),
+    route(Verb::Post, "/publish", Endpoint::PublishMany),
+    route(
+        Verb::Post,
+        "/{module}/broadcast/{kind}",
+        Endpoint::Broadcast,
+    ),
+];
+
+/// Answers "does this request line reach a stream endpoint?" with the same
+/// path matcher axum's router uses (`matchit`), built from [`ROUTES`].
+pub(crate) struct StreamRoutes {
+    paths: matchit::Router<Vec<(Verb, Endpoint)>>,
+}
+
+impl StreamRoutes {
+    /// Builds the matcher from the route table.
+    pub(crate) fn new() -> Self {
+        let mut grouped: Vec<(&'static str, Vec<(Verb, Endpoint)>)> = Vec::new();
+        for route in ROUTES {
+            match grouped.iter_mut().find(|(path, _)| *path == route.path) {
+                Some((_, verbs)) => verbs.push((route.verb, route.endpoint)),
+                None => grouped.push((route.path, vec![(route.verb, route.endpoint)])),
+            }
+        }
+        let mut paths = matchit::Router::new();
+        for (path, verbs) in grouped {
+            // The table is a constant that the router accepted too (tests
+            // build both), so an insert cannot fail at run time; if it ever
+            // did, that path would simply not take the raw stream path.
+            if let Err(e) = paths.insert(path, verbs) {
+                tracing::error!(path, error = %e, "route table entry not matchable");
+            }
+        }
+        Self { paths }
+    }
+
+    /// Whether `method` and the request target `target` (origin form, query
+    /// included) reach a stream endpoint.
+    pub(crate) fn is_stream(&self, method: &str, target: &str) -> bool {
+        if !target.starts_with('/') {
+            return false;
+        }
+        let path = target.split_once('?').map_or(target, |(p, _)| p);
+        self.paths.at(path).is_ok_and(|found| {
+            found
+                .value
+                .iter()
+                .any(|(verb, endpoint)| verb.as_str() == method && endpoint.is_stream())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A concrete path for a pattern: every `{name}` becomes a valid value.
+    fn sample(pattern: &str) -> String {
+        pattern
+            .split('/')
+            .map(|segment| {
+                if segment.starts_with('{') {
+                    "projects:all"
+                } else {
+                    segment
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("/")
+    }
+
+    #[test]
+    fn every_route_is_classified_as_the_table_says() {
+        let streams = StreamRoutes::new();
+        for route in ROUTES {
+            let path = sample(route.path);
+            for verb in [Verb::Get, Verb::Post] {
+                let expected = ROUTES
+                    .iter()
+                    .any(|r| r.path == route.path && r.verb == verb && r.endpoint.is_stream());
+                assert_eq!(
+                    streams.is_stream(verb.as_str(), &path),
+                    expected,
+                    "{} {path}",
+                    verb.as_str()
+                );
+                let with_query = format!("{path}?last_event_id=0");
+                assert_eq!(streams.is_stream(verb.as_str(), &with_query), expected);
+            }
+            assert!(!streams.is_stream("HEAD", &path), "HEAD {path}");
+        }
+        // The table has stream routes at all (else the raw path is dead code).
+        assert!(ROUTES.iter().any(|r| r.endpoint.is_stream()));
+    }
+
+    #[test]
+    fn only_plain_gets_of_stream_routes_are_streams() {
+        let streams = StreamRoutes::new();
+        for (method, path) in [
+            ("GET", "/events?topic=a"),
+            ("GET", "/events"),
+            ("GET", "/topics/projects:all"),
+            ("GET", "/topics/a?last_event_id=x"),
+        ] {
+            assert!(streams.is_stream(method, path), "{method} {path}");
+        }
+        for (method, path) in [
+            ("POST", "/topics/a"),
+            ("HEAD", "/topics/a"),
+            ("GET", "/topics"),
+            ("GET", "/topics/"),
+            ("GET", "/topics/a/info"),
+            ("GET", "/topics/a/"),
+            ("GET", "/eventsx"),
+            ("GET", "/events/"),
+            ("GET", "http://host/topics/a"),
+            ("GET", "*"),
+            ("GET", "/"),
+        ] {
+            assert!(!streams.is_stream(method, path), "{method} {path}");
+        }
+    }
+}
