@@ -76,6 +76,10 @@ pub struct Subscription {
     cursor: u64,
     /// `Some(head)` while catching up from the log up to `head`.
     replay_upto: Option<u64>,
+    /// The highest retention watermark of the topics the client was already
+    /// told about in a `reset` (or that it accepted by asking for `0`): a
+    /// later reset is sent only when more was trimmed than this.
+    reported_trim: u64,
     /// `retry:`, the priming id or a reset: written before anything else.
     prelude: Option<Bytes>,
     settings: StreamSettings,
@@ -130,37 +134,30 @@ impl Subscription {
                     oldest.as_deref(),
                 ));
             };
+        let floor = ctx.log.retention_floor(&topics);
         let (cursor, replay_upto) = match resume {
             ResumePoint::Live => {
                 prelude.push_str(&sse::id_block(&epoch.id(head)));
                 (head, None)
             }
-            // "Whatever there is": start at the retention floor, never a reset.
-            ResumePoint::Everything => (
-                ctx.log.retention_floor(&topics).trimmed_through.min(head),
-                Some(head),
-            ),
+            // "Whatever there is": every retained event of every topic, from
+            // the start of the log (the per-topic index makes that no dearer
+            // than starting at a watermark), never a reset.
+            ResumePoint::Everything => (0, Some(head)),
             ResumePoint::After(seq) if seq > head => {
-                let floor = ctx.log.retention_floor(&topics);
                 reset(ResetReason::UnknownId, head, &epoch.id(seq), floor.oldest);
                 (head, None)
             }
             ResumePoint::After(seq) => {
-                let floor = ctx.log.retention_floor(&topics);
                 if floor.trimmed_through > seq {
-                    reset(
-                        ResetReason::Retention,
-                        floor.trimmed_through,
-                        &epoch.id(seq),
-                        floor.oldest,
-                    );
-                    (floor.trimmed_through, Some(head))
+                    let from = skip_trimmed(seq, floor.trimmed_through, &topics);
+                    reset(ResetReason::Retention, from, &epoch.id(seq), floor.oldest);
+                    (from, Some(head))
                 } else {
                     (seq, Some(head))
                 }
             }
             ResumePoint::Unknown(raw) => {
-                let floor = ctx.log.retention_floor(&topics);
                 reset(ResetReason::UnknownId, head, truncate(&raw), floor.oldest);
                 (head, None)
             }
@@ -195,6 +192,7 @@ impl Subscription {
             feed,
             cursor,
             replay_upto,
+            reported_trim: floor.trimmed_through,
             prelude: Some(Bytes::from(prelude)),
             settings,
             last_write: now,
@@ -305,11 +303,12 @@ impl Subscription {
         // Checked after the read: the trimmer raises the watermark before it
         // removes anything, so a read that missed a trimmed event sees it here.
         let floor = self.ctx.log.retention_floor(&self.topics);
-        if floor.trimmed_through > self.cursor {
+        if floor.trimmed_through > self.cursor.max(self.reported_trim) {
             let epoch = self.ctx.log.epoch();
             let oldest = floor.oldest.map(|seq| epoch.id(seq));
+            let from = skip_trimmed(self.cursor, floor.trimmed_through, &self.topics);
             let block = sse::reset_block(
-                &epoch.id(floor.trimmed_through),
+                &epoch.id(from),
                 ResetReason::Retention,
                 &epoch.id(self.cursor),
                 oldest.as_deref(),
@@ -319,7 +318,10 @@ impl Subscription {
                 .resets
                 .get_or_create(&Metrics::label("reason", ResetReason::Retention.as_str()))
                 .inc();
-            self.cursor = floor.trimmed_through;
+            // The batch just read is dropped: the next read starts again
+            // at the (possibly moved) cursor, after the reset in the stream.
+            self.cursor = from;
+            self.reported_trim = floor.trimmed_through;
             return Ok(Some(Bytes::from(block)));
         }
         let epoch = self.ctx.log.epoch();
@@ -390,6 +392,24 @@ impl Subscription {
         self.feed = self.ctx.hub.subscribe();
         self.replay_upto = Some(self.ctx.log.durable_head());
         self.ctx.metrics.lag_fallbacks.inc();
+    }
+}
+
+/// Where a stream goes on after a retention reset at `cursor` when its
+/// topics were trimmed through `trimmed_through`.
+///
+/// With one topic, everything of it up to the watermark is gone, so the
+/// stream (and the reset's id, which a reconnect resumes from) skips to the
+/// watermark. With several topics the highest watermark belongs to one of
+/// them: another may still retain events below it, so the cursor stays and
+/// the reads that follow send every retained event after it. A client that
+/// reconnects from such a reset's id before the next event gets the reset
+/// again: repeating a notice is better than dropping data.
+fn skip_trimmed(cursor: u64, trimmed_through: u64, topics: &[Topic]) -> u64 {
+    if topics.len() == 1 {
+        cursor.max(trimmed_through)
+    } else {
+        cursor
     }
 }
 

@@ -381,6 +381,64 @@ async fn trimming_another_topic_does_not_reset_this_one() {
     );
 }
 
+/// Issue 15: the highest watermark of a multi-topic stream belongs to one
+/// topic; another may still retain older events, and none may be skipped.
+#[tokio::test]
+async fn a_multi_topic_stream_never_skips_retained_events_of_a_quieter_topic() {
+    let server = TestServer::start(|c| {
+        c.retention.max_events_per_topic = 3;
+        c.retention.trim_interval_ms = 20;
+    })
+    .await;
+    let quiet = server.publish("y", "e", json!("y")).await;
+    let mut busy = Vec::new();
+    for i in 0..8 {
+        busy.push(server.publish("x", "e", json!(i)).await);
+    }
+    let server_ref = &server;
+    eventually("x to be trimmed to 3", || async move {
+        server_ref.get_json("/topics/x/info").await.1["count"] == 3
+    })
+    .await;
+    let retained: Vec<String> = std::iter::once(quiet.clone())
+        .chain(busy[5..].iter().cloned())
+        .collect();
+
+    // `0`: every retained event of every topic, in id order, never a reset.
+    let mut all = server.subscribe("/events?topic=x&topic=y", Some("0")).await;
+    let got: Vec<String> = all.take(4).await.into_iter().map(|e| e.id).collect();
+    assert_eq!(got, retained, "from 0");
+    assert!(!String::from_utf8_lossy(&all.raw).contains("event: reset"));
+
+    // From before everything: a reset says x lost events, then all that is retained.
+    let start = format!("{}-0", epoch_of(&quiet));
+    let mut resumed = server
+        .subscribe("/events?topic=x&topic=y", Some(&start))
+        .await;
+    let reset = resumed.next_event().await;
+    assert_eq!(reset.event, "reset");
+    assert_eq!(
+        reset.json(),
+        json!({"reason": "retention", "requested": start, "oldest": quiet})
+    );
+    let got: Vec<String> = resumed.take(4).await.into_iter().map(|e| e.id).collect();
+    assert_eq!(got, retained, "after the reset");
+
+    // The reset's id is a safe place to resume: nothing retained is skipped
+    // (the notice may repeat; data never goes).
+    let mut again = server
+        .subscribe("/events?topic=x&topic=y", Some(&reset.id))
+        .await;
+    let mut got = Vec::new();
+    while got.len() < retained.len() {
+        let event = again.next_event().await;
+        if event.event != "reset" {
+            got.push(event.id);
+        }
+    }
+    assert_eq!(got, retained, "resumed from the reset's id");
+}
+
 #[tokio::test]
 async fn a_multi_topic_event_survives_while_one_of_its_topics_retains_it() {
     let server = TestServer::start(|c| {
@@ -494,4 +552,55 @@ async fn a_subscriber_that_falls_behind_retention_gets_a_reset_mid_stream() {
         data_events.windows(2).all(|w| w[1] > w[0]),
         "ids strictly increase"
     );
+}
+
+/// Issue 15: a slow multi-topic subscriber that falls back to the log while
+/// one topic is trimmed past it gets a reset, and still every retained event
+/// of the other topic (the cursor never jumps to the busy topic's watermark).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slow_multi_topic_subscriber_keeps_a_quieter_topics_events_through_a_reset() {
+    const EACH: usize = 1000;
+    let server = TestServer::start(|c| {
+        c.retention.max_events_per_topic = 100;
+        c.retention.trim_interval_ms = 10;
+        c.stream.live_buffer_events = 16;
+        c.stream.replay_batch_events = 32;
+    })
+    .await;
+    let mut slow = RawSse::connect(&server, "/events?topic=x&topic=y", None).await;
+    publish_concurrently(&server, 4, EACH, 4000, |_| vec!["x"]).await;
+    let quiet = server.publish("y", "e", json!("y")).await;
+    let busy = publish_concurrently(&server, 4, EACH, 4000, |_| vec!["x"]).await;
+    let last = busy.last().unwrap().0.clone();
+    let server_ref = &server;
+    eventually("x to be trimmed to 100", || async move {
+        server_ref.get_json("/topics/x/info").await.1["count"] == 100
+    })
+    .await;
+    let mut events = Vec::new();
+    while events
+        .last()
+        .map(|e: &SseEvent| e.id != last)
+        .unwrap_or(true)
+    {
+        events.push(slow.next().await);
+    }
+    assert!(
+        events.iter().any(|e| e.event == "reset"),
+        "the subscriber fell behind retention, so it was told"
+    );
+    let data: Vec<&SseEvent> = events.iter().filter(|e| e.event != "reset").collect();
+    assert_eq!(
+        data.iter().filter(|e| e.id == quiet).count(),
+        1,
+        "the quiet topic's retained event arrives once"
+    );
+    assert!(
+        data.windows(2).all(|w| seq_of(&w[1].id) > seq_of(&w[0].id)),
+        "ids strictly increase"
+    );
+    let retained: Vec<&String> = busy[busy.len() - 100..].iter().map(|(id, _)| id).collect();
+    for id in retained {
+        assert!(data.iter().any(|e| &e.id == id), "retained {id} arrives");
+    }
 }
