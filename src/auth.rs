@@ -210,6 +210,9 @@ impl Gate {
         validation.set_required_spec_claims(&["exp"]);
         validation.leeway = auth.leeway_s;
         validation.validate_exp = true;
+        // A token that is not valid yet (`nbf` in the future) is refused like
+        // an expired one; `nbf` stays optional.
+        validation.validate_nbf = true;
         validation.validate_aud = false;
         // Config was validated: every public topic pattern parses.
         let public_topics = auth

@@ -455,6 +455,26 @@ impl Config {
                 return invalid(format!("{name} must be greater than 0"));
             }
         }
+        // Every duration becomes `now + d` somewhere; past these bounds a value
+        // is a typo (or an attempt to overflow a clock), not a setting.
+        const DAY_MS: u64 = 24 * 3600 * 1000;
+        let bounded = [
+            ("server.drain_timeout_ms", self.server.drain_timeout_ms, DAY_MS),
+            ("stream.retry_ms", self.stream.retry_ms, DAY_MS),
+            ("stream.heartbeat_ms", self.stream.heartbeat_ms, DAY_MS),
+            ("retention.trim_interval_ms", self.retention.trim_interval_ms, DAY_MS),
+            ("limits.write_stall_ms", self.limits.write_stall_ms, DAY_MS),
+            ("limits.header_read_timeout_ms", self.limits.header_read_timeout_ms, DAY_MS),
+            ("limits.max_stream_age_ms", self.limits.max_stream_age_ms, 30 * DAY_MS),
+        ];
+        for (name, value, most) in bounded {
+            if value > most {
+                return invalid(format!(
+                    "{name} = {value} is too long; the most is {most} ({} days)",
+                    most / DAY_MS
+                ));
+            }
+        }
         if self.limits.max_header_bytes < 8192 {
             return invalid("limits.max_header_bytes must be at least 8192".into());
         }
@@ -530,6 +550,23 @@ impl LimitsConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_past_their_bound_are_refused_not_overflowed() {
+        for (section, key) in [
+            ("stream", "heartbeat_ms"),
+            ("limits", "max_stream_age_ms"),
+            ("limits", "header_read_timeout_ms"),
+            ("limits", "write_stall_ms"),
+        ] {
+            let err = Config::from_toml(&format!("[{section}]\n{key} = {}\n", i64::MAX))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(&format!("{section}.{key}")), "{err}");
+            assert!(err.contains("too long"), "{err}");
+        }
+        assert!(Config::from_toml("[stream]\nheartbeat_ms = 86400000\n").is_ok());
+    }
 
     #[test]
     fn unknown_keys_are_named() {

@@ -179,10 +179,9 @@ impl Subscription {
             .into_iter()
             .flatten()
             .min()
-            .map(|d| now + d);
-        let first_wake = deadline.map_or(now + settings.heartbeat, |d| {
-            d.min(now + settings.heartbeat)
-        });
+            .map(|d| later(now, d));
+        let first_heartbeat = later(now, settings.heartbeat);
+        let first_wake = deadline.map_or(first_heartbeat, |d| d.min(first_heartbeat));
         Self {
             deadline,
             timer: Box::pin(tokio::time::sleep_until(first_wake)),
@@ -275,9 +274,9 @@ impl Subscription {
     /// the deadline the loop in `produce` ends the stream.)
     fn on_timer(&mut self) -> Option<Bytes> {
         let now = Instant::now();
-        let mut next_heartbeat = self.last_write + self.settings.heartbeat;
+        let mut next_heartbeat = later(self.last_write, self.settings.heartbeat);
         let keepalive = (next_heartbeat <= now).then(|| {
-            next_heartbeat = now + self.settings.heartbeat;
+            next_heartbeat = later(now, self.settings.heartbeat);
             Bytes::from_static(sse::KEEPALIVE)
         });
         let wake = self
@@ -393,6 +392,15 @@ impl Subscription {
         self.replay_upto = Some(self.ctx.log.durable_head());
         self.ctx.metrics.lag_fallbacks.inc();
     }
+}
+
+/// `at + wait`, or a century from `at` when that would overflow: a token
+/// whose `exp` is near `u64::MAX` means "never", not a panic.
+fn later(at: Instant, wait: Duration) -> Instant {
+    const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+    at.checked_add(wait.min(CENTURY))
+        .or_else(|| at.checked_add(CENTURY))
+        .unwrap_or(at)
 }
 
 /// Where a stream goes on after a retention reset at `cursor` when its

@@ -174,8 +174,27 @@ async fn bad_tokens_are_401() {
         &EncodingKey::from_secret(SECRET.as_bytes()),
     )
     .unwrap();
+    #[derive(serde::Serialize)]
+    struct NotBefore {
+        exp: u64,
+        nbf: u64,
+        publish: Vec<String>,
+        subscribe: Vec<String>,
+    }
+    let not_yet_valid = jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &NotBefore {
+            exp: now() + 7200,
+            nbf: now() + 3600,
+            publish: vec!["*".into()],
+            subscribe: vec!["*".into()],
+        },
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap();
     for (what, bad) in [
         ("expired", expired),
+        ("nbf in the future", not_yet_valid),
         ("wrong key", wrong_key),
         ("other alg", other_alg),
         ("no exp", no_exp),
@@ -263,6 +282,22 @@ async fn the_token_travels_in_a_header_a_cookie_or_the_query() {
     assert_eq!(by_query.headers()["content-type"], "text/event-stream");
     let (status, _) = get_with(&server, "/topics/t/info", Some(&reader)).await;
     assert_eq!(status, 200);
+}
+
+/// Issue 15: `exp` near `u64::MAX` used to overflow an `Instant` and kill
+/// the connection task; it means "never expires".
+#[tokio::test]
+async fn a_token_that_expires_at_the_end_of_time_streams_normally() {
+    let server = TestServer::start(|c| c.auth = Some(hs256(&[]))).await;
+    let mut forever = claims(&["t"], &["t"], None, 0);
+    forever.exp = u64::MAX - 1;
+    let forever = mint_hs256(SECRET, &forever).unwrap();
+    let mut stream = stream_with(&server, "/topics/t", &forever, None).await;
+    assert_eq!(stream.status, 200);
+    let (status, body) = publish_with(&server, Some(&forever), "t", json!("still here")).await;
+    assert_eq!(status, 201, "{body}");
+    let event = stream.next_event().await;
+    assert_eq!(event.data, r#""still here""#);
 }
 
 #[tokio::test]
