@@ -316,3 +316,27 @@ async fn a_stream_head_that_arrives_byte_by_byte_is_served() {
     let id = server.publish("trickle", "e", json!(1)).await;
     assert_eq!(conn.events(&mut SseParser::default(), 1).await[0].id, id);
 }
+
+/// Issue 15: a stream head over `limits.max_header_bytes` gets the same 431
+/// as any other route, even when it arrives in one write.
+#[tokio::test]
+async fn a_stream_head_over_the_header_limit_is_refused_like_any_other() {
+    let server = TestServer::start(|c| c.limits.max_header_bytes = 16 * 1024).await;
+    for target in ["/topics/big", "/healthz"] {
+        let mut conn = RawConn::open(&server).await;
+        let padding = "a".repeat(28 * 1024);
+        conn.send(&format!(
+            "GET {target} HTTP/1.1\r\nHost: t\r\nX-Padding: {padding}\r\n\r\n"
+        ))
+        .await;
+        assert_eq!(conn.head().await.status, 431, "GET {target}");
+    }
+    // Just under the limit still streams.
+    let mut conn = RawConn::open(&server).await;
+    let padding = "a".repeat(12 * 1024);
+    conn.send(&format!(
+        "GET /topics/big HTTP/1.1\r\nHost: t\r\nX-Padding: {padding}\r\n\r\n"
+    ))
+    .await;
+    assert_eq!(conn.head().await.status, 200);
+}

@@ -91,6 +91,9 @@ pub async fn serve_first(tcp: &mut TcpStream, peer: SocketAddr, shared: &Shared)
             match classify(&buf, peer, &shared.stream_routes) {
                 Classified::Partial => {}
                 Classified::Other => return Next::Hyper(buf.freeze()),
+                // The same limit hyper applies to every other head: a head
+                // read in one large gulp must not slip past it.
+                Classified::Stream(_, len) if len > limit => return Next::Hyper(buf.freeze()),
                 Classified::Stream(head, len) => break (head, len),
             }
         }
