@@ -184,6 +184,12 @@ impl App {
     }
 
     /// The shard holding `scope`'s topics, opening an org's log on first use.
+    /// Whether the log a `scope` reads also holds other orgs' events (tenancy
+    /// on one shared log, as with sled), so its head must not be shown.
+    pub fn log_is_shared_with_other_orgs(&self, scope: &Scope) -> bool {
+        matches!(scope, Scope::Org(_)) && self.orgs.is_none()
+    }
+
     pub async fn shard(&self, scope: &Scope) -> Result<Shard, LogError> {
         let default = || Shard {
             log: Arc::clone(&self.log),

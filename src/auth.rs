@@ -291,12 +291,14 @@ impl Gate {
         }
     }
 
-    /// May `caller` see `topic` (unscoped) in a listing?
+    /// May `caller` see `topic` (unscoped) in a listing? Only if it may
+    /// subscribe to it: a listing shows counts and ids, which are what a
+    /// subscription reveals, so a publish-only right shows nothing.
     pub fn may_list(&self, caller: &Caller, topic: &Topic) -> bool {
         match caller {
             Caller::Open => true,
             Caller::Anonymous => any_match(&self.public_topics, topic),
-            Caller::Token(p) => any_match(&p.subscribe, topic) || any_match(&p.publish, topic),
+            Caller::Token(p) => any_match(&p.subscribe, topic),
         }
     }
 

@@ -459,13 +459,29 @@ impl Config {
         // is a typo (or an attempt to overflow a clock), not a setting.
         const DAY_MS: u64 = 24 * 3600 * 1000;
         let bounded = [
-            ("server.drain_timeout_ms", self.server.drain_timeout_ms, DAY_MS),
+            (
+                "server.drain_timeout_ms",
+                self.server.drain_timeout_ms,
+                DAY_MS,
+            ),
             ("stream.retry_ms", self.stream.retry_ms, DAY_MS),
             ("stream.heartbeat_ms", self.stream.heartbeat_ms, DAY_MS),
-            ("retention.trim_interval_ms", self.retention.trim_interval_ms, DAY_MS),
+            (
+                "retention.trim_interval_ms",
+                self.retention.trim_interval_ms,
+                DAY_MS,
+            ),
             ("limits.write_stall_ms", self.limits.write_stall_ms, DAY_MS),
-            ("limits.header_read_timeout_ms", self.limits.header_read_timeout_ms, DAY_MS),
-            ("limits.max_stream_age_ms", self.limits.max_stream_age_ms, 30 * DAY_MS),
+            (
+                "limits.header_read_timeout_ms",
+                self.limits.header_read_timeout_ms,
+                DAY_MS,
+            ),
+            (
+                "limits.max_stream_age_ms",
+                self.limits.max_stream_age_ms,
+                30 * DAY_MS,
+            ),
         ];
         for (name, value, most) in bounded {
             if value > most {

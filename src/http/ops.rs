@@ -61,6 +61,7 @@ pub async fn list_topics(
     }
     let shard = app.shard(&scope).await?;
     let epoch = shard.log.epoch();
+    let mut newest_listed = 0;
     let topics: Vec<serde_json::Value> = shard
         .log
         .topics()
@@ -68,6 +69,7 @@ pub async fn list_topics(
         .filter_map(|(stored, info)| {
             let visible = scope.strip(&stored)?;
             app.gate.may_list(&access.caller, &visible).then(|| {
+                newest_listed = newest_listed.max(info.last.unwrap_or(0));
                 serde_json::json!({
                     "topic": visible.as_str(),
                     "first_id": info.first.map(|seq| epoch.id(seq)),
@@ -78,12 +80,14 @@ pub async fn list_topics(
             })
         })
         .collect();
-    Ok(
-        Json(
-            serde_json::json!({ "topics": topics, "head_id": epoch.id(shard.log.durable_head()) }),
-        )
-        .into_response(),
-    )
+    // The log's head counts every org's events when orgs share one log: an
+    // org sees the newest id among its own listed topics instead.
+    let head = if app.log_is_shared_with_other_orgs(&scope) {
+        newest_listed
+    } else {
+        shard.log.durable_head()
+    };
+    Ok(Json(serde_json::json!({ "topics": topics, "head_id": epoch.id(head) })).into_response())
 }
 
 /// `{"topic", "first_id", "last_id", "count", "subscribers"}`; needs the

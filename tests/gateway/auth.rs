@@ -147,6 +147,34 @@ async fn publishing_needs_a_token_with_a_matching_publish_claim() {
     assert_eq!(response.status(), 403);
 }
 
+/// Issue 15: a listing reveals what a subscription would (counts, ids), so
+/// a publish-only right lists nothing.
+#[tokio::test]
+async fn the_topic_list_shows_only_topics_the_caller_may_subscribe_to() {
+    let server = TestServer::start(|c| c.auth = Some(hs256(&[]))).await;
+    let publisher = token(&[], &["*"], None);
+    for topic in ["secret", "open"] {
+        assert_eq!(
+            publish_with(&server, Some(&publisher), topic, json!(1))
+                .await
+                .0,
+            201
+        );
+    }
+    let (status, list) = get_with(&server, "/topics", Some(&publisher)).await;
+    assert_eq!(status, 200);
+    assert_eq!(list["topics"], json!([]), "publish-only: nothing listed");
+    let reader = token(&["open"], &["*"], None);
+    let (_, list) = get_with(&server, "/topics", Some(&reader)).await;
+    let names: Vec<&str> = list["topics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["topic"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["open"]);
+}
+
 #[tokio::test]
 async fn bad_tokens_are_401() {
     let server = TestServer::start(|c| c.auth = Some(hs256(&[]))).await;
@@ -522,6 +550,11 @@ async fn tenancy_isolates_orgs_completely() {
     assert_eq!(names, ["projects:all", "projects:tasks"]);
     let (_, list_a) = get_with(&server, "/topics", Some(&a)).await;
     assert_eq!(list_a["topics"].as_array().unwrap().len(), 1);
+    // The head of the shared log would tell A how much B publishes: A sees
+    // the newest id of its own topics.
+    assert_eq!(list_a["head_id"], json!(id_a));
+    let (_, list_b) = get_with(&server, "/topics", Some(&b)).await;
+    assert_eq!(list_b["head_id"], json!(broadcast["id"]));
 
     // No org, or no token at all (even for a "public" topic): 401.
     let no_org = token(&["*"], &["*"], None);
