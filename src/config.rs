@@ -244,9 +244,10 @@ pub struct LimitsConfig {
     pub max_commit_batch: usize,
     /// Most open SSE streams from one client IP; more are shed like `max_connections`.
     pub max_connections_per_ip: usize,
-    /// Publishes per second allowed per token (sustained; bursts up to `publish_burst`).
+    /// Publishes per second allowed per token (sustained; bursts up to
+    /// `publish_burst`); 0 = no limit (the default).
     pub publish_rate_per_token: u32,
-    /// Publishes per second allowed per client IP.
+    /// Publishes per second allowed per client IP; 0 = no limit (the default).
     pub publish_rate_per_ip: u32,
     /// Burst size of both publish rate limits.
     pub publish_burst: u32,
@@ -273,8 +274,8 @@ impl Default for LimitsConfig {
             publish_queue: 8192,
             max_commit_batch: 4096,
             max_connections_per_ip: 1_000,
-            publish_rate_per_token: 1_000,
-            publish_rate_per_ip: 1_000,
+            publish_rate_per_token: 0,
+            publish_rate_per_ip: 0,
             publish_burst: 2_000,
             trust_forwarded_for: false,
             max_header_bytes: 16 * 1024,
@@ -430,14 +431,6 @@ impl Config {
             (
                 "limits.max_connections_per_ip",
                 self.limits.max_connections_per_ip as u64,
-            ),
-            (
-                "limits.publish_rate_per_token",
-                u64::from(self.limits.publish_rate_per_token),
-            ),
-            (
-                "limits.publish_rate_per_ip",
-                u64::from(self.limits.publish_rate_per_ip),
             ),
             ("limits.publish_burst", u64::from(self.limits.publish_burst)),
             (

@@ -23,8 +23,10 @@ use crate::config::LimitsConfig;
 pub struct ClientLimits {
     per_ip_streams: usize,
     streams: Arc<Mutex<HashMap<IpAddr, usize>>>,
-    by_ip: DefaultKeyedRateLimiter<IpAddr>,
-    by_token: DefaultKeyedRateLimiter<u64>,
+    /// `None` when `limits.publish_rate_per_ip` is 0 (off, the default).
+    by_ip: Option<DefaultKeyedRateLimiter<IpAddr>>,
+    /// `None` when `limits.publish_rate_per_token` is 0 (off, the default).
+    by_token: Option<DefaultKeyedRateLimiter<u64>>,
     clock: DefaultClock,
 }
 
@@ -36,16 +38,19 @@ pub struct RateLimited {
 
 impl ClientLimits {
     pub fn new(config: &LimitsConfig) -> Self {
+        // 0 means no limit: the main publisher is one backend address
+        // that must publish at full speed; limits are for publish routes
+        // exposed to browsers.
         let quota = |per_second: u32| {
-            let rate = NonZeroU32::new(per_second).unwrap_or(NonZeroU32::MIN);
+            let rate = NonZeroU32::new(per_second)?;
             let burst = NonZeroU32::new(config.publish_burst).unwrap_or(NonZeroU32::MIN);
-            Quota::per_second(rate).allow_burst(burst)
+            Some(Quota::per_second(rate).allow_burst(burst))
         };
         Self {
             per_ip_streams: config.max_connections_per_ip,
             streams: Arc::default(),
-            by_ip: RateLimiter::keyed(quota(config.publish_rate_per_ip)),
-            by_token: RateLimiter::keyed(quota(config.publish_rate_per_token)),
+            by_ip: quota(config.publish_rate_per_ip).map(RateLimiter::keyed),
+            by_token: quota(config.publish_rate_per_token).map(RateLimiter::keyed),
             clock: DefaultClock::default(),
         }
     }
@@ -69,19 +74,25 @@ impl ClientLimits {
         let wait = |not_until: governor::NotUntil<_>| RateLimited {
             retry_after: not_until.wait_time_from(self.clock.now()),
         };
-        self.by_ip.check_key(&ip).map_err(wait)?;
-        if let Some(token) = token {
-            self.by_token.check_key(&token).map_err(wait)?;
+        if let Some(by_ip) = &self.by_ip {
+            by_ip.check_key(&ip).map_err(wait)?;
+        }
+        if let (Some(by_token), Some(token)) = (&self.by_token, token) {
+            by_token.check_key(&token).map_err(wait)?;
         }
         Ok(())
     }
 
     /// Forgets limiter state of idle keys (bounded memory).
     pub fn sweep(&self) {
-        self.by_ip.retain_recent();
-        self.by_token.retain_recent();
-        self.by_ip.shrink_to_fit();
-        self.by_token.shrink_to_fit();
+        if let Some(by_ip) = &self.by_ip {
+            by_ip.retain_recent();
+            by_ip.shrink_to_fit();
+        }
+        if let Some(by_token) = &self.by_token {
+            by_token.retain_recent();
+            by_token.shrink_to_fit();
+        }
     }
 }
 

@@ -214,3 +214,59 @@ async fn streams_over_max_topics_per_stream_are_400() {
         .await;
     assert_eq!(ok.status, 200);
 }
+
+/// Issue 15: a Phoenix backend publishes from one address. With the shipped
+/// `config.toml` it must never be throttled: 6,000 events as fast as 32
+/// connections can send them all get 201 (the old per-IP default of 1,000/s
+/// with a burst of 2,000 refused past ~3,500).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_publishes_at_full_speed_with_the_shipped_config() {
+    const EVENTS: usize = 6000;
+    const PUBLISHERS: usize = 32;
+    let shipped = sse_gateway::Config::from_file(&repo_path("config.toml")).expect("config.toml");
+    // On tmpfs where there is one, so fsync costs nothing and the publishers
+    // outrun any rate limit a shipped default could set.
+    let dir = match std::path::Path::new("/dev/shm").is_dir() {
+        true => tempfile::TempDir::new_in("/dev/shm").expect("tempdir in /dev/shm"),
+        false => tempfile::TempDir::new().expect("tempdir"),
+    };
+    let server = TestServer::start_in(dir, move |c| {
+        let data_dir = c.storage.data_dir.clone();
+        *c = shipped;
+        c.storage.data_dir = data_dir;
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for p in 0..PUBLISHERS {
+        let client = server.client.clone();
+        let url = server.url("/topics/projects:all");
+        tasks.push(tokio::spawn(async move {
+            let mut refused = 0;
+            for i in (p..EVENTS).step_by(PUBLISHERS) {
+                let response = client
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .body(json!({"event": "task_updated", "data": {"i": i}}).to_string())
+                    .send()
+                    .await
+                    .expect("publish");
+                if response.status() != 201 {
+                    refused += 1;
+                }
+            }
+            refused
+        }));
+    }
+    let mut refused = 0;
+    for task in tasks {
+        refused += task.await.unwrap();
+    }
+    let rate = EVENTS as f64 / started.elapsed().as_secs_f64();
+    assert_eq!(
+        refused, 0,
+        "{refused} of {EVENTS} refused at {rate:.0} events/s"
+    );
+    let (_, info) = server.get_json("/topics/projects:all/info").await;
+    assert_eq!(info["count"], EVENTS);
+}
