@@ -52,8 +52,10 @@ struct MultiPublish<'a> {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Broadcast<'a> {
-    #[serde(default, borrow)]
-    event: Option<Cow<'a, str>>,
+    /// Required: the projects module always sends its event atom, so a
+    /// missing one is a broken publisher, not a `message`.
+    #[serde(borrow)]
+    event: Cow<'a, str>,
     #[serde(borrow)]
     payload: &'a RawValue,
 }
@@ -109,7 +111,7 @@ pub async fn broadcast(
     let bytes = read_json_body(&app, &headers, body).await?;
     let started = Instant::now();
     let request: Broadcast = parse_body(&bytes)?;
-    let name = event_name(request.event.as_deref())?;
+    let name = EventName::parse(&request.event)?;
     let data = json::compact(request.payload.get(), app.config.limits.max_json_depth)?;
     // Routes never read numbers, and `Value` refuses valid ones beyond f64 (`1e999`).
     let payload: serde_json::Value = serde_json::from_str(&json::zero_numbers(&data))

@@ -1081,6 +1081,17 @@ async fn json_of_the_wrong_shape_is_400_invalid_body_naming_the_field() {
             "payload",
         ),
         ("/projects/broadcast/task", r#"{"event":"e"}"#, "payload"),
+        // The module always sends its event atom: none is a broken publisher.
+        (
+            "/projects/broadcast/task",
+            r#"{"payload":{"uuid":"6f1b2c3d-0000-4000-8000-000000000001"}}"#,
+            "event",
+        ),
+        (
+            "/projects/broadcast/task",
+            r#"{"event":null,"payload":{}}"#,
+            "event",
+        ),
         (
             "/projects/broadcast/task",
             r#"{"event":"e","payload":{},"payload":{}}"#,
