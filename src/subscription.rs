@@ -47,6 +47,12 @@ use crate::sse::{self, ResetReason};
 /// Longest requested id echoed back in a `reset` (ids come from clients).
 const MAX_ECHOED_ID: usize = 256;
 
+/// Most bytes of events in one write, and so the most a stream whose client
+/// reads nothing holds while its write waits (`limits.write_stall`): one
+/// event, if that event alone is larger. Counts are not enough: 512 events
+/// of 1 MB in one replay write held half a gigabyte per stalled stream.
+pub const MAX_CHUNK_BYTES: usize = 256 * 1024;
+
 /// Per-stream settings from the config.
 #[derive(Debug, Clone, Copy)]
 pub struct StreamSettings {
@@ -76,6 +82,9 @@ pub struct Subscription {
     cursor: u64,
     /// `Some(head)` while catching up from the log up to `head`.
     replay_upto: Option<u64>,
+    /// Events per replay read: `settings.batch`, smaller while events are
+    /// so large that a batch would not fit one write (`MAX_CHUNK_BYTES`).
+    read_limit: usize,
     /// The highest retention watermark of the topics the client was already
     /// told about in a `reset` (or that it accepted by asking for `0`): a
     /// later reset is sent only when more was trimmed than this.
@@ -191,6 +200,7 @@ impl Subscription {
             feed,
             cursor,
             replay_upto,
+            read_limit: settings.batch,
             reported_trim: floor.trimmed_through,
             prelude: Some(Bytes::from(prelude)),
             settings,
@@ -292,7 +302,7 @@ impl Subscription {
         let batch = self
             .ctx
             .log
-            .read(&self.topics, self.cursor, upto, self.settings.batch)
+            .read(&self.topics, self.cursor, upto, self.read_limit)
             .await?;
         self.ctx.metrics.replay_reads.inc();
         self.ctx
@@ -325,13 +335,33 @@ impl Subscription {
         }
         let epoch = self.ctx.log.epoch();
         let mut buf = BytesMut::new();
-        let mut sent = 0u64;
-        for event in batch.events.iter().filter(|e| e.seq > self.cursor) {
+        let mut sent = 0usize;
+        let start = self.cursor;
+        let mut last = start;
+        let mut cut = false;
+        for event in batch.events.iter().filter(|e| e.seq > start) {
+            let before = buf.len();
             sse::put_event(&mut buf, epoch, event.seq, event.name.as_str(), &event.data);
+            if buf.len() > MAX_CHUNK_BYTES && before > 0 {
+                // Over the write's budget: this event starts the next write.
+                buf.truncate(before);
+                cut = true;
+                break;
+            }
+            last = event.seq;
             sent += 1;
         }
-        self.cursor = self.cursor.max(batch.through);
-        self.ctx.metrics.events_delivered.inc_by(sent);
+        if cut {
+            // The rest of the batch is read again: fewer per read from now.
+            self.cursor = last;
+            self.read_limit = sent.max(1);
+        } else {
+            self.cursor = last.max(batch.through);
+            if batch.events.len() >= self.read_limit {
+                self.read_limit = (self.read_limit * 2).min(self.settings.batch);
+            }
+        }
+        self.ctx.metrics.events_delivered.inc_by(sent as u64);
         Ok((!buf.is_empty()).then(|| buf.freeze()))
     }
 
@@ -355,10 +385,16 @@ impl Subscription {
                     fall_back = true;
                     break;
                 }
-                self.cursor = event.seq;
                 if event.topics.iter().any(|t| self.topics.contains(t)) {
+                    if chunk.frames > 0 && chunk.len() + event.frame.len() > MAX_CHUNK_BYTES {
+                        // Over the write's budget: this one and what follows
+                        // come from the log, read within the budget.
+                        fall_back = true;
+                        break;
+                    }
                     chunk.push(&event.frame);
                 }
+                self.cursor = event.seq;
             }
             if chunk.frames >= self.settings.batch {
                 break;
@@ -443,12 +479,20 @@ struct Chunk {
 }
 
 impl Chunk {
+    fn len(&self) -> usize {
+        self.joined
+            .as_ref()
+            .map_or_else(|| self.single.as_ref().map_or(0, Bytes::len), BytesMut::len)
+    }
+
     fn push(&mut self, frame: &Bytes) {
         self.frames += 1;
         if let Some(joined) = &mut self.joined {
             joined.extend_from_slice(frame);
         } else if let Some(first) = self.single.take() {
-            let mut joined = BytesMut::with_capacity((first.len() + frame.len()) * 4);
+            // Room for a few more small frames, never past the write budget.
+            let room = ((first.len() + frame.len()) * 4).min(MAX_CHUNK_BYTES);
+            let mut joined = BytesMut::with_capacity(room.max(first.len() + frame.len()));
             joined.extend_from_slice(&first);
             joined.extend_from_slice(frame);
             self.joined = Some(joined);

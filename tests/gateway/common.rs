@@ -506,6 +506,11 @@ impl GatewayProcess {
         format!("{}{}", self.base, path)
     }
 
+    /// The child's process id (for `/proc` readings).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// `kill -9`.
     pub fn kill9(mut self) {
         self.child.kill().expect("SIGKILL");
