@@ -617,6 +617,15 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("redis-cluster"), "{err}");
+        assert!(
+            err.contains(r#"storage.backend "nats" is unknown"#),
+            "{err}"
+        );
+        assert_eq!(
+            "nats".parse::<Backend>().unwrap_err(),
+            r#"storage.backend "nats" is unknown; use "sled", "redis" or "redis-cluster""#
+        );
+        assert_eq!("redis-cluster".parse(), Ok(Backend::RedisCluster));
         let err = Config::from_toml("[storage]\nkey_prefix = \"{x}\"\n")
             .unwrap_err()
             .to_string();

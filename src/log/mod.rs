@@ -5,7 +5,6 @@
 //! and never lets a reader see past that durable watermark. After making a
 //! batch durable it hands the events to the [`Hub`](crate::hub::Hub) for live
 //! fan-out, in sequence order.
-
 //!
 //! Each backend lives in its own module and shares only what is here: the
 //! writer queue ([`queue`]), the per-topic counters ([`stats`]) and the

@@ -45,7 +45,7 @@ pub struct ImportStats {
     pub exact_watermarks: bool,
 }
 
-/// Imports an export (module docs: the format) into `dir`, which must not
+/// Imports an export (the `export` module's docs: the format) into `dir`, which must not
 /// exist or must be an empty directory.
 ///
 /// # Nothing half-imported is left behind
