@@ -3,12 +3,12 @@
 //! A log stores each published event once, under one sequence number, with an
 //! index per topic; it acknowledges an append only once the event is durable,
 //! and never lets a reader see past that durable watermark. After making a
-//! batch durable it hands the events to the [`Hub`](crate::hub::Hub) for live
+//! batch durable it hands the events to the [`Hub`] for live
 //! fan-out, in sequence order.
 //!
 //! Each backend lives in its own module and shares only what is here: the
-//! writer queue ([`queue`]), the per-topic counters ([`stats`]) and the
-//! hand-off to the hub ([`hand_off`]), so no backend depends on the other.
+//! writer queue (`queue`), the per-topic counters (`stats`) and the
+//! hand-off to the hub (`hand_off`), so no backend depends on the other.
 
 mod queue;
 pub mod redis;

@@ -23,17 +23,17 @@
 //! state into the entry itself, so every node's tailer keeps exact per-topic
 //! stats without asking Redis.
 //!
-//! **Parts.** The [`writer`] appends publishes in groups, one script call
+//! **Parts.** The `writer` appends publishes in groups, one script call
 //! each (see the README for what a `201` means under each persistence
-//! setting). The [`tailer`] follows the stream and hands every event, whoever
+//! setting). The `tailer` follows the stream and hands every event, whoever
 //! appended it, to this node's hub; subscribers never talk to Redis except
-//! for replay reads. The [`trimmer`] applies age retention to quiet logs.
-//! They share [`shared::Shared`] and never call each other; [`connections`]
-//! and [`replies`] are below them all.
+//! for replay reads. The `trimmer` applies age retention to quiet logs.
+//! They share `shared::Shared` and never call each other; `connections`
+//! and `replies` are below them all.
 //!
 //! **Faults.** A failed command answers `503` (the script is atomic: nothing
 //! half-stored). The tailer reconnects, and a Redis that lost the log makes
-//! it refuse writes until the gateway restarts (see [`tailer`]).
+//! it refuse writes until the gateway restarts (see `tailer`).
 
 mod connections;
 mod replies;

@@ -1,12 +1,12 @@
 //! The embedded sled backend: one writer thread with group commit, readers
 //! capped at the durable watermark, and a background retention trimmer.
 //!
-//! Publishes reach the [`writer`] through one bounded channel; it makes each
+//! Publishes reach the `writer` through one bounded channel; it makes each
 //! batch durable (`durable.rs` adds the fsync sled's flush lacks) before it
-//! acks, raises the watermark and hands the events to the hub. [`reads`]
-//! serve replays, the [`trimmer`] enforces retention, and all three share one
-//! [`shared::Shared`] state and never call each other. The key layout and
-//! record encoding are [`codec`]'s, the format versions [`format`]'s, and
+//! acks, raises the watermark and hands the events to the hub. `reads`
+//! serve replays, the `trimmer` enforces retention, and all three share one
+//! `shared::Shared` state and never call each other. The key layout and
+//! record encoding are [`codec`]'s, the format versions [`format`](mod@format)'s, and
 //! [`offline`] works on a directory no gateway has open (the operator CLI).
 
 pub mod codec;

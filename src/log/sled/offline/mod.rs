@@ -6,8 +6,8 @@
 //! function here fails with [`OfflineError::Locked`] while a gateway holds it.
 //! Nothing here starts the log writer or the retention trimmer, and
 //! `inspect`, `check` and `export` never write a key. The key layout and the
-//! record encoding are [`codec`](super::codec)'s and the format rules
-//! [`format`](super::format)'s: this module only walks them.
+//! record encoding are [`codec`]'s and the format rules
+//! [`format`](mod@format)'s: this module only walks them.
 //!
 //! Every operation is a full scan, O(size of the log): sled keeps no counts.
 //!
