@@ -7,6 +7,7 @@
 //! that `WAIT` saw that many replicas. The writer does not hand events to the
 //! hub: this node's tailer does, for events appended by any node.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -83,8 +84,7 @@ impl Shared {
                 if let LogError::Lost(_) = *cause {
                     self.fail(Arc::clone(&cause));
                 } else {
-                    self.healthy
-                        .store(false, std::sync::atomic::Ordering::Release);
+                    self.healthy.store(false, Ordering::Release);
                     tracing::warn!(log = %self.log_key, error = %cause, "append failed");
                 }
                 // A broken connection is replaced on the next commit.
