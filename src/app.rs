@@ -99,55 +99,55 @@ impl App {
             batch_events: config.retention.trim_batch_events,
         };
         let trim_interval = Duration::from_millis(config.retention.trim_interval_ms);
-        let (log, orgs): (Arc<dyn Log>, Option<OrgLogs>) =
-            match RedisTarget::from_config(&config.storage) {
-                None => {
-                    let options = SledOptions {
-                        cache_capacity_bytes: config.storage.cache_capacity_bytes,
-                        publish_queue: config.limits.publish_queue,
-                        max_commit_batch: config.limits.max_commit_batch,
-                        retention,
-                        trim_interval,
-                    };
-                    let log = SledLog::open(
-                        &config.storage.data_dir,
-                        options,
-                        Arc::clone(&hub),
-                        Arc::clone(&metrics),
-                    )?;
-                    (Arc::new(log), None)
-                }
-                Some(target) => {
-                    let storage = &config.storage;
-                    let clients = RedisClients::connect(
-                        target,
-                        Duration::from_millis(storage.command_timeout_ms),
-                    )
-                    .await?;
-                    let options = RedisOptions {
-                        tag: storage.key_prefix.clone(),
-                        publish_queue: config.limits.publish_queue,
-                        max_commit_batch: config.limits.max_commit_batch,
-                        retention,
-                        trim_interval,
-                        wait_replicas: storage.wait_replicas,
-                        wait_timeout: Duration::from_millis(storage.wait_timeout_ms),
-                    };
-                    let log = RedisLog::open(
-                        clients.clone(),
-                        options.clone(),
-                        Arc::clone(&hub),
-                        Arc::clone(&metrics),
-                    )
-                    .await?;
-                    let orgs = config.tenancy.enabled.then(|| OrgLogs {
-                        clients,
-                        options,
-                        open: parking_lot::Mutex::new(HashMap::new()),
-                    });
-                    (Arc::new(log), orgs)
-                }
-            };
+        let redis_target = RedisTarget::from_config(&config.storage);
+        let (log, orgs): (Arc<dyn Log>, Option<OrgLogs>) = match redis_target {
+            None => {
+                let options = SledOptions {
+                    cache_capacity_bytes: config.storage.cache_capacity_bytes,
+                    publish_queue: config.limits.publish_queue,
+                    max_commit_batch: config.limits.max_commit_batch,
+                    retention,
+                    trim_interval,
+                };
+                let log = SledLog::open(
+                    &config.storage.data_dir,
+                    options,
+                    Arc::clone(&hub),
+                    Arc::clone(&metrics),
+                )?;
+                (Arc::new(log), None)
+            }
+            Some(target) => {
+                let storage = &config.storage;
+                let clients = RedisClients::connect(
+                    target,
+                    Duration::from_millis(storage.command_timeout_ms),
+                )
+                .await?;
+                let options = RedisOptions {
+                    tag: storage.key_prefix.clone(),
+                    publish_queue: config.limits.publish_queue,
+                    max_commit_batch: config.limits.max_commit_batch,
+                    retention,
+                    trim_interval,
+                    wait_replicas: storage.wait_replicas,
+                    wait_timeout: Duration::from_millis(storage.wait_timeout_ms),
+                };
+                let log = RedisLog::open(
+                    clients.clone(),
+                    options.clone(),
+                    Arc::clone(&hub),
+                    Arc::clone(&metrics),
+                )
+                .await?;
+                let orgs = config.tenancy.enabled.then(|| OrgLogs {
+                    clients,
+                    options,
+                    open: parking_lot::Mutex::new(HashMap::new()),
+                });
+                (Arc::new(log), orgs)
+            }
+        };
         let routes = config
             .effective_routes()
             .into_iter()
