@@ -15,9 +15,13 @@ use crate::model::{EventName, Topic};
 
 /// A consistent view of a log at one instant.
 pub(super) struct Snapshot {
+    /// `{tag}:epoch`, if Redis still holds one.
     pub epoch: Option<String>,
+    /// `{tag}:head`: the last assigned sequence.
     pub head: u64,
+    /// The newest stream entry: where a tailer continues from.
     pub last_id: StreamPos,
+    /// Every topic's counts and watermark at that instant.
     pub topics: HashMap<Topic, TopicStats>,
 }
 
@@ -89,6 +93,7 @@ impl StreamPos {
     }
 }
 
+/// A string reply (or an integer, as text).
 pub(super) fn text(value: &Value) -> Option<String> {
     match value {
         Value::BulkString(bytes) => String::from_utf8(bytes.clone()).ok(),
@@ -98,6 +103,7 @@ pub(super) fn text(value: &Value) -> Option<String> {
     }
 }
 
+/// A non-negative integer reply, as an integer or as text.
 pub(super) fn number(value: &Value) -> Option<u64> {
     match value {
         Value::Int(i) => u64::try_from(*i).ok(),
@@ -107,6 +113,7 @@ pub(super) fn number(value: &Value) -> Option<u64> {
     }
 }
 
+/// The raw bytes of a string reply.
 pub(super) fn bytes_of(value: &Value) -> Option<&[u8]> {
     match value {
         Value::BulkString(bytes) => Some(bytes),

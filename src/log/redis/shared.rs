@@ -43,16 +43,20 @@ pub struct RedisOptions {
 
 /// State shared by the writer, the tailer, the trimmer and readers.
 pub(super) struct Shared {
+    /// The deployment's connections (shared with other logs on it).
     pub clients: RedisClients,
+    /// `migrations/redis/v1.lua`: every operation is one atomic call of it.
     pub script: redis::Script,
     /// `{tag}:log`: the script's only declared key (routes it on a Cluster).
     pub log_key: String,
+    /// The prefix of every id this log assigns; checked by every append.
     pub epoch: Epoch,
     /// Highest sequence this node's tailer has seen (and handed to the hub);
     /// readers never go past it.
     pub durable_head: AtomicU64,
     /// The same, for waiters ([`Log::settle`](crate::log::Log::settle)).
     pub head_tx: watch::Sender<u64>,
+    /// Per-topic counts and watermarks, kept exact from the tailed entries.
     pub stats: StatsTable,
     /// Set when Redis lost the log (epoch changed, head went back): writes
     /// are refused until restart, since ids could otherwise repeat. Shared
@@ -60,8 +64,11 @@ pub(super) struct Shared {
     pub failed: Mutex<Option<Arc<LogError>>>,
     /// Redis answered the last command / tail read.
     pub healthy: AtomicBool,
+    /// This node's live fan-out, fed by the tailer.
     pub hub: Arc<Hub>,
+    /// Commit sizes and durations.
     pub metrics: Arc<Metrics>,
+    /// The settings the log was opened with.
     pub options: RedisOptions,
 }
 

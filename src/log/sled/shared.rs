@@ -22,10 +22,13 @@ use crate::model::{Epoch, Topic};
 
 /// State shared by the writer, the trimmer and readers.
 pub(crate) struct Shared {
+    /// The one tree: events, index, watermarks and meta under prefixed keys.
     pub db: sled::Db,
+    /// The prefix of every id this log assigns.
     pub epoch: Epoch,
     /// Highest sequence that is fsynced; readers never go past it.
     pub durable_head: AtomicU64,
+    /// Per-topic counts and watermarks (sled has no cheap count).
     pub stats: StatsTable,
     /// Set when a write or fsync failed: from then on the on-disk state is
     /// uncertain, so writes are refused (ids are never reused) until restart.

@@ -28,13 +28,17 @@ use crate::metrics::Metrics;
 
 /// The single writer: owns sequence assignment.
 pub(crate) struct Writer {
+    /// The database, head and stats it commits into.
     pub shared: Arc<Shared>,
     /// fdatasync/fsync after sled's flush, which alone is not power-safe.
     pub disk: DiskSync,
+    /// Where committed events go for live fan-out.
     pub hub: Arc<Hub>,
+    /// Commit sizes and durations.
     pub metrics: Arc<Metrics>,
     /// The sequence the next event gets: one above the durable head.
     pub next_seq: u64,
+    /// Most events in one commit (`limits.max_commit_batch`).
     pub max_batch: usize,
 }
 
