@@ -8,7 +8,7 @@
 //! - `sled_append`: `Log::append` on a real `SledLog` in a temp dir, N appends
 //!   issued concurrently and awaited together so the writer thread can commit
 //!   them as one group (one `apply_batch`, `Db::flush` and the `fdatasync`
-//!   of `log/durable.rs`: exactly what a publish waits for). Throughput is
+//!   of `log/sled/durable.rs`: exactly what a publish waits for). Throughput is
 //!   per event. The writer forms the groups itself, so after each group size
 //!   the bench prints the groups it actually formed (from the log's metrics).
 //! - `log_read`: `Log::read` of 512 events from one topic, and from 4 topics
@@ -24,9 +24,8 @@ use bytes::BytesMut;
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 use futures_util::future::join_all;
 use sse_gateway::hub::Hub;
-use sse_gateway::log::retention::RetentionPolicy;
-use sse_gateway::log::sled_log::SledOptions;
-use sse_gateway::log::{Log, NewEvent, SledLog};
+use sse_gateway::log::sled::SledOptions;
+use sse_gateway::log::{Log, NewEvent, RetentionPolicy, SledLog};
 use sse_gateway::metrics::Metrics;
 use sse_gateway::model::{Epoch, EventName, Topic};
 use tempfile::TempDir;

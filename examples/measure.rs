@@ -97,7 +97,7 @@ fn main() -> anyhow::Result<()> {
             dir.path().display()
         ),
         "redis" => {
-            config.storage.backend = "redis".into();
+            config.storage.backend = sse_gateway::config::Backend::Redis;
             config.storage.url = args.redis_url.clone();
             config.storage.key_prefix = format!(
                 "bench-{}-{}",

@@ -20,10 +20,9 @@ use crate::auth::{Gate, Scope};
 use crate::config::Config;
 use crate::hub::Hub;
 use crate::limits::ClientLimits;
-use crate::log::redis_log::{RedisClients, RedisOptions};
-use crate::log::retention::RetentionPolicy;
-use crate::log::sled_log::SledOptions;
-use crate::log::{Log, LogError, RedisLog, SledLog};
+use crate::log::redis::{RedisClients, RedisOptions, RedisTarget};
+use crate::log::sled::SledOptions;
+use crate::log::{Log, LogError, RedisLog, RetentionPolicy, SledLog};
 use crate::metrics::Metrics;
 use crate::routes::RouteSpec;
 use crate::subscription::{StreamContext, StreamSettings};
@@ -100,7 +99,8 @@ impl App {
             batch_events: config.retention.trim_batch_events,
         };
         let trim_interval = Duration::from_millis(config.retention.trim_interval_ms);
-        let (log, orgs): (Arc<dyn Log>, Option<OrgLogs>) = match config.storage.redis_target() {
+        let redis_target = RedisTarget::from_config(&config.storage);
+        let (log, orgs): (Arc<dyn Log>, Option<OrgLogs>) = match redis_target {
             None => {
                 let options = SledOptions {
                     cache_capacity_bytes: config.storage.cache_capacity_bytes,
@@ -253,14 +253,6 @@ impl App {
             }
         }
         self.log.close().await
-    }
-
-    /// What a stream of the default shard needs.
-    pub fn stream_context(&self) -> StreamContext {
-        self.stream_context_for(&Shard {
-            log: Arc::clone(&self.log),
-            hub: Arc::clone(&self.hub),
-        })
     }
 
     /// What a stream of `shard` needs.

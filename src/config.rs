@@ -64,13 +64,69 @@ impl Default for ServerConfig {
     }
 }
 
+/// `storage.backend`: which log the gateway keeps its events in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(try_from = "String")]
+pub enum Backend {
+    /// `sled`: embedded, in `data_dir` (the default).
+    #[default]
+    Sled,
+    /// `redis`: one Redis server at `url`.
+    Redis,
+    /// `redis-cluster`: a Redis Cluster, some of whose nodes are `cluster_urls`.
+    RedisCluster,
+}
+
+impl Backend {
+    /// The name as written in `config.toml` and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Sled => "sled",
+            Self::Redis => "redis",
+            Self::RedisCluster => "redis-cluster",
+        }
+    }
+}
+
+impl std::str::FromStr for Backend {
+    type Err = String;
+
+    /// Parses a backend name; the error names the accepted ones.
+    fn from_str(name: &str) -> Result<Self, String> {
+        match name {
+            "sled" => Ok(Self::Sled),
+            "redis" => Ok(Self::Redis),
+            "redis-cluster" => Ok(Self::RedisCluster),
+            other => Err(format!(
+                "storage.backend {other:?} is unknown; use \"sled\", \"redis\" or \"redis-cluster\""
+            )),
+        }
+    }
+}
+
+// Through `FromStr`, so an unknown name gets the same message from the
+// config file and from `--storage-backend`.
+impl TryFrom<String> for Backend {
+    type Error = String;
+
+    fn try_from(name: String) -> Result<Self, String> {
+        name.parse()
+    }
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// `[storage]`
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageConfig {
     /// `sled` (embedded, default), `redis` (one server, `url`) or
     /// `redis-cluster` (a Redis Cluster, `cluster_urls`).
-    pub backend: String,
+    pub backend: Backend,
     /// sled's data directory.
     pub data_dir: PathBuf,
     /// Redis URL for `backend = "redis"`: `redis://host:port[/db]` or
@@ -94,7 +150,7 @@ pub struct StorageConfig {
 impl Default for StorageConfig {
     fn default() -> Self {
         Self {
-            backend: "sled".into(),
+            backend: Backend::Sled,
             data_dir: PathBuf::from("./data"),
             url: "redis://127.0.0.1:6379".into(),
             cluster_urls: Vec::new(),
@@ -108,16 +164,6 @@ impl Default for StorageConfig {
 }
 
 impl StorageConfig {
-    /// Where Redis is, for the Redis backends; `None` for sled.
-    pub fn redis_target(&self) -> Option<crate::log::redis_log::RedisTarget> {
-        use crate::log::redis_log::RedisTarget;
-        match self.backend.as_str() {
-            "redis" => Some(RedisTarget::Single(self.url.clone())),
-            "redis-cluster" => Some(RedisTarget::Cluster(self.cluster_urls.clone())),
-            _ => None,
-        }
-    }
-
     fn validate(&self) -> Result<(), String> {
         let redis_url = |url: &str| -> Result<(), String> {
             let ok = ["redis://", "redis+unix://", "unix://"]
@@ -132,10 +178,10 @@ impl StorageConfig {
                 ))
             }
         };
-        match self.backend.as_str() {
-            "sled" => {}
-            "redis" => redis_url(&self.url).map_err(|m| format!("storage.url: {m}"))?,
-            "redis-cluster" => {
+        match self.backend {
+            Backend::Sled => {}
+            Backend::Redis => redis_url(&self.url).map_err(|m| format!("storage.url: {m}"))?,
+            Backend::RedisCluster => {
                 if self.cluster_urls.is_empty() {
                     return Err(
                         "storage.backend = \"redis-cluster\" needs storage.cluster_urls = [\"redis://host:port\", …]"
@@ -150,11 +196,6 @@ impl StorageConfig {
                     }
                     redis_url(url).map_err(|m| format!("storage.cluster_urls: {m}"))?;
                 }
-            }
-            other => {
-                return Err(format!(
-                    "storage.backend {other:?} is unknown; use \"sled\", \"redis\" or \"redis-cluster\""
-                ))
             }
         }
         let prefix_ok = !self.key_prefix.is_empty()
@@ -604,7 +645,7 @@ mod tests {
             "[storage]\nbackend = \"redis\"\nurl = \"redis+unix:///tmp/r.sock\"\n",
         )
         .unwrap();
-        assert!(config.storage.redis_target().is_some());
+        assert_eq!(config.storage.backend, Backend::Redis);
         let err = Config::from_toml("[storage]\nbackend = \"redis\"\nurl = \"http://x\"\n")
             .unwrap_err()
             .to_string();
@@ -617,6 +658,15 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("redis-cluster"), "{err}");
+        assert!(
+            err.contains(r#"storage.backend "nats" is unknown"#),
+            "{err}"
+        );
+        assert_eq!(
+            "nats".parse::<Backend>().unwrap_err(),
+            r#"storage.backend "nats" is unknown; use "sled", "redis" or "redis-cluster""#
+        );
+        assert_eq!("redis-cluster".parse(), Ok(Backend::RedisCluster));
         let err = Config::from_toml("[storage]\nkey_prefix = \"{x}\"\n")
             .unwrap_err()
             .to_string();

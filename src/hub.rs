@@ -11,11 +11,26 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::sync::broadcast;
 
-use crate::log::LiveEvent;
 use crate::model::Topic;
+
+/// A durable event as the live fan-out sees it: its SSE frame is encoded once
+/// and shared by every subscriber. The hub owns the type so that it depends
+/// on nothing but the model; the logs build it when they hand an event over.
+#[derive(Debug)]
+pub struct LiveEvent {
+    /// The event's sequence in its log.
+    pub seq: u64,
+    /// Every topic it was published to; a subscriber takes it if it wants any.
+    pub topics: Vec<Topic>,
+    /// The encoded `id:`/`event:`/`data:` block.
+    pub frame: Bytes,
+    /// When this node saw it durable: the start of its delivery latency.
+    pub durable_at: std::time::Instant,
+}
 
 /// The shared live feed.
 #[derive(Debug)]

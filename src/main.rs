@@ -14,6 +14,7 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
+use sse_gateway::config::{Backend, ConfigError};
 use sse_gateway::Config;
 
 #[derive(Parser)]
@@ -134,10 +135,10 @@ fn load_config(args: &ServeArgs) -> anyhow::Result<Config> {
         config.storage.data_dir = dir.clone();
     }
     if let Some(backend) = &args.storage_backend {
-        config.storage.backend = backend.clone();
+        config.storage.backend = backend.parse().map_err(ConfigError::Invalid)?;
     }
     if let Some(url) = &args.storage_url {
-        if config.storage.backend == "redis-cluster" {
+        if config.storage.backend == Backend::RedisCluster {
             config.storage.cluster_urls = url.split(',').map(|u| u.trim().to_owned()).collect();
         } else {
             config.storage.url = url.clone();

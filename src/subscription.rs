@@ -37,9 +37,9 @@ use tokio::sync::{broadcast, OwnedSemaphorePermit};
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
-use crate::hub::{Hub, SubscriberGuard};
+use crate::hub::{Hub, LiveEvent, SubscriberGuard};
 use crate::limits::IpSlot;
-use crate::log::{LiveEvent, Log, LogError};
+use crate::log::{Log, LogError};
 use crate::metrics::Metrics;
 use crate::model::{ResumePoint, Topic};
 use crate::sse::{self, ResetReason};

@@ -1,7 +1,7 @@
 //! `sse-gateway check`: verifies a data directory without changing it.
 //!
 //! Read only: no key is written, neither the log writer nor the retention
-//! trimmer starts ([`sse_gateway::log::offline::check`] says what is
+//! trimmer starts ([`sse_gateway::log::sled::offline::check`] says what is
 //! verified). Exit status: 0 when clean, 1 when problems were found (each is
 //! printed), 2 when the check could not run (`main` maps errors to 2).
 
@@ -9,7 +9,7 @@ use std::io::Write;
 use std::path::Path;
 use std::process::ExitCode;
 
-use sse_gateway::log::offline;
+use sse_gateway::log::sled::offline;
 
 use super::Bar;
 

@@ -8,7 +8,7 @@ use std::io::Write;
 use std::path::Path;
 
 use serde_json::json;
-use sse_gateway::log::offline::OfflineLog;
+use sse_gateway::log::sled::offline::OfflineLog;
 
 use super::{human_bytes, Bar};
 

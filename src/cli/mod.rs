@@ -2,7 +2,7 @@
 //!
 //! `publish` and `tail` talk to a running gateway over HTTP (its public API,
 //! nothing more). `inspect`, `export`, `import` and `check` work offline on a
-//! data directory through [`sse_gateway::log::offline`], which owns the
+//! data directory through [`sse_gateway::log::sled::offline`], which owns the
 //! on-disk layout; the gateway must not be running on it (sled locks it).
 //! Each subcommand returns an error for `main` to print as one line.
 
@@ -21,7 +21,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use sse_gateway::log::offline::{Progress, Unit};
+use sse_gateway::config::Backend;
+use sse_gateway::log::sled::offline::{OfflineError, Progress, Unit};
 use sse_gateway::Config;
 
 /// Where the gateway is, for the HTTP subcommands.
@@ -79,10 +80,10 @@ pub fn data_dir(explicit: Option<&Path>, config: Option<&Path>) -> anyhow::Resul
         None if Path::new("config.toml").exists() => Config::from_file(Path::new("config.toml"))?,
         None => Config::default(),
     };
-    if config.storage.backend != "sled" {
+    if config.storage.backend != Backend::Sled {
         bail!(
             "storage.backend is {:?}: this works on sled data directories only; pass --data-dir",
-            config.storage.backend
+            config.storage.backend.as_str()
         );
     }
     Ok(config.storage.data_dir)
@@ -190,8 +191,8 @@ pub fn human_bytes(bytes: u64) -> String {
 pub fn is_broken_pipe(error: &anyhow::Error) -> bool {
     error.chain().any(|cause| {
         let io = cause.downcast_ref::<std::io::Error>().or_else(|| {
-            match cause.downcast_ref::<sse_gateway::log::offline::OfflineError>() {
-                Some(sse_gateway::log::offline::OfflineError::Io { error, .. }) => Some(error),
+            match cause.downcast_ref::<OfflineError>() {
+                Some(OfflineError::Io { error, .. }) => Some(error),
                 _ => None,
             }
         });

@@ -1,7 +1,7 @@
 //! `sse-gateway export` and `import`: a data directory as JSON lines and
 //! back, for backups, compaction (export, import into a new directory, swap)
 //! and moves between storage backends. The format and what an import keeps
-//! are documented in [`sse_gateway::log::offline`].
+//! are documented in [`sse_gateway::log::sled::offline`].
 //!
 //! An export to a file is written beside it (`FILE.partial`) and renamed when
 //! complete, so a failed export never leaves a truncated file under the
@@ -12,7 +12,7 @@ use std::io::{BufReader, BufWriter, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use sse_gateway::log::offline::{self, OfflineLog};
+use sse_gateway::log::sled::offline::{self, OfflineLog};
 
 use super::Bar;
 

@@ -108,22 +108,18 @@ impl From<RouteError> for ApiError {
     }
 }
 
+/// Only decides the answer: the handler that meets a log error logs it
+/// (once, with its context), so a conversion never has side effects.
 impl From<LogError> for ApiError {
     fn from(e: LogError) -> Self {
         match e {
             LogError::Closed => Self::unavailable(
                 "the gateway is shutting down; retry on another instance or later",
             ),
-            LogError::Replication { .. } => {
-                tracing::error!(error = %e, "replication not confirmed");
-                Self::unavailable(
-                    "the event was stored on the Redis primary but not confirmed by enough replicas in time; it may still be delivered",
-                )
-            }
-            other => {
-                tracing::error!(error = %other, "storage unavailable");
-                Self::unavailable("storage is unavailable; nothing was stored, retry later")
-            }
+            LogError::Replication { .. } => Self::unavailable(
+                "the event was stored on the Redis primary but not confirmed by enough replicas in time; it may still be delivered",
+            ),
+            _ => Self::unavailable("storage is unavailable; nothing was stored, retry later"),
         }
     }
 }

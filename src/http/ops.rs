@@ -59,7 +59,10 @@ pub async fn list_topics(
     if app.stop.is_cancelled() {
         return Err(ApiError::unavailable("shutting down"));
     }
-    let shard = app.shard(&scope).await?;
+    let shard = app
+        .shard(&scope)
+        .await
+        .inspect_err(|e| tracing::error!(error = %e, "cannot open the log to list topics"))?;
     let epoch = shard.log.epoch();
     let mut newest_listed = 0;
     let topics: Vec<serde_json::Value> = shard
@@ -105,7 +108,10 @@ pub async fn topic_info(
     if app.stop.is_cancelled() {
         return Err(ApiError::unavailable("shutting down"));
     }
-    let shard = app.shard(&scope).await?;
+    let shard = app
+        .shard(&scope)
+        .await
+        .inspect_err(|e| tracing::error!(error = %e, "cannot open the log for topic info"))?;
     let info = shard.log.topic_info(&stored);
     let epoch = shard.log.epoch();
     Ok(Json(serde_json::json!({

@@ -23,7 +23,7 @@ use super::error::ApiError;
 use crate::app::App;
 use crate::auth::{AuthError, Caller};
 use crate::json;
-use crate::log::NewEvent;
+use crate::log::{LogError, NewEvent};
 use crate::model::{parse_topic_list, EventName, Topic};
 
 /// `POST /topics/{topic}` body.
@@ -150,8 +150,12 @@ async fn append(
         .iter()
         .map(|t| scope.apply(t))
         .collect::<Result<Vec<_>, _>>()?;
-    let shard = app.shard(&scope).await?;
-    let seq = shard.log.append(NewEvent { topics, name, data }).await?;
+    let shard = app.shard(&scope).await.map_err(storage_failed)?;
+    let seq = shard
+        .log
+        .append(NewEvent { topics, name, data })
+        .await
+        .map_err(storage_failed)?;
     app.metrics
         .publish_duration
         .observe(started.elapsed().as_secs_f64());
@@ -164,6 +168,17 @@ async fn append(
         }),
     )
         .into_response())
+}
+
+/// Logs a log failure that refuses a publish (once, here where it is
+/// handled) and turns it into the `503` answer. A shutdown is no failure.
+fn storage_failed(e: LogError) -> ApiError {
+    match &e {
+        LogError::Closed => {}
+        LogError::Replication { .. } => tracing::error!(error = %e, "replication not confirmed"),
+        _ => tracing::error!(error = %e, "storage unavailable"),
+    }
+    ApiError::from(e)
 }
 
 /// The `201` body. Serialised straight from borrowed fields: building a

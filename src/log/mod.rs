@@ -3,48 +3,63 @@
 //! A log stores each published event once, under one sequence number, with an
 //! index per topic; it acknowledges an append only once the event is durable,
 //! and never lets a reader see past that durable watermark. After making a
-//! batch durable it hands the events to the [`Hub`](crate::hub::Hub) for live
+//! batch durable it hands the events to the [`Hub`] for live
 //! fan-out, in sequence order.
+//!
+//! Each backend lives in its own module and shares only what is here: the
+//! writer queue (`queue`), the per-topic counters (`stats`) and the
+//! hand-off to the hub (`hand_off`), so no backend depends on the other.
 
-pub mod codec;
-mod durable;
-pub mod format;
-pub mod offline;
 mod queue;
-pub mod redis_log;
-pub mod retention;
-pub mod sled_log;
+pub mod redis;
+pub mod sled;
 mod stats;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 
+use crate::hub::{Hub, LiveEvent};
 use crate::model::{Epoch, EventName, Topic};
 
-pub use redis_log::RedisLog;
-pub use sled_log::SledLog;
-pub use stats::TopicInfo;
+pub use self::redis::RedisLog;
+pub use self::sled::SledLog;
+pub use self::stats::TopicInfo;
 
 /// Storage failures. Mapped to `503 unavailable` at the HTTP edge.
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
     #[error("storage error: {0}")]
-    Storage(#[from] sled::Error),
+    Storage(#[from] ::sled::Error),
     #[error("cannot sync the log to disk: {0}")]
     Sync(std::io::Error),
     #[error("the log is shutting down")]
     Closed,
+    /// A write failed earlier (the cause is kept, shared by every refusal);
+    /// the on-disk state is uncertain, so ids are never handed out again.
     #[error("storage failed earlier and refuses writes until restarted: {0}")]
-    Failed(String),
+    Failed(#[source] Arc<LogError>),
     #[error("corrupt log entry {key}: {what}")]
     Corrupt { key: String, what: String },
     #[error("data directory format version {found} is newer than this build supports ({supported}); upgrade sse-gateway")]
     TooNew { found: u32, supported: u32 },
+    /// A blocking read or the writer's join did not finish (panic, cancel).
     #[error("background task failed: {0}")]
-    Task(String),
+    Task(#[from] tokio::task::JoinError),
+    /// The OS refused to start the sled writer thread.
+    #[error("background task failed: cannot start the log writer: {0}")]
+    Spawn(#[source] std::io::Error),
+    /// The sled writer thread panicked.
+    #[error("background task failed: log writer panicked")]
+    WriterPanicked,
     /// Redis did not answer or refused a command (down, timeout, failover).
     #[error("redis error: {0}")]
-    Redis(String),
+    Redis(#[source] ::redis::RedisError),
+    /// A group commit failed: every publish in it gets this one cause.
+    #[error(transparent)]
+    Commit(Arc<LogError>),
     /// Redis no longer holds the log this gateway opened (it lost its data).
     #[error("redis lost the log: {0}")]
     Lost(String),
@@ -85,15 +100,15 @@ pub struct ReadBatch {
     pub through: u64,
 }
 
-/// A durable event as the live fan-out sees it: its SSE frame is encoded once
-/// and shared by every subscriber.
-#[derive(Debug)]
-pub struct LiveEvent {
-    pub seq: u64,
-    pub topics: Vec<Topic>,
-    pub frame: Bytes,
-    /// When this node saw it durable: the start of its delivery latency.
-    pub durable_at: std::time::Instant,
+/// What to keep per topic; both backends trim to it.
+#[derive(Debug, Clone, Copy)]
+pub struct RetentionPolicy {
+    /// Most retained events per topic; older ones are trimmed.
+    pub max_events_per_topic: u64,
+    /// Events older than this are trimmed from every topic.
+    pub max_age: Duration,
+    /// Most events removed in one trim batch, so a trim never holds up writes for long.
+    pub batch_events: usize,
 }
 
 /// What a subscriber needs to know about retention for a set of topics.
@@ -103,6 +118,30 @@ pub struct RetentionFloor {
     pub trimmed_through: u64,
     /// Oldest retained sequence among the topics.
     pub oldest: Option<u64>,
+}
+
+/// Hands one durable event to the hub for live fan-out: the one place where
+/// a log encodes an event's SSE frame, once, for every subscriber.
+///
+/// Both backends call it only after raising their durable head to `seq`, so
+/// a subscriber that reads the head after subscribing misses nothing (see
+/// `subscription`).
+pub(crate) fn hand_off(
+    hub: &Hub,
+    epoch: &Epoch,
+    seq: u64,
+    name: &EventName,
+    topics: Vec<Topic>,
+    data: &[u8],
+    durable_at: Instant,
+) {
+    let frame = crate::sse::event_frame(epoch, seq, name.as_str(), data);
+    hub.publish(Arc::new(LiveEvent {
+        seq,
+        topics,
+        frame,
+        durable_at,
+    }));
 }
 
 /// A storage backend.

@@ -1,9 +1,12 @@
 //! In-memory per-topic counters of the log: first/last retained sequence,
 //! count, and how far retention has trimmed.
 //!
-//! Kept in memory (rebuilt from the index at start) because sled has no cheap
-//! count: `Tree::len` and prefix counts are full scans. Only the writer thread
-//! and the trimmer change it, each under one short lock per batch.
+//! Shared by both backends. Kept in memory because neither store counts
+//! cheaply (sled's `Tree::len` and prefix counts are full scans; the Redis log
+//! reports absolute trim state in its entries): the sled log rebuilds it from
+//! its index at start, the Redis log from a snapshot and its tailer. Only a
+//! log's writer, tailer and trimmer change it, each under one short lock per
+//! batch.
 
 use std::collections::HashMap;
 

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use sse_gateway::log::codec;
+use sse_gateway::log::sled::codec;
 use sse_gateway::model::Topic;
 use tempfile::TempDir;
 

@@ -6,7 +6,7 @@
 //! rather than guess at a layout it does not know.
 
 use super::codec::{decode_u64, EPOCH_KEY, FORMAT_KEY, HEAD_KEY};
-use super::LogError;
+use crate::log::LogError;
 use crate::model::Epoch;
 
 /// The format this build writes. `migrations/v1.md` describes it.

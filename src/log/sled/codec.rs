@@ -21,7 +21,7 @@
 
 use bytes::Bytes;
 
-use super::{LogError, StoredEvent};
+use crate::log::{LogError, StoredEvent};
 use crate::model::{EventName, Topic};
 
 pub const FORMAT_KEY: &[u8] = b"m/format";

@@ -1,4 +1,4 @@
-//! Background retention: trims events past `max_age` and topics past
+//! The sled log's background retention: trims events past `max_age` and topics past
 //! `max_events_per_topic`, in bounded batches, off the publish path.
 //!
 //! The trimmer never takes the writer's lock or channel: it only removes keys
@@ -19,17 +19,9 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::codec::{self, EVENT_PREFIX};
-use super::sled_log::{now_ms, Shared};
-use super::LogError;
+use super::shared::{now_ms, Shared};
+use crate::log::{LogError, RetentionPolicy};
 use crate::model::Topic;
-
-/// What to keep.
-#[derive(Debug, Clone, Copy)]
-pub struct RetentionPolicy {
-    pub max_events_per_topic: u64,
-    pub max_age: Duration,
-    pub batch_events: usize,
-}
 
 /// Runs trim passes every `interval` until `stop`.
 pub(crate) async fn run_trimmer(

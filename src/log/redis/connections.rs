@@ -1,0 +1,246 @@
+//! Connections to one Redis deployment (a single server or a Cluster),
+//! shared by every log on it, and how Redis errors become [`LogError`]s.
+//!
+//! Replay reads, trims and head checks share one multiplexed connection. The
+//! writer (its `WAIT` blocks the connection it is sent on) and each tailer
+//! (a blocking `XREAD` would stall a shared connection) get one of their own.
+//! redis-rs times async commands out after 500 ms by default: every
+//! connection here sets its own response timeout instead, the tailer's above
+//! its block time.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, RedisFuture, Value};
+
+use crate::config::{Backend, StorageConfig};
+use crate::log::LogError;
+
+/// How long one blocking `XREAD` of a tailer waits before it returns empty.
+pub(super) const TAIL_BLOCK: Duration = Duration::from_millis(1000);
+/// How long a connection attempt may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Where Redis is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisTarget {
+    /// One server (`redis://host:port/db` or `redis+unix:///path`).
+    Single(String),
+    /// A Redis Cluster, given by some of its nodes.
+    Cluster(Vec<String>),
+}
+
+impl RedisTarget {
+    /// Where `[storage]` points for the Redis backends; `None` for sled.
+    pub fn from_config(storage: &StorageConfig) -> Option<Self> {
+        match storage.backend {
+            Backend::Sled => None,
+            Backend::Redis => Some(Self::Single(storage.url.clone())),
+            Backend::RedisCluster => Some(Self::Cluster(storage.cluster_urls.clone())),
+        }
+    }
+}
+
+/// The clients a deployment needs: a Cluster needs a second one whose
+/// response timeout covers a tailer's blocking read. (Boxed: a Cluster
+/// client is several times the size of a single one.)
+#[derive(Clone)]
+enum Clients {
+    Single(redis::Client),
+    Cluster {
+        commands: Box<ClusterClient>,
+        tail: Box<ClusterClient>,
+    },
+}
+
+/// Connections to one Redis deployment, shared by every log on it.
+#[derive(Clone)]
+pub struct RedisClients {
+    target: RedisTarget,
+    /// Replay reads, trims, head checks: one multiplexed connection (a
+    /// Cluster connection reconnects by itself; a single server's is dropped
+    /// on an I/O error and made anew on next use).
+    shared: Arc<Mutex<Option<Conn>>>,
+    command_timeout: Duration,
+    clients: Clients,
+}
+
+impl RedisClients {
+    /// Connects; fails when Redis cannot be reached. `command_timeout`
+    /// bounds every command but the tailer's blocking read.
+    pub async fn connect(target: RedisTarget, command_timeout: Duration) -> Result<Self, LogError> {
+        match &target {
+            RedisTarget::Single(url) => {
+                let client = redis::Client::open(url.as_str()).map_err(redis_err)?;
+                let clients = Self {
+                    target,
+                    shared: Arc::new(Mutex::new(None)),
+                    command_timeout,
+                    clients: Clients::Single(client),
+                };
+                // Fail now, at start, if Redis cannot be reached.
+                clients.shared().await?;
+                Ok(clients)
+            }
+            RedisTarget::Cluster(urls) => {
+                let build = |response: Duration| {
+                    ClusterClient::builder(urls.iter().map(String::as_str))
+                        .connection_timeout(CONNECT_TIMEOUT)
+                        .response_timeout(response)
+                        .retries(2)
+                        .build()
+                        .map_err(redis_err)
+                };
+                let commands = build(command_timeout)?;
+                let tail = build(TAIL_BLOCK + Duration::from_secs(3))?;
+                let shared = commands.get_async_connection().await.map_err(redis_err)?;
+                Ok(Self {
+                    target,
+                    shared: Arc::new(Mutex::new(Some(Conn::Cluster(shared)))),
+                    command_timeout,
+                    clients: Clients::Cluster {
+                        commands: Box::new(commands),
+                        tail: Box::new(tail),
+                    },
+                })
+            }
+        }
+    }
+
+    /// The shared connection, connecting it if needed.
+    pub(super) async fn shared(&self) -> Result<Conn, LogError> {
+        if let Some(conn) = self.shared.lock().clone() {
+            return Ok(conn);
+        }
+        let conn = self.dedicated(false).await?;
+        *self.shared.lock() = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// Forgets a single server's shared connection after an error that
+    /// broke it (a Cluster connection repairs itself).
+    pub(super) fn broken(&self, e: &redis::RedisError) {
+        if matches!(self.clients, Clients::Single(_)) && is_broken(e) {
+            *self.shared.lock() = None;
+        }
+    }
+
+    /// Where these clients point.
+    pub fn target(&self) -> &RedisTarget {
+        &self.target
+    }
+
+    /// A new connection of its own (not multiplexed with anyone else's
+    /// commands), for the writer (`WAIT`) or a tailer (blocking `XREAD`).
+    pub(super) async fn dedicated(&self, tail: bool) -> Result<Conn, LogError> {
+        match &self.clients {
+            Clients::Single(client) => {
+                let response = if tail {
+                    TAIL_BLOCK + Duration::from_secs(3)
+                } else {
+                    self.command_timeout
+                };
+                let config = redis::AsyncConnectionConfig::new()
+                    .set_response_timeout(Some(response))
+                    .set_connection_timeout(Some(CONNECT_TIMEOUT));
+                let conn = client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await
+                    .map_err(redis_err)?;
+                Ok(Conn::Dedicated(conn))
+            }
+            Clients::Cluster {
+                commands,
+                tail: tail_client,
+            } => {
+                let client = if tail { tail_client } else { commands };
+                let conn = client.get_async_connection().await.map_err(redis_err)?;
+                Ok(Conn::Cluster(conn))
+            }
+        }
+    }
+}
+
+/// Not an error reply of the server: the connection itself failed.
+pub(super) fn is_broken(e: &redis::RedisError) -> bool {
+    e.code().is_none()
+        || e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_timeout()
+        || e.is_unrecoverable_error()
+}
+
+/// One Redis connection of any kind the log uses.
+#[derive(Clone)]
+pub(super) enum Conn {
+    Dedicated(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Self::Dedicated(c) => c.req_packed_command(cmd),
+            Self::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::Dedicated(c) => c.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Dedicated(c) => c.get_db(),
+            Self::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// A Redis error as a [`LogError`]: the script's `SSEEPOCH` refusal means
+/// Redis no longer holds the log we opened; anything else keeps its source.
+pub(super) fn redis_err(e: redis::RedisError) -> LogError {
+    if is_lost(&e) {
+        LogError::Lost(e.to_string())
+    } else {
+        LogError::Redis(e)
+    }
+}
+
+fn is_lost(e: &redis::RedisError) -> bool {
+    e.to_string().contains("SSEEPOCH")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_follow_the_backend() {
+        let mut storage = StorageConfig::default();
+        assert_eq!(RedisTarget::from_config(&storage), None);
+        storage.backend = Backend::Redis;
+        assert_eq!(
+            RedisTarget::from_config(&storage),
+            Some(RedisTarget::Single(storage.url.clone()))
+        );
+        storage.backend = Backend::RedisCluster;
+        storage.cluster_urls = vec!["redis://a:1".into()];
+        assert_eq!(
+            RedisTarget::from_config(&storage),
+            Some(RedisTarget::Cluster(vec!["redis://a:1".into()]))
+        );
+    }
+}

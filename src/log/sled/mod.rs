@@ -1,0 +1,193 @@
+//! The embedded sled backend: one writer thread with group commit, readers
+//! capped at the durable watermark, and a background retention trimmer.
+//!
+//! Publishes reach the `writer` through one bounded channel; it makes each
+//! batch durable (`durable.rs` adds the fsync sled's flush lacks) before it
+//! acks, raises the watermark and hands the events to the hub. `reads`
+//! serve replays, the `trimmer` enforces retention, and all three share one
+//! `shared::Shared` state and never call each other. The key layout and
+//! record encoding are [`codec`]'s, the format versions [`format`](mod@format)'s, and
+//! [`offline`] works on a directory no gateway has open (the operator CLI).
+
+pub mod codec;
+mod durable;
+pub mod format;
+pub mod offline;
+mod reads;
+mod shared;
+mod trimmer;
+mod writer;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use futures_util::FutureExt;
+use parking_lot::Mutex;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use self::durable::DiskSync;
+use self::shared::Shared;
+use self::writer::Writer;
+use super::queue::{self, WriterMsg};
+use super::{Log, LogError, NewEvent, ReadBatch, RetentionFloor, RetentionPolicy, TopicInfo};
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::model::{Epoch, Topic};
+
+/// Settings the sled log needs, gathered from the config.
+#[derive(Debug, Clone)]
+pub struct SledOptions {
+    /// sled's page cache, in bytes.
+    pub cache_capacity_bytes: u64,
+    /// Publishes waiting for the writer; more wait for a place.
+    pub publish_queue: usize,
+    /// Most events written in one atomic batch (one fsync).
+    pub max_commit_batch: usize,
+    /// What the trimmer keeps per topic.
+    pub retention: RetentionPolicy,
+    /// How often the trimmer runs.
+    pub trim_interval: Duration,
+}
+
+/// The sled-backed log.
+pub struct SledLog {
+    shared: Arc<Shared>,
+    writer_tx: mpsc::Sender<WriterMsg>,
+    closing: AtomicBool,
+    trimmer_stop: CancellationToken,
+    trimmer: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl SledLog {
+    /// Opens (or creates) the log in `dir`, upgrading an older format, and
+    /// starts the writer thread and the trimmer. Must run inside a tokio runtime.
+    pub fn open(
+        dir: &Path,
+        options: SledOptions,
+        hub: Arc<Hub>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, LogError> {
+        let shared = Arc::new(Shared::open(dir, options.cache_capacity_bytes)?);
+        let head = shared.durable_head.load(Ordering::Acquire);
+
+        let (writer_tx, writer_rx) = mpsc::channel(options.publish_queue);
+        let disk = DiskSync::open(dir).map_err(LogError::Sync)?;
+        let writer = Writer {
+            shared: Arc::clone(&shared),
+            disk,
+            hub,
+            metrics,
+            next_seq: head + 1,
+            max_batch: options.max_commit_batch,
+        };
+        let writer_thread = std::thread::Builder::new()
+            .name("log-writer".into())
+            .spawn(move || writer.run(writer_rx))
+            .map_err(LogError::Spawn)?;
+
+        let trimmer_stop = CancellationToken::new();
+        let trimmer = tokio::spawn(trimmer::run_trimmer(
+            Arc::clone(&shared),
+            options.retention,
+            options.trim_interval,
+            trimmer_stop.clone(),
+        ));
+
+        Ok(Self {
+            shared,
+            writer_tx,
+            closing: AtomicBool::new(false),
+            trimmer_stop,
+            trimmer: Mutex::new(Some(trimmer)),
+            writer_thread: Mutex::new(Some(writer_thread)),
+        })
+    }
+}
+
+impl Log for SledLog {
+    fn epoch(&self) -> &Epoch {
+        &self.shared.epoch
+    }
+
+    fn durable_head(&self) -> u64 {
+        self.shared.durable_head.load(Ordering::Acquire)
+    }
+
+    fn append(&self, event: NewEvent) -> BoxFuture<'_, Result<u64, LogError>> {
+        async move {
+            if self.closing.load(Ordering::Acquire) {
+                return Err(LogError::Closed);
+            }
+            if let Some(cause) = self.shared.failure() {
+                return Err(LogError::Failed(cause));
+            }
+            queue::append(&self.writer_tx, event).await
+        }
+        .boxed()
+    }
+
+    fn read(
+        &self,
+        topics: &[Topic],
+        after: u64,
+        upto: u64,
+        limit: usize,
+    ) -> BoxFuture<'static, Result<ReadBatch, LogError>> {
+        let db = self.shared.db.clone();
+        let topics = topics.to_vec();
+        let upto = upto.min(self.durable_head());
+        async move {
+            tokio::task::spawn_blocking(move || {
+                reads::read_blocking(&db, &topics, after, upto, limit)
+            })
+            .await?
+        }
+        .boxed()
+    }
+
+    fn retention_floor(&self, topics: &[Topic]) -> RetentionFloor {
+        self.shared.stats.retention_floor(topics)
+    }
+
+    fn topic_info(&self, topic: &Topic) -> TopicInfo {
+        self.shared.stats.info(topic)
+    }
+
+    fn topics(&self) -> Vec<(Topic, TopicInfo)> {
+        self.shared.stats.all()
+    }
+
+    fn is_ready(&self) -> bool {
+        !self.closing.load(Ordering::Acquire) && self.shared.failed.lock().is_none()
+    }
+
+    fn size_on_disk(&self) -> Option<u64> {
+        self.shared.db.size_on_disk().ok()
+    }
+
+    fn close(&self) -> BoxFuture<'_, Result<(), LogError>> {
+        async move {
+            self.closing.store(true, Ordering::Release);
+            self.trimmer_stop.cancel();
+            let trimmer = self.trimmer.lock().take();
+            if let Some(trimmer) = trimmer {
+                let _ = trimmer.await;
+            }
+            queue::shut_down(&self.writer_tx).await;
+            let thread = self.writer_thread.lock().take();
+            if let Some(thread) = thread {
+                tokio::task::spawn_blocking(move || thread.join())
+                    .await?
+                    .map_err(|_| LogError::WriterPanicked)?;
+            }
+            self.shared.db.flush_async().await?;
+            Ok(())
+        }
+        .boxed()
+    }
+}

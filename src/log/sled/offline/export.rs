@@ -1,0 +1,155 @@
+//! `export`: a log as JSON lines, for backups, compaction and moves between
+//! storage backends; [`import`](super::import()) reads it back.
+//!
+//! # The export format (version 1)
+//!
+//! JSON lines, UTF-8. The first line is a header:
+//!
+//! ```text
+//! {"format":"sse-gateway-export","version":1,"epoch":"Xk3v9QaB","head":1234,"trimmed":{"projects:all":17}}
+//! ```
+//!
+//! `head` is the last sequence the log ever assigned (`m/head`), which may be
+//! above the newest exported event when retention removed the newest events.
+//! `trimmed` is every topic's retention watermark (`w/<topic>`): the highest
+//! sequence retention removed from that topic. It is optional on import (see
+//! [`import`] for what happens without it). Then one line per event, in id
+//! order:
+//!
+//! ```text
+//! {"id":"Xk3v9QaB-18","event":"task_updated","topics":["projects:all","projects:tasks"],"time_ms":1700000000000,"data":{"id":7}}
+//! ```
+//!
+//! `topics` is every topic the event was published to, `time_ms` its append
+//! time (it drives `max_age` retention) and `data` the compact JSON exactly as
+//! stored, embedded raw: key order, escapes and number text are the stored
+//! bytes, never re-serialised.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use super::{
+    compact_json_text, io_error, OfflineError, OfflineLog, Progress, Unit, PROGRESS_EVERY,
+};
+use crate::log::LogError;
+use crate::model::{Epoch, Topic};
+
+/// The `format` value of an export header.
+pub const EXPORT_FORMAT: &str = "sse-gateway-export";
+/// The export format version this build writes and the newest it reads.
+pub const EXPORT_VERSION: u32 = 1;
+
+impl OfflineLog {
+    /// Writes the export of this log to `out` (module docs: the format).
+    /// Fails on a record that does not decode or holds data that is not
+    /// compact JSON, naming it: `check` tells what else is wrong.
+    pub fn export(
+        &self,
+        out: &mut dyn Write,
+        progress: &mut dyn Progress,
+    ) -> Result<ExportStats, OfflineError> {
+        let trimmed = self.trimmed()?;
+        let header = ExportHeader {
+            format: EXPORT_FORMAT.into(),
+            version: EXPORT_VERSION,
+            epoch: self.epoch.as_str().into(),
+            head: self.head,
+            trimmed: Some(
+                trimmed
+                    .into_iter()
+                    .map(|(t, w)| (t.as_str().to_owned(), w))
+                    .collect(),
+            ),
+        };
+        let write_error = io_error("cannot write the export");
+        serde_json::to_writer(&mut *out, &header).map_err(|e| OfflineError::Io {
+            what: "cannot write the export".into(),
+            error: e.into(),
+        })?;
+        out.write_all(b"\n").map_err(write_error)?;
+
+        let range = self.event_range()?;
+        progress.phase("exporting", range.map(|(a, b)| b - a + 1), Unit::Items);
+        let mut stats = ExportStats {
+            epoch: self.epoch.clone(),
+            head: self.head,
+            events: 0,
+            first: None,
+            last: None,
+        };
+        for event in self.events() {
+            let event = event?;
+            let id = self.epoch.id(event.seq);
+            let data = compact_json_text(&event.data).ok_or_else(|| {
+                OfflineError::Log(LogError::Corrupt {
+                    key: format!("e/{}", event.seq),
+                    what: format!(
+                        "the data of event {id} is not compact JSON; run `sse-gateway check`"
+                    ),
+                })
+            })?;
+            let line = ExportLine {
+                id: &id,
+                event: event.name.as_str(),
+                topics: event.topics.iter().map(Topic::as_str).collect(),
+                time_ms: event.time_ms,
+                data,
+            };
+            serde_json::to_writer(&mut *out, &line).map_err(|e| OfflineError::Io {
+                what: "cannot write the export".into(),
+                error: e.into(),
+            })?;
+            out.write_all(b"\n")
+                .map_err(io_error("cannot write the export"))?;
+            stats.events += 1;
+            stats.first.get_or_insert(event.seq);
+            stats.last = Some(event.seq);
+            if stats.events.is_multiple_of(PROGRESS_EVERY) {
+                progress.position(event.seq - range.map_or(0, |r| r.0) + 1);
+            }
+        }
+        out.flush().map_err(io_error("cannot write the export"))?;
+        progress.finish();
+        Ok(stats)
+    }
+}
+
+/// What an export wrote.
+#[derive(Debug, Clone)]
+pub struct ExportStats {
+    pub epoch: Epoch,
+    pub head: u64,
+    pub events: u64,
+    pub first: Option<u64>,
+    pub last: Option<u64>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ExportHeader {
+    pub(super) format: String,
+    pub(super) version: u32,
+    pub(super) epoch: String,
+    pub(super) head: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) trimmed: Option<BTreeMap<String, u64>>,
+}
+
+/// Just enough of a header to say which format and version it is.
+#[derive(Deserialize)]
+pub(super) struct HeaderProbe {
+    pub(super) format: Option<String>,
+    pub(super) version: Option<u32>,
+}
+
+#[derive(Serialize)]
+struct ExportLine<'a> {
+    id: &'a str,
+    event: &'a str,
+    topics: Vec<&'a str>,
+    time_ms: u64,
+    data: &'a RawValue,
+}

@@ -1,0 +1,242 @@
+//! Offline access to a sled data directory, for the operator CLI: a summary
+//! (`inspect`), an integrity check (`check`), and a JSON-lines `export` /
+//! `import` used for backups, compaction and moves between storage backends.
+//!
+//! "Offline" means no gateway runs on the directory. sled locks it, so every
+//! function here fails with [`OfflineError::Locked`] while a gateway holds it.
+//! Nothing here starts the log writer or the retention trimmer, and
+//! `inspect`, `check` and `export` never write a key. The key layout and the
+//! record encoding are [`codec`]'s and the format rules
+//! [`format`](mod@format)'s: this module only walks them.
+//!
+//! Every operation is a full scan, O(size of the log): sled keeps no counts.
+//!
+//! One file per command: [`inspect`](OfflineLog::summary), [`export`](OfflineLog::export)
+//! (whose docs hold the export format), [`import()`] and [`check()`]. This
+//! module holds what they share: opening a directory, the error type and the
+//! progress reporting the CLI draws.
+
+mod check;
+mod export;
+mod import;
+mod inspect;
+
+use std::collections::BTreeMap;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use serde_json::value::RawValue;
+
+use super::codec::{self, EVENT_PREFIX, TRIMMED_PREFIX};
+use super::format::{self, CURRENT_FORMAT};
+use crate::log::{LogError, StoredEvent};
+use crate::model::{Epoch, Topic};
+
+pub use check::{check, describe_key, CheckReport, Problem};
+pub use export::{ExportStats, EXPORT_FORMAT, EXPORT_VERSION};
+pub use import::{import, ImportStats};
+pub use inspect::{Summary, TopicSummary};
+
+/// sled page cache for offline runs: they scan once, a big cache buys nothing.
+const OFFLINE_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+/// Progress is reported every this many items.
+const PROGRESS_EVERY: u64 = 256;
+
+/// Why an offline operation could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum OfflineError {
+    /// No sled database in the directory (offline tools never create one).
+    #[error("{}: not a data directory (no sled database in it); check --data-dir", .0.display())]
+    NotADataDir(PathBuf),
+    /// A gateway runs on the directory.
+    #[error("{} is locked by a running gateway (sled holds the directory's lock); stop the gateway first, or work on a copy taken while it was stopped", .0.display())]
+    Locked(PathBuf),
+    /// A sled database, but not a log this build reads.
+    #[error("{}: {what}", dir.display())]
+    NotALog { dir: PathBuf, what: String },
+    /// Reading or decoding the log failed.
+    #[error("{0}")]
+    Log(LogError),
+    /// The import target holds something.
+    #[error("{}: not empty; import only into a new or empty directory", .0.display())]
+    NotEmpty(PathBuf),
+    /// A bad line in an export; nothing was imported.
+    #[error("line {line}: {what}")]
+    Import { line: u64, what: String },
+    /// A file or stream could not be read or written.
+    #[error("{what}: {error}")]
+    Io { what: String, error: io::Error },
+}
+
+impl From<LogError> for OfflineError {
+    fn from(e: LogError) -> Self {
+        Self::Log(e)
+    }
+}
+
+impl From<sled::Error> for OfflineError {
+    fn from(e: sled::Error) -> Self {
+        Self::Log(LogError::Storage(e))
+    }
+}
+
+fn io_error(what: impl Into<String>) -> impl FnOnce(io::Error) -> OfflineError {
+    let what = what.into();
+    move |error| OfflineError::Io { what, error }
+}
+
+/// What a long offline run is counting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unit {
+    /// Events, index entries: drawn as a count or a fraction of the id range.
+    Items,
+    /// Bytes of input.
+    Bytes,
+}
+
+/// Told how a long offline run progresses; the CLI draws a progress bar.
+pub trait Progress {
+    /// A new phase: its name, how much there is in all if known, and in what.
+    fn phase(&mut self, _name: &str, _total: Option<u64>, _unit: Unit) {}
+    /// How much of the current phase is done.
+    fn position(&mut self, _done: u64) {}
+    /// The run is over.
+    fn finish(&mut self) {}
+}
+
+/// Reports nothing.
+pub struct NoProgress;
+
+impl Progress for NoProgress {}
+
+/// Opens the sled database in `dir` without creating one, for offline use:
+/// no background flush, a small cache. A held lock is [`OfflineError::Locked`].
+fn open_db(dir: &Path) -> Result<sled::Db, OfflineError> {
+    if !dir.join("db").is_file() {
+        return Err(OfflineError::NotADataDir(dir.to_path_buf()));
+    }
+    sled::Config::new()
+        .path(dir)
+        .cache_capacity(OFFLINE_CACHE_BYTES)
+        .flush_every_ms(None)
+        .open()
+        .map_err(|e| match &e {
+            // sled reports a held lock only in the text of an `Io` error.
+            sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
+                OfflineError::Locked(dir.to_path_buf())
+            }
+            _ => OfflineError::from(e),
+        })
+}
+
+/// A data directory opened for reading, with its format checked.
+pub struct OfflineLog {
+    db: sled::Db,
+    dir: PathBuf,
+    epoch: Epoch,
+    head: u64,
+}
+
+impl OfflineLog {
+    /// Opens the log in `dir` for reading. Refuses a directory that is not a
+    /// log, holds another format version than this build's, or is locked.
+    pub fn open(dir: &Path) -> Result<Self, OfflineError> {
+        let db = open_db(dir)?;
+        let not_a_log = |what: String| OfflineError::NotALog {
+            dir: dir.to_path_buf(),
+            what,
+        };
+        match format::read_version(&db)? {
+            None if db.is_empty() => {
+                return Err(not_a_log(
+                    "an empty database, not an sse-gateway log".into(),
+                ))
+            }
+            None => return Err(not_a_log(
+                "holds keys but no format version (m/format); not an sse-gateway log, or damaged"
+                    .into(),
+            )),
+            Some(found) if found > CURRENT_FORMAT => {
+                return Err(LogError::TooNew {
+                    found,
+                    supported: CURRENT_FORMAT,
+                }
+                .into())
+            }
+            Some(found) if found < CURRENT_FORMAT => {
+                return Err(not_a_log(format!(
+                    "format version {found} is older than this build's ({CURRENT_FORMAT}); \
+                     start the gateway on it once to upgrade it in place"
+                )))
+            }
+            Some(_) => {}
+        }
+        let epoch = format::read_epoch(&db)?;
+        let head = format::read_head(&db)?;
+        Ok(Self {
+            db,
+            dir: dir.to_path_buf(),
+            epoch,
+            head,
+        })
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The log's epoch.
+    pub fn epoch(&self) -> &Epoch {
+        &self.epoch
+    }
+
+    /// The last assigned sequence (`m/head`).
+    pub fn head(&self) -> u64 {
+        self.head
+    }
+
+    /// Every stored event in id order. O(n): reads every record.
+    pub fn events(&self) -> impl Iterator<Item = Result<StoredEvent, OfflineError>> + '_ {
+        self.db.scan_prefix(EVENT_PREFIX).map(|item| {
+            let (key, value) = item?;
+            let seq = codec::seq_suffix(&key)?;
+            Ok(codec::decode_record(seq, &value)?)
+        })
+    }
+
+    /// Sequences of the oldest and newest stored events.
+    pub fn event_range(&self) -> Result<Option<(u64, u64)>, OfflineError> {
+        let mut events = self.db.scan_prefix(EVENT_PREFIX).keys();
+        let Some(first) = events.next() else {
+            return Ok(None);
+        };
+        let first = codec::seq_suffix(&first?)?;
+        let last = match events.next_back() {
+            Some(key) => codec::seq_suffix(&key?)?,
+            None => first,
+        };
+        Ok(Some((first, last)))
+    }
+
+    /// Every topic's retention watermark (`w/<topic>`).
+    pub fn trimmed(&self) -> Result<BTreeMap<Topic, u64>, OfflineError> {
+        let mut trimmed = BTreeMap::new();
+        for item in self.db.scan_prefix(TRIMMED_PREFIX) {
+            let (key, value) = item?;
+            let topic = codec::split_trimmed_key(&key)?;
+            trimmed.insert(topic, codec::decode_u64(&key, &value)?);
+        }
+        Ok(trimmed)
+    }
+}
+
+/// The stored data as a `RawValue` when it is one compact JSON value.
+fn compact_json_text(data: &[u8]) -> Option<&RawValue> {
+    let text = std::str::from_utf8(data).ok()?;
+    if text.bytes().any(|b| b == b'\n' || b == b'\r') {
+        return None;
+    }
+    let raw: &RawValue = serde_json::from_str(text).ok()?;
+    (raw.get().len() == text.len()).then_some(raw)
+}

@@ -1,0 +1,123 @@
+//! The state an open sled log's writer, trimmer and readers share: the
+//! database, the epoch, the durable watermark, the per-topic stats and the
+//! failure latch, and how it is loaded at start.
+//!
+//! This is the bottom of the sled backend: it depends on the record format
+//! only, and the writer, the trimmer and [`SledLog`](super::SledLog) all
+//! depend on it, never on each other.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use parking_lot::Mutex;
+
+use super::codec::{self, EVENT_PREFIX, INDEX_PREFIX, TRIMMED_PREFIX};
+use super::format;
+use crate::log::stats::{StatsTable, TopicStats};
+use crate::log::LogError;
+use crate::model::{Epoch, Topic};
+
+/// State shared by the writer, the trimmer and readers.
+pub(crate) struct Shared {
+    /// The one tree: events, index, watermarks and meta under prefixed keys.
+    pub db: sled::Db,
+    /// The prefix of every id this log assigns.
+    pub epoch: Epoch,
+    /// Highest sequence that is fsynced; readers never go past it.
+    pub durable_head: AtomicU64,
+    /// Per-topic counts and watermarks (sled has no cheap count).
+    pub stats: StatsTable,
+    /// Set when a write or fsync failed: from then on the on-disk state is
+    /// uncertain, so writes are refused (ids are never reused) until restart.
+    /// Shared so every refused append carries the original cause.
+    pub failed: Mutex<Option<Arc<LogError>>>,
+}
+
+impl Shared {
+    /// Opens (or creates) the database in `dir`, upgrading an older format,
+    /// checks that the head covers every stored event, and rebuilds the
+    /// per-topic stats. O(index size).
+    pub fn open(dir: &Path, cache_capacity_bytes: u64) -> Result<Self, LogError> {
+        let started = Instant::now();
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(cache_capacity_bytes)
+            .open()?;
+        let epoch = format::prepare(&db)?;
+        let head = format::read_head(&db)?;
+        if let Some(item) = db.scan_prefix(EVENT_PREFIX).next_back() {
+            let (key, _) = item?;
+            let newest = codec::seq_suffix(&key)?;
+            if newest > head {
+                return Err(LogError::Corrupt {
+                    key: "m/head".into(),
+                    what: format!("head {head} is behind stored event {newest}"),
+                });
+            }
+        }
+        let stats = load_stats(&db)?;
+        tracing::info!(
+            dir = %dir.display(),
+            epoch = epoch.as_str(),
+            head,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "opened sled log"
+        );
+        Ok(Self {
+            db,
+            epoch,
+            durable_head: AtomicU64::new(head),
+            stats,
+            failed: Mutex::new(None),
+        })
+    }
+
+    /// Why writes are refused, if a write failed earlier.
+    pub fn failure(&self) -> Option<Arc<LogError>> {
+        self.failed.lock().clone()
+    }
+}
+
+/// Rebuilds per-topic stats from the index and the trim watermarks. O(index
+/// size): sled keeps no counts of its own.
+fn load_stats(db: &sled::Db) -> Result<StatsTable, LogError> {
+    let mut table: HashMap<Topic, TopicStats> = HashMap::new();
+    for item in db.scan_prefix(INDEX_PREFIX) {
+        let (key, _) = item?;
+        let (topic, seq) = codec::split_index_key(&key)?;
+        let stats = table.entry(topic).or_default();
+        if stats.count == 0 {
+            stats.first = seq;
+        }
+        stats.last = seq;
+        stats.count += 1;
+    }
+    for item in db.scan_prefix(TRIMMED_PREFIX) {
+        let (key, value) = item?;
+        let topic = std::str::from_utf8(&key[TRIMMED_PREFIX.len()..])
+            .ok()
+            .and_then(|t| Topic::parse(t).ok())
+            .ok_or_else(|| LogError::Corrupt {
+                key: String::from_utf8_lossy(&key).into_owned(),
+                what: "invalid topic".into(),
+            })?;
+        table.entry(topic).or_default().trimmed_through = codec::decode_u64(&key, &value)?;
+    }
+    let stats = StatsTable::default();
+    for (topic, topic_stats) in table {
+        stats.load(topic, topic_stats);
+    }
+    Ok(stats)
+}
+
+/// Milliseconds since the Unix epoch: an event's append time, and the clock
+/// `max_age` retention compares it with.
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
