@@ -246,6 +246,10 @@ fn sled_append(c: &mut Criterion) {
 fn log_read(c: &mut Criterion) {
     const PER_TOPIC: usize = 2048;
     const LIMIT: usize = 512;
+    const READ_LIMIT: sse_gateway::log::ReadLimit = sse_gateway::log::ReadLimit {
+        events: LIMIT,
+        bytes: usize::MAX,
+    };
     let data = payload_256();
     let bench_log = BenchLog::open();
     let single = [Topic::parse("read:single").expect("topic")];
@@ -271,7 +275,7 @@ fn log_read(c: &mut Criterion) {
     ] {
         let check = bench_log
             .rt
-            .block_on(bench_log.log.read(topics, 0, head, LIMIT))
+            .block_on(bench_log.log.read(topics, 0, head, READ_LIMIT))
             .expect("read");
         assert_eq!(check.events.len(), LIMIT, "{name}");
         assert!(check.events.windows(2).all(|w| w[0].seq < w[1].seq));
@@ -279,7 +283,7 @@ fn log_read(c: &mut Criterion) {
             b.iter(|| {
                 let batch = bench_log
                     .rt
-                    .block_on(bench_log.log.read(topics, 0, head, LIMIT))
+                    .block_on(bench_log.log.read(topics, 0, head, READ_LIMIT))
                     .expect("read");
                 black_box(batch.events.len())
             })

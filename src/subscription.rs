@@ -39,7 +39,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::hub::{Hub, LiveEvent, SubscriberGuard};
 use crate::limits::IpSlot;
-use crate::log::{Log, LogError};
+use crate::log::{Log, LogError, ReadLimit};
 use crate::metrics::Metrics;
 use crate::model::{ResumePoint, Topic};
 use crate::sse::{self, ResetReason};
@@ -302,7 +302,15 @@ impl Subscription {
         let batch = self
             .ctx
             .log
-            .read(&self.topics, self.cursor, upto, self.read_limit)
+            .read(
+                &self.topics,
+                self.cursor,
+                upto,
+                ReadLimit {
+                    events: self.read_limit,
+                    bytes: MAX_CHUNK_BYTES,
+                },
+            )
             .await?;
         self.ctx.metrics.replay_reads.inc();
         self.ctx

@@ -91,6 +91,38 @@ pub struct StoredEvent {
     pub data: Bytes,
 }
 
+/// How much one [`Log::read`] may return: at most `events` events, and no
+/// more once their data reaches `bytes` (always at least one event, however
+/// large). The byte bound is what keeps a replaying stream's memory
+/// independent of event sizes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadLimit {
+    pub events: usize,
+    pub bytes: usize,
+}
+
+impl ReadBatch {
+    /// Keeps the events whose data fits `bytes` (at least one); `through`
+    /// then ends at the last event kept, so the next read starts after it.
+    pub fn cut_to_bytes(&mut self, bytes: usize) {
+        let mut total = 0usize;
+        let keep = self
+            .events
+            .iter()
+            .position(|e| {
+                total = total.saturating_add(e.data.len());
+                total >= bytes
+            })
+            .map_or(self.events.len(), |i| i + 1);
+        if keep < self.events.len() {
+            self.events.truncate(keep);
+            if let Some(last) = self.events.last() {
+                self.through = last.seq;
+            }
+        }
+    }
+}
+
 /// The answer to one [`Log::read`].
 #[derive(Debug, Clone, Default)]
 pub struct ReadBatch {
@@ -156,13 +188,13 @@ pub trait Log: Send + Sync + 'static {
     fn append(&self, event: NewEvent) -> BoxFuture<'_, Result<u64, LogError>>;
 
     /// Events of any of `topics` with `after < seq <= upto` (capped at the
-    /// durable head), in sequence order, each once, at most `limit` of them.
+    /// durable head), in sequence order, each once, within `limit`.
     fn read(
         &self,
         topics: &[Topic],
         after: u64,
         upto: u64,
-        limit: usize,
+        limit: ReadLimit,
     ) -> BoxFuture<'static, Result<ReadBatch, LogError>>;
 
     /// Retention state of a set of topics.
@@ -193,4 +225,48 @@ pub trait Log: Send + Sync + 'static {
     /// Stops accepting appends, finishes those queued, flushes, stops
     /// background work. Idempotent.
     fn close(&self) -> BoxFuture<'_, Result<(), LogError>>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(sizes: &[usize]) -> ReadBatch {
+        let events = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &size)| StoredEvent {
+                seq: i as u64 + 1,
+                time_ms: 0,
+                name: EventName::default_name(),
+                topics: Vec::new(),
+                data: Bytes::from(vec![b'x'; size]),
+            })
+            .collect();
+        ReadBatch {
+            events,
+            through: 100,
+        }
+    }
+
+    #[test]
+    fn a_batch_is_cut_where_its_data_reaches_the_byte_bound_keeping_at_least_one() {
+        let mut fits = batch(&[10, 10, 10]);
+        fits.cut_to_bytes(100);
+        assert_eq!((fits.events.len(), fits.through), (3, 100), "all fit");
+        let mut cut = batch(&[10, 30, 10, 10]);
+        cut.cut_to_bytes(40);
+        assert_eq!(
+            (cut.events.len(), cut.through),
+            (2, 2),
+            "the event reaching 40 is the last"
+        );
+        let mut huge = batch(&[1000, 10]);
+        huge.cut_to_bytes(40);
+        assert_eq!(
+            (huge.events.len(), huge.through),
+            (1, 1),
+            "one event, however large"
+        );
+    }
 }

@@ -11,6 +11,7 @@ mod durability;
 mod guarantees;
 mod limits;
 mod loadgen;
+mod memory;
 mod ops_api;
 mod props;
 mod publish_api;

@@ -614,7 +614,15 @@ fn json_round_trips_byte_exact_through_compact_log_and_sse() {
                     .expect("append");
                 let batch = store
                     .log
-                    .read(std::slice::from_ref(&topic), seq - 1, seq, 8)
+                    .read(
+                        std::slice::from_ref(&topic),
+                        seq - 1,
+                        seq,
+                        sse_gateway::log::ReadLimit {
+                            events: 8,
+                            bytes: usize::MAX,
+                        },
+                    )
                     .await
                     .expect("read");
                 (seq, batch.events)

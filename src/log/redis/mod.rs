@@ -58,7 +58,7 @@ use self::replies::{decode_event, entry_fields, number, text, StreamPos};
 use self::shared::{snapshot, Shared};
 use super::queue::{self, WriterMsg};
 use super::stats::StatsTable;
-use super::{Log, LogError, NewEvent, ReadBatch, RetentionFloor, TopicInfo};
+use super::{Log, LogError, NewEvent, ReadBatch, ReadLimit, RetentionFloor, TopicInfo};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::model::{Epoch, Topic};
@@ -193,9 +193,9 @@ async fn read_range(
     topics: Vec<Topic>,
     after: u64,
     upto: u64,
-    limit: usize,
+    limit: ReadLimit,
 ) -> Result<ReadBatch, LogError> {
-    if after >= upto || limit == 0 || topics.is_empty() {
+    if after >= upto || limit.events == 0 || topics.is_empty() {
         return Ok(ReadBatch {
             events: Vec::new(),
             through: after.max(upto),
@@ -207,7 +207,7 @@ async fn read_range(
         .arg("read")
         .arg(after)
         .arg(upto)
-        .arg(limit)
+        .arg(limit.events)
         .arg(topics.len());
     for topic in &topics {
         invocation.arg(topic.as_str());
@@ -264,10 +264,14 @@ async fn read_range(
             .ok_or_else(|| bad("entry fields"))?;
         events.push(decode_event(&shared.log_key, id.0, &fields)?);
     }
-    Ok(ReadBatch {
+    let mut batch = ReadBatch {
         events,
         through: through.min(upto),
-    })
+    };
+    // The script counts events only; the byte bound is applied here (the
+    // reply itself is transient, what a stream keeps is bounded).
+    batch.cut_to_bytes(limit.bytes);
+    Ok(batch)
 }
 
 impl Log for RedisLog {
@@ -297,7 +301,7 @@ impl Log for RedisLog {
         topics: &[Topic],
         after: u64,
         upto: u64,
-        limit: usize,
+        limit: ReadLimit,
     ) -> BoxFuture<'static, Result<ReadBatch, LogError>> {
         let upto = upto.min(self.durable_head());
         read_range(

@@ -33,7 +33,9 @@ use self::durable::DiskSync;
 use self::shared::Shared;
 use self::writer::Writer;
 use super::queue::{self, WriterMsg};
-use super::{Log, LogError, NewEvent, ReadBatch, RetentionFloor, RetentionPolicy, TopicInfo};
+use super::{
+    Log, LogError, NewEvent, ReadBatch, ReadLimit, RetentionFloor, RetentionPolicy, TopicInfo,
+};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::model::{Epoch, Topic};
@@ -136,7 +138,7 @@ impl Log for SledLog {
         topics: &[Topic],
         after: u64,
         upto: u64,
-        limit: usize,
+        limit: ReadLimit,
     ) -> BoxFuture<'static, Result<ReadBatch, LogError>> {
         let db = self.shared.db.clone();
         let topics = topics.to_vec();

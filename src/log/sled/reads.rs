@@ -7,22 +7,28 @@
 use std::collections::BTreeSet;
 
 use super::codec;
-use crate::log::{LogError, ReadBatch};
+use crate::log::{LogError, ReadBatch, ReadLimit};
 use crate::model::Topic;
 
 /// Reads events of `topics` in `(after, upto]`, merged in sequence order.
 ///
-/// Each topic contributes at most `limit` sequences from its index; the
-/// smallest `limit` of their union are exactly the next `limit` events of the
-/// topic set. An index entry whose event was trimmed meanwhile is skipped (the
-/// caller's retention check reports it).
+/// Each topic contributes at most `limit.events` sequences from its index;
+/// the smallest of their union are exactly the next events of the topic set.
+/// Events are fetched in order until their data reaches `limit.bytes`, so a
+/// read never holds more than that (or one event). An index entry whose
+/// event was trimmed meanwhile is skipped (the caller's retention check
+/// reports it).
 pub(crate) fn read_blocking(
     db: &sled::Db,
     topics: &[Topic],
     after: u64,
     upto: u64,
-    limit: usize,
+    limit: ReadLimit,
 ) -> Result<ReadBatch, LogError> {
+    let ReadLimit {
+        events: limit,
+        bytes: max_bytes,
+    } = limit;
     if after >= upto || limit == 0 {
         return Ok(ReadBatch {
             events: Vec::new(),
@@ -38,15 +44,22 @@ pub(crate) fn read_blocking(
         }
     }
     // Fewer than `limit` in the union means every topic's range was exhausted.
-    let through = if seqs.len() < limit {
+    let mut through = if seqs.len() < limit {
         upto
     } else {
         seqs.iter().nth(limit - 1).copied().unwrap_or(upto)
     };
     let mut events = Vec::with_capacity(seqs.len().min(limit));
+    let mut bytes = 0usize;
     for seq in seqs.into_iter().take(limit) {
         if let Some(value) = db.get(codec::event_key(seq))? {
-            events.push(codec::decode_record(seq, &value)?);
+            let event = codec::decode_record(seq, &value)?;
+            bytes = bytes.saturating_add(event.data.len());
+            events.push(event);
+            if bytes >= max_bytes {
+                through = through.min(seq);
+                break;
+            }
         }
     }
     Ok(ReadBatch { events, through })

@@ -1,0 +1,76 @@
+//! Memory a stream holds while its client reads nothing: bounded in bytes,
+//! whatever the size of the events (issue 15), measured on the real binary.
+
+use std::time::Duration;
+
+use serde_json::json;
+use tempfile::TempDir;
+use tokio::io::AsyncWriteExt;
+
+use crate::common::*;
+
+/// Resident memory of a process, in bytes (`VmRSS` of `/proc/<pid>/status`).
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS");
+    kib * 1024
+}
+
+/// 24 events of 1 MB; 16 clients replay them from `0` through a 4 KiB
+/// receive buffer and read nothing. Each stream may hold one write's worth
+/// (`MAX_CHUNK_BYTES`, or one event when that alone is larger): 16 streams
+/// must cost megabytes, not the ~38 MB each that whole replay batches did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_streams_hold_a_bounded_number_of_bytes_whatever_the_event_size() {
+    const EVENTS: usize = 24;
+    const STREAMS: usize = 16;
+    const EVENT_BYTES: usize = 1_000_000;
+    let dir = TempDir::new().unwrap();
+    let gateway = GatewayProcess::start(dir.path(), "127.0.0.1:0", &[]);
+    let client = reqwest::Client::new();
+    let big = "x".repeat(EVENT_BYTES);
+    for i in 0..EVENTS {
+        publish(
+            &client,
+            &gateway.base,
+            "big",
+            "e",
+            json!({"i": i, "pad": big}),
+        )
+        .await;
+    }
+    let before = rss_bytes(gateway.pid());
+    let mut stalled = Vec::new();
+    for _ in 0..STREAMS {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut socket = socket.connect(gateway.addr).await.unwrap();
+        socket
+            .write_all(b"GET /topics/big HTTP/1.1\r\nHost: t\r\nLast-Event-ID: 0\r\n\r\n")
+            .await
+            .unwrap();
+        stalled.push(socket);
+    }
+    let (client_ref, info) = (&client, gateway.url("/topics/big/info"));
+    let info = &info;
+    eventually("every stalled stream to be subscribed", || async move {
+        get_json(client_ref, info).await.1["subscribers"] == STREAMS
+    })
+    .await;
+    // Let every stream read and encode as far as it can before it blocks.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = rss_bytes(gateway.pid());
+    let grown = after.saturating_sub(before);
+    let per_stream = grown / STREAMS as u64;
+    eprintln!("RSS {before} -> {after} bytes: {per_stream} bytes per stalled stream");
+    assert!(
+        per_stream < 4 * EVENT_BYTES as u64,
+        "a stalled stream holds {per_stream} bytes; the bound is one write \
+         (256 KiB, or one 1 MB event) plus transient reads"
+    );
+    drop(stalled);
+}
