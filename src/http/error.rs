@@ -119,7 +119,16 @@ impl From<LogError> for ApiError {
             LogError::Replication { .. } => Self::unavailable(
                 "the event was stored on the Redis primary but not confirmed by enough replicas in time; it may still be delivered",
             ),
-            _ => Self::unavailable("storage is unavailable; nothing was stored, retry later"),
+            // Refused before anything was written: the log failed earlier.
+            LogError::Failed(_) => Self::unavailable(
+                "storage failed earlier and refuses writes until the gateway is restarted; nothing was stored",
+            ),
+            // The write itself failed: sled may still persist a batch whose
+            // sync failed, and Redis may have applied a command whose answer
+            // was lost. Saying "nothing was stored" would be a guess.
+            _ => Self::unavailable(
+                "storage failed during the write; the event may or may not have been stored, retry later",
+            ),
         }
     }
 }

@@ -361,6 +361,10 @@ async fn redis_restart_mid_stream_answers_503_then_resumes_with_nothing_lost() {
     .await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{answer}");
     assert_eq!(answer["error"]["code"], "unavailable");
+    // A failed write cannot know whether Redis applied it: the answer must
+    // not promise that nothing was stored.
+    let message = answer["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("may or may not have been stored"), "{answer}");
 
     redis.restart();
     for node in &nodes {
