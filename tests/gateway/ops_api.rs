@@ -20,13 +20,6 @@ async fn info(server: &TestServer, topic: &str) -> Value {
     info
 }
 
-async fn subscribers(server: &TestServer, topic: &str) -> u64 {
-    let info = info(server, topic).await;
-    info["subscribers"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("subscribers in {info}"))
-}
-
 /// `/metrics`: (content type, text).
 async fn metrics(server: &TestServer) -> (String, String) {
     let response = server

@@ -7,9 +7,9 @@
 //! of one source address. The soft open-files limit is raised to the hard one.
 //!
 //! Every event's data is `{"p":<publisher>,"seq":<n>,"ts":<µs>,"pad":"x…"}`
-//! of `--payload-bytes`; every stream is parsed with the WHATWG rules
-//! (`sse_gateway::loadgen::SseParser`) and checked for gaps, duplicates and
-//! per-publisher order (`SeqTracker`); latency is receive time − `ts`
+//! of `--payload-bytes` (`payload.rs`); every stream is parsed by the
+//! library's WHATWG decoder (`sse_gateway::sse::decode`) and checked for gaps,
+//! duplicates and per-publisher order (`tracker.rs`); latency is receive time − `ts`
 //! (same machine, same clock) into `hdrhistogram`s. Each run prints one line
 //! starting with `summary` (key=value pairs; `bench/compare.sh` parses it).
 //!
@@ -32,6 +32,10 @@
 //!   'http://127.0.0.1:8081/sub/{topic}'` (body = payload; ids `<time>:<tag>`
 //!   echoed back verbatim as `Last-Event-ID`, or `--resume query`).
 
+mod chunked;
+mod payload;
+mod tracker;
+
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -41,9 +45,13 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use clap::{Parser, ValueEnum};
 use hdrhistogram::Histogram;
 use parking_lot::Mutex;
-use sse_gateway::loadgen::{now_micros, ChunkedDecoder, Payload, SeqTracker, SseParser};
+use sse_gateway::sse::decode::{Decoder, Event, Item};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
+
+use chunked::ChunkedDecoder;
+use payload::{now_micros, Payload};
+use tracker::SeqTracker;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Scenario {
@@ -410,7 +418,7 @@ struct Stream {
     chunked: Option<ChunkedDecoder>,
     /// Body bytes read with the head, not yet parsed.
     pending: Vec<u8>,
-    parser: SseParser,
+    parser: Decoder,
 }
 
 impl Stream {
@@ -444,7 +452,7 @@ impl Stream {
             stream,
             chunked: head.chunked.then(ChunkedDecoder::new),
             pending: buf.split_off(used),
-            parser: SseParser::new(),
+            parser: Decoder::new(),
         })
     }
 
@@ -453,7 +461,7 @@ impl Stream {
     async fn read_until(
         &mut self,
         deadline: Instant,
-        mut on_event: impl FnMut(&sse_gateway::loadgen::SseEvent) -> bool,
+        mut on_event: impl FnMut(&Event) -> bool,
     ) -> Result<bool> {
         let mut raw = vec![0u8; 16 * 1024];
         let mut body = Vec::with_capacity(16 * 1024);
@@ -481,9 +489,11 @@ impl Stream {
                 }
                 None => input,
             };
-            self.parser.feed(sse, |event| {
-                if !done && !on_event(&event) {
-                    done = true;
+            self.parser.feed(sse, |item| {
+                if let Item::Event(event) = item {
+                    if !done && !on_event(&event) {
+                        done = true;
+                    }
                 }
             });
             first.clear();
@@ -907,7 +917,7 @@ async fn storm(args: &Args, target: &Target) -> Result<String> {
     probe
         .read_until(Instant::now() + Duration::from_secs(10), |event| {
             if Payload::decode(&event.data).map(|p| p.publisher) == Some(marker_publisher) {
-                marker_id = Some(event.last_event_id.clone());
+                marker_id = Some(event.id.clone());
                 return false;
             }
             true
