@@ -166,3 +166,40 @@ pub fn collect_stderr(child: &mut Child) -> Arc<Mutex<Vec<u8>>> {
     });
     stderr
 }
+
+/// Starts the real binary on `data_dir` (with `config`, else the repo's
+/// `config.toml`), retrying for a few seconds while `listen` is still taken
+/// by the process that was just killed on that port.
+pub async fn start_gateway(data_dir: &Path, listen: &str, config: Option<&Path>) -> GatewayProcess {
+    let (data_dir, listen) = (data_dir.to_path_buf(), listen.to_owned());
+    let config = config.map(Path::to_path_buf);
+    tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            if std::time::Instant::now() < deadline && std::net::TcpListener::bind(&listen).is_err()
+            {
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+            match std::panic::catch_unwind(|| {
+                GatewayProcess::start_with_config(&data_dir, &listen, config.as_deref(), &[])
+            }) {
+                Ok(gateway) => return gateway,
+                Err(panic) if std::time::Instant::now() >= deadline => {
+                    std::panic::resume_unwind(panic)
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    })
+    .await
+    .expect("start_gateway task")
+}
+
+/// A client that keeps no idle connection (the server behind a port changes).
+pub fn fresh_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .expect("reqwest client")
+}
