@@ -230,29 +230,13 @@ async fn a_slow_subscriber_loses_nothing_and_blocks_no_publisher() {
         got, ids,
         "the slow subscriber gets every event once, in order"
     );
-    let metrics = server
-        .client
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&server.client, &server.base).await;
     let fallbacks = metric_value(&metrics, "sse_gateway_lag_fallbacks_total");
     assert!(
         fallbacks >= 1.0,
         "the slow subscriber fell back to the log: {fallbacks}"
     );
     eprintln!("published {EVENTS} events in {publish_time:?} with a silent subscriber attached");
-}
-
-pub fn metric_value(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("{name} not in metrics"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -186,3 +186,23 @@ pub async fn subscribers(server: &TestServer, topic: &str) -> u64 {
         .as_u64()
         .unwrap_or_else(|| panic!("subscribers in {info}"))
 }
+
+/// `GET {base}/metrics` as text.
+pub async fn metrics_text(client: &reqwest::Client, base: &str) -> String {
+    let response = client
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .expect("GET /metrics");
+    response.text().await.expect("metrics text")
+}
+
+/// The value of the first sample of `name` (labelled or not) in Prometheus
+/// text; panics when there is none.
+pub fn metric_value(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{name} not in metrics"))
+}
