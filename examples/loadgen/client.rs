@@ -26,6 +26,7 @@ pub struct Url {
 }
 
 impl Url {
+    /// Parses a loopback `http://` URL (`localhost` means 127.0.0.1).
     pub fn parse(url: &str) -> Result<Self> {
         let rest = url
             .strip_prefix("http://")
@@ -62,6 +63,7 @@ pub struct Target {
 }
 
 impl Target {
+    /// The URLs and body template of `args`, with `{topic}` filled in.
     pub fn new(args: &Args, topic: &str) -> Result<Self> {
         Ok(Self {
             publish: Url::parse(&args.pub_url.replace("{topic}", topic))?,
@@ -91,6 +93,7 @@ impl Target {
         Ok(stream)
     }
 
+    /// The publish body for `payload`, padded to `size` bytes of data.
     pub fn body(&self, payload: &Payload, size: usize) -> String {
         self.body_template
             .replace("{payload}", &payload.encode(size))
@@ -158,6 +161,7 @@ pub struct Publisher {
 }
 
 impl Publisher {
+    /// A publisher that connects on its first post.
     pub fn new(target: Arc<Target>) -> Self {
         Self {
             target,

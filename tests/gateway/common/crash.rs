@@ -59,6 +59,7 @@ pub struct AckingPublishers {
 }
 
 impl AckingPublishers {
+    /// Starts `publishers` of them on `topic` of the gateway at `base`.
     pub fn start(client: &reqwest::Client, base: &str, topic: &str, publishers: usize) -> Self {
         let running = Arc::new(AtomicBool::new(true));
         let acked: Arc<Mutex<HashMap<String, String>>> = Default::default();

@@ -13,8 +13,11 @@ use super::repo_path;
 /// The real `sse-gateway` binary as a child process, for restart and `kill -9` tests.
 pub struct GatewayProcess {
     child: Child,
+    /// Where it listens.
     pub addr: SocketAddr,
+    /// `http://<addr>`.
     pub base: String,
+    /// Its stderr, line by line, as it arrives.
     pub log: Arc<Mutex<Vec<String>>>,
 }
 
@@ -24,6 +27,7 @@ impl GatewayProcess {
         Self::start_with_config(data_dir, listen, None, extra)
     }
 
+    /// Like `start`, with a config file (else the repo's `config.toml`).
     pub fn start_with_config(
         data_dir: &Path,
         listen: &str,
@@ -95,6 +99,7 @@ impl GatewayProcess {
         }
     }
 
+    /// `<base><path>`.
     pub fn url(&self, path: &str) -> String {
         format!("{}{}", self.base, path)
     }

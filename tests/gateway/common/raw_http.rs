@@ -22,6 +22,7 @@ pub use chunked::ChunkedDecoder;
 
 /// One HTTP/1.x client connection, read by hand.
 pub struct RawConn {
+    /// The socket, for tests that write or read it directly.
     pub tcp: TcpStream,
     /// Bytes read and not consumed yet.
     pub buf: Vec<u8>,
@@ -33,6 +34,7 @@ pub struct RawConn {
 pub struct Head {
     /// `HTTP/1.1` or `HTTP/1.0`.
     pub version: String,
+    /// The status code.
     pub status: u16,
     /// Names lower-cased, values trimmed.
     pub headers: HashMap<String, String>,
@@ -64,6 +66,7 @@ impl RawConn {
         (conn, head)
     }
 
+    /// Writes `raw` as it is.
     pub async fn send(&mut self, raw: &str) {
         self.tcp.write_all(raw.as_bytes()).await.expect("write");
     }

@@ -27,8 +27,11 @@ pub fn test_config(dir: &Path) -> Config {
 
 /// An in-process gateway.
 pub struct TestServer {
+    /// Where it listens.
     pub addr: SocketAddr,
+    /// `http://<addr>`.
     pub base: String,
+    /// A client for it (keep-alive).
     pub client: reqwest::Client,
     stop: CancellationToken,
     handle: Option<JoinHandle<Result<(), sse_gateway::RunError>>>,
@@ -74,10 +77,12 @@ impl TestServer {
         panic!("gateway did not become ready");
     }
 
+    /// `<base><path>`.
     pub fn url(&self, path: &str) -> String {
         format!("{}{}", self.base, path)
     }
 
+    /// Its data dir.
     pub fn dir(&self) -> &Path {
         self.dir.as_ref().expect("dir").path()
     }
@@ -118,6 +123,7 @@ impl TestServer {
         SseReader::connect(&self.client, &self.url(path), last_event_id).await
     }
 
+    /// `GET path` as JSON (`null` when the body is not JSON).
     pub async fn get_json(&self, path: &str) -> (StatusCode, Value) {
         let response = self
             .client
@@ -136,6 +142,7 @@ impl Drop for TestServer {
     }
 }
 
+/// POSTs `body` as `application/json`; (status, body as JSON or as a string).
 pub async fn post_raw(
     client: &reqwest::Client,
     url: &str,
@@ -156,6 +163,8 @@ pub async fn post_raw(
     )
 }
 
+/// Publishes `data` as `event` to `topic` of the gateway at `base`; panics
+/// unless 201. Returns the id.
 pub async fn publish(
     client: &reqwest::Client,
     base: &str,

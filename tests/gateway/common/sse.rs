@@ -16,8 +16,11 @@ use super::WAIT;
 /// The tests' own type (not the library's) so that it can carry [`SseEvent::json`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SseEvent {
+    /// The last event id at dispatch.
     pub id: String,
+    /// The event type (`message` when none was named).
     pub event: String,
+    /// The data lines joined with LF.
     pub data: String,
 }
 
@@ -69,18 +72,23 @@ impl SseParser {
 
 /// An SSE stream over real HTTP.
 pub struct SseReader {
+    /// The response status.
     pub status: StatusCode,
+    /// The response headers.
     pub headers: reqwest::header::HeaderMap,
     stream:
         std::pin::Pin<Box<dyn futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
+    /// What has been decoded so far (last event id, retry, comments, blocks).
     pub parser: SseParser,
     queue: std::collections::VecDeque<SseEvent>,
+    /// The server ended the body (or it broke).
     pub ended: bool,
     /// Every byte received, for assertions on the exact wire format.
     pub raw: Vec<u8>,
 }
 
 impl SseReader {
+    /// `GET url` with `Accept: text/event-stream`, and `Last-Event-ID` when given.
     pub async fn connect(client: &reqwest::Client, url: &str, last_event_id: Option<&str>) -> Self {
         let mut request = client.get(url).header("accept", "text/event-stream");
         if let Some(id) = last_event_id {
