@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use futures_util::StreamExt;
+use sse_gateway::sse::decode::{Decoder, Event, Item};
 use sse_gateway::Config;
 use tempfile::TempDir;
 use tokio::net::TcpListener;
@@ -279,7 +280,7 @@ async fn fanout(args: &Args, base: &str, origin: Instant) -> anyhow::Result<()> 
         let mut reader = SseReader::new(response);
         // A live-only stream starts with `retry:` and an id-only block; once
         // it arrived the subscription is registered with the hub.
-        reader.next_block().await?;
+        reader.until_blocks(1).await?;
         readers.push(reader);
     }
     let info: serde_json::Value = client
@@ -476,10 +477,12 @@ struct SseEvent {
     data: String,
 }
 
-/// A minimal SSE reader: enough of the WHATWG parser for the gateway's blocks.
+/// An SSE stream read with the library's WHATWG decoder.
 struct SseReader {
     body: futures_util::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>,
-    buf: Vec<u8>,
+    decoder: Decoder,
+    /// Events decoded and not handed out yet.
+    ready: std::collections::VecDeque<Event>,
     /// Bytes received so far.
     bytes: usize,
 }
@@ -488,67 +491,53 @@ impl SseReader {
     fn new(response: reqwest::Response) -> Self {
         Self {
             body: response.bytes_stream().boxed(),
-            buf: Vec::with_capacity(64 * 1024),
+            decoder: Decoder::new(),
+            ready: Default::default(),
             bytes: 0,
         }
     }
 
-    /// The next line, without its `\n`; `None` at the end of the stream.
-    async fn next_line(&mut self) -> anyhow::Result<Option<String>> {
-        loop {
-            if let Some(end) = self.buf.iter().position(|&b| b == b'\n') {
-                let line = String::from_utf8(self.buf[..end].to_vec())?;
-                self.buf.drain(..=end);
-                return Ok(Some(line));
-            }
-            match self.body.next().await {
-                Some(chunk) => {
-                    let chunk = chunk?;
-                    self.bytes += chunk.len();
-                    self.buf.extend_from_slice(&chunk);
-                }
-                None => return Ok(None),
-            }
-        }
-    }
-
-    /// The lines of the next block (up to a blank line).
-    async fn next_block(&mut self) -> anyhow::Result<Option<Vec<String>>> {
-        let mut lines = Vec::new();
-        loop {
-            match self.next_line().await? {
-                None => return Ok(None),
-                Some(line) if line.is_empty() => {
-                    if !lines.is_empty() {
-                        return Ok(Some(lines));
-                    }
-                }
-                Some(line) => lines.push(line),
-            }
-        }
-    }
-
-    /// The next block with `data:` (an event); id-only, `retry:` and comment
-    /// blocks are skipped. Every event must carry an id.
+    /// The next event (id-only, `retry:` and comment blocks are not events);
+    /// `None` at the end of the stream. Its id must be one of ours.
     async fn next_event(&mut self) -> anyhow::Result<Option<SseEvent>> {
-        while let Some(lines) = self.next_block().await? {
-            let (mut id, mut name, mut data) = (None, "message".to_owned(), None);
-            for line in lines {
-                if let Some(v) = line.strip_prefix("id: ") {
-                    id = Some(v.to_owned());
-                } else if let Some(v) = line.strip_prefix("event: ") {
-                    name = v.to_owned();
-                } else if let Some(v) = line.strip_prefix("data: ") {
-                    data = Some(v.to_owned());
-                }
+        loop {
+            if let Some(event) = self.ready.pop_front() {
+                let seq = seq_of(&event.id)
+                    .ok_or_else(|| anyhow::anyhow!("bad id {:?} for {}", event.id, event.data))?;
+                return Ok(Some(SseEvent {
+                    seq,
+                    name: event.event,
+                    data: event.data,
+                }));
             }
-            if let Some(data) = data {
-                let id = id.ok_or_else(|| anyhow::anyhow!("event without id: {data}"))?;
-                let seq = seq_of(&id).ok_or_else(|| anyhow::anyhow!("bad id {id:?}"))?;
-                return Ok(Some(SseEvent { seq, name, data }));
+            if !self.read().await? {
+                return Ok(None);
             }
         }
-        Ok(None)
+    }
+
+    /// Reads until `n` blocks ended, events or not (`retry:`, id-only).
+    async fn until_blocks(&mut self, n: u64) -> anyhow::Result<()> {
+        while self.decoder.blocks_ended() < n {
+            anyhow::ensure!(self.read().await?, "the stream ended before {n} blocks");
+        }
+        Ok(())
+    }
+
+    /// Decodes the next bytes received; false at the end of the stream.
+    async fn read(&mut self) -> anyhow::Result<bool> {
+        let Some(chunk) = self.body.next().await else {
+            return Ok(false);
+        };
+        let chunk = chunk?;
+        self.bytes += chunk.len();
+        let ready = &mut self.ready;
+        self.decoder.feed(&chunk, |item| {
+            if let Item::Event(event) = item {
+                ready.push_back(event);
+            }
+        });
+        Ok(true)
     }
 }
 

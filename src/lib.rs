@@ -13,7 +13,6 @@ pub mod http;
 pub mod hub;
 pub mod json;
 pub mod limits;
-pub mod loadgen;
 pub mod log;
 pub mod metrics;
 pub mod model;

@@ -10,7 +10,6 @@ pub mod check;
 pub mod inspect;
 pub mod pretty;
 pub mod publish;
-pub mod sse_client;
 pub mod tail;
 pub mod token;
 pub mod transfer;

@@ -18,9 +18,9 @@ use futures_util::StreamExt;
 use serde::Serialize;
 use serde_json::value::RawValue;
 use sse_gateway::model::{parse_topic_list, RESET_EVENT_NAME};
+use sse_gateway::sse::decode::{Decoder, Event, Item};
 
 use super::pretty::pretty_json;
-use super::sse_client::{Event, Item, Parser};
 use super::{root_cause, GatewayArgs};
 
 /// Reconnection delay until the server sends `retry:`.
@@ -65,7 +65,7 @@ pub fn run(args: TailArgs) -> anyhow::Result<()> {
         color: std::io::stdout().is_terminal()
             && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
     };
-    let mut parser = Parser::new();
+    let mut parser = Decoder::new();
     if let Some(from) = &args.from {
         parser.set_last_event_id(from);
     }
@@ -135,8 +135,9 @@ pub fn run(args: TailArgs) -> anyhow::Result<()> {
             }
             connected_before = true;
             failures = 0;
-            parser.reconnect();
             let why = follow(response, &mut parser, &mut printer, idle).await?;
+            // What a cut-off block held is sent again after the reconnect.
+            parser.end_stream();
             let delay = parser.retry_ms().unwrap_or(DEFAULT_RETRY_MS);
             eprintln!(
                 "sse-gateway: disconnected ({why}); reconnecting in {delay} ms, resuming after {}",
@@ -151,7 +152,7 @@ pub fn run(args: TailArgs) -> anyhow::Result<()> {
 /// stdout fails.
 async fn follow(
     response: reqwest::Response,
-    parser: &mut Parser,
+    parser: &mut Decoder,
     printer: &mut Printer,
     idle: Duration,
 ) -> anyhow::Result<String> {
@@ -164,7 +165,7 @@ async fn follow(
             Ok(Some(Err(e))) => return Ok(root_cause(&e)),
             Ok(Some(Ok(chunk))) => chunk,
         };
-        parser.feed(&chunk, &mut items);
+        parser.feed(&chunk, |item| items.push(item));
         for item in items.drain(..) {
             match item {
                 Item::Event(event) => printer.event(&event)?,

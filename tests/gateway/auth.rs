@@ -430,14 +430,7 @@ async fn tokens_never_appear_in_logs_or_metrics() {
         .await
         .unwrap();
     assert_eq!(refused.status(), 401);
-    let metrics = client
-        .get(gateway.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&client, &gateway.base).await;
     drop(stream);
     std::thread::sleep(Duration::from_millis(300));
     let log = gateway.log.lock().unwrap().join("\n");

@@ -22,7 +22,7 @@ use serde_json::{json, Value};
 use tempfile::TempDir;
 use tokio::sync::mpsc;
 
-use crate::common::{self, collect_stderr, GatewayProcess};
+use crate::common::{self, collect_stderr, fresh_client, start_gateway};
 
 const SETUP_HINT: &str = "run `bash scripts/test.sh` from the repo root: it installs chromium, \
      nodejs and npm (apt) and tests/js/node_modules with playwright-core (npm ci, no browser \
@@ -278,51 +278,15 @@ fn write_config(dir: &Path, origin: Option<&str>) -> PathBuf {
     path
 }
 
-/// Starts the real binary, retrying for a few seconds while `listen` is still
-/// taken by the process that was just killed.
-async fn start_gateway(data_dir: &Path, listen: &str, config: &Path) -> GatewayProcess {
-    let (data_dir, listen, config) = (
-        data_dir.to_path_buf(),
-        listen.to_owned(),
-        config.to_path_buf(),
-    );
-    tokio::task::spawn_blocking(move || {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            if Instant::now() < deadline && std::net::TcpListener::bind(&listen).is_err() {
-                std::thread::sleep(Duration::from_millis(50));
-                continue;
-            }
-            match std::panic::catch_unwind(|| {
-                GatewayProcess::start_with_config(&data_dir, &listen, Some(&config), &[])
-            }) {
-                Ok(gateway) => return gateway,
-                Err(panic) if Instant::now() >= deadline => std::panic::resume_unwind(panic),
-                Err(_) => std::thread::sleep(Duration::from_millis(100)),
-            }
-        }
-    })
-    .await
-    .expect("start_gateway task")
-}
-
-/// A client that keeps no idle connection (the server behind a port changes).
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .pool_max_idle_per_host(0)
-        .build()
-        .expect("reqwest client")
-}
-
 async fn publish(base: &str, topic: &str, event: &str, data: Value) -> String {
-    common::publish(&client(), base, topic, event, data).await
+    common::publish(&fresh_client(), base, topic, event, data).await
 }
 
 /// `POST /projects/broadcast/{kind}`; the id.
 async fn broadcast(base: &str, kind: &str, event: &str, payload: Value) -> String {
     let body = json!({"event": event, "payload": payload}).to_string();
     let (status, answer) = common::post_raw(
-        &client(),
+        &fresh_client(),
         &format!("{base}/projects/broadcast/{kind}"),
         body,
     )
@@ -390,7 +354,7 @@ async fn console_lists_topics_tails_publishes_and_resumes_across_kill_9() {
     let dir = TempDir::new().expect("tempdir");
     let data = dir.path().join("data");
     let config = write_config(dir.path(), None);
-    let gateway = start_gateway(&data, "127.0.0.1:0", &config).await;
+    let gateway = start_gateway(&data, "127.0.0.1:0", Some(&config)).await;
     let port = gateway.addr.port();
     let base = gateway.base.clone();
 
@@ -528,7 +492,7 @@ async fn console_lists_topics_tails_publishes_and_resumes_across_kill_9() {
         s["tail"]["state"] == json!("reconnecting")
     })
     .await;
-    let gateway = start_gateway(&data, &format!("127.0.0.1:{port}"), &config).await;
+    let gateway = start_gateway(&data, &format!("127.0.0.1:{port}"), Some(&config)).await;
     assert_eq!(gateway.addr.port(), port, "restarted on the same port");
     for i in 0..3 {
         let data = json!({"after_restart": i});
@@ -619,7 +583,7 @@ async fn console_tail_shows_reset_for_an_unknown_from_id() {
     let _one = ONE_BROWSER.lock().await;
     let dir = TempDir::new().expect("tempdir");
     let config = write_config(dir.path(), None);
-    let gateway = start_gateway(&dir.path().join("data"), "127.0.0.1:0", &config).await;
+    let gateway = start_gateway(&dir.path().join("data"), "127.0.0.1:0", Some(&config)).await;
     let base = gateway.base.clone();
     let first = publish(
         &base,
@@ -715,7 +679,7 @@ async fn console_sends_the_token_cookie_when_auth_is_on() {
         format!("[stream]\nretry_ms = 300\nheartbeat_ms = 1000\n\n[auth]\nhs256_secret = \"{SECRET}\"\n"),
     )
     .expect("write config");
-    let gateway = start_gateway(&dir.path().join("data"), "127.0.0.1:0", &config).await;
+    let gateway = start_gateway(&dir.path().join("data"), "127.0.0.1:0", Some(&config)).await;
     let base = gateway.base.clone();
     let exp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -792,7 +756,7 @@ async fn console_sends_the_token_cookie_when_auth_is_on() {
     assert_eq!(answer["status"], json!(201), "{answer}");
     let from_form = answer["id"].as_str().expect("id").to_owned();
     let body = json!({"event": "order_shipped", "data": {"n": 3}}).to_string();
-    let response = client()
+    let response = fresh_client()
         .post(format!("{base}/topics/orders:eu"))
         .header("content-type", "application/json")
         .bearer_auth(&token)
@@ -889,7 +853,7 @@ async fn dashboard_example_follows_projects_across_kill_9_and_reload() {
     let dir = TempDir::new().expect("tempdir");
     let data = dir.path().join("data");
     let (mut page, origin, config) = dashboard_setup(dir.path()).await;
-    let gateway = start_gateway(&data, "127.0.0.1:0", &config).await;
+    let gateway = start_gateway(&data, "127.0.0.1:0", Some(&config)).await;
     let port = gateway.addr.port();
     let base = gateway.base.clone();
 
@@ -963,7 +927,7 @@ async fn dashboard_example_follows_projects_across_kill_9_and_reload() {
         s["connection"] == json!("reconnecting")
     })
     .await;
-    let gateway = start_gateway(&data, &format!("127.0.0.1:{port}"), &config).await;
+    let gateway = start_gateway(&data, &format!("127.0.0.1:{port}"), Some(&config)).await;
     assert_eq!(gateway.addr.port(), port, "restarted on the same port");
     let base = gateway.base.clone();
     broadcast(
@@ -1084,7 +1048,7 @@ async fn dashboard_example_refetches_on_reset() {
     let _one = ONE_BROWSER.lock().await;
     let dir = TempDir::new().expect("tempdir");
     let (mut page, origin, config) = dashboard_setup(dir.path()).await;
-    let gateway = start_gateway(&dir.path().join("data-a"), "127.0.0.1:0", &config).await;
+    let gateway = start_gateway(&dir.path().join("data-a"), "127.0.0.1:0", Some(&config)).await;
     let port = gateway.addr.port();
     let base = gateway.base.clone();
     broadcast(
@@ -1114,7 +1078,7 @@ async fn dashboard_example_refetches_on_reset() {
     let gateway = start_gateway(
         &dir.path().join("data-b"),
         &format!("127.0.0.1:{port}"),
-        &config,
+        Some(&config),
     )
     .await;
     let base = gateway.base.clone();

@@ -1,7 +1,6 @@
 //! Durability: restart, `kill -9` under publish load, SIGTERM drain, and the
 //! on-disk format (opening a v1 data dir, refusing a newer one).
 
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -149,19 +148,6 @@ async fn sigterm_drains_publishes_closes_streams_and_exits_zero() {
             stored.contains(id),
             "acknowledged {id} missing after SIGTERM"
         );
-    }
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
     }
 }
 

@@ -8,8 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::AsyncWriteExt;
 
 use crate::common::*;
 
@@ -158,9 +157,8 @@ async fn an_event_in_two_subscribed_topics_arrives_once_and_ids_increase() {
 /// A raw HTTP/1.1 SSE client that reads only when asked: with a tiny receive
 /// buffer, a subscriber that is not reading really is slow for the server.
 struct RawSse {
-    socket: TcpStream,
+    conn: RawConn,
     parser: SseParser,
-    pending: Vec<u8>,
     in_body: bool,
     queue: std::collections::VecDeque<SseEvent>,
 }
@@ -169,57 +167,37 @@ impl RawSse {
     async fn connect(server: &TestServer, path: &str, last_event_id: Option<&str>) -> Self {
         let socket = tokio::net::TcpSocket::new_v4().unwrap();
         socket.set_recv_buffer_size(4096).unwrap();
-        let mut socket = socket.connect(server.addr).await.unwrap();
+        let mut conn = RawConn::from_tcp(socket.connect(server.addr).await.unwrap());
         let resume = last_event_id
             .map(|id| format!("Last-Event-ID: {id}\r\n"))
             .unwrap_or_default();
-        let request = format!(
+        conn.send(&format!(
             "GET {path} HTTP/1.1\r\nHost: test\r\nAccept: text/event-stream\r\n{resume}\r\n"
-        );
-        socket.write_all(request.as_bytes()).await.unwrap();
+        ))
+        .await;
         Self {
-            socket,
+            conn,
             parser: SseParser::default(),
-            pending: Vec::new(),
             in_body: false,
             queue: Default::default(),
         }
     }
 
     async fn next(&mut self) -> SseEvent {
-        let mut buf = vec![0u8; 64 * 1024];
+        if !self.in_body {
+            let head = self.conn.head().await;
+            assert_eq!((head.version.as_str(), head.status), ("HTTP/1.1", 200));
+            assert_eq!(head.headers["transfer-encoding"], "chunked");
+            self.in_body = true;
+        }
         loop {
             if let Some(event) = self.queue.pop_front() {
                 return event;
             }
-            let n = tokio::time::timeout(Duration::from_secs(10), self.socket.read(&mut buf))
-                .await
-                .expect("data within 10 s")
-                .expect("read");
-            assert!(n > 0, "server closed the stream");
-            self.pending.extend_from_slice(&buf[..n]);
-            if !self.in_body {
-                let Some(end) = self.pending.windows(4).position(|w| w == b"\r\n\r\n") else {
-                    continue;
-                };
-                let head = String::from_utf8_lossy(&self.pending[..end]).to_lowercase();
-                assert!(head.starts_with("http/1.1 200"), "{head}");
-                assert!(head.contains("transfer-encoding: chunked"), "{head}");
-                self.pending.drain(..end + 4);
-                self.in_body = true;
-            }
-            // De-chunk whatever complete chunks are buffered.
-            while let Some(line_end) = self.pending.windows(2).position(|w| w == b"\r\n") {
-                let size_text = String::from_utf8_lossy(&self.pending[..line_end]).to_string();
-                let size = usize::from_str_radix(size_text.trim(), 16).unwrap();
-                if self.pending.len() < line_end + 2 + size + 2 {
-                    break;
-                }
-                let chunk: Vec<u8> = self.pending[line_end + 2..line_end + 2 + size].to_vec();
-                self.pending.drain(..line_end + 2 + size + 2);
-                let events = self.parser.feed(&chunk);
-                self.queue.extend(events);
-            }
+            let chunk = self.conn.chunk().await;
+            assert!(!chunk.is_empty(), "server closed the stream");
+            let events = self.parser.feed(&chunk);
+            self.queue.extend(events);
         }
     }
 
@@ -252,29 +230,13 @@ async fn a_slow_subscriber_loses_nothing_and_blocks_no_publisher() {
         got, ids,
         "the slow subscriber gets every event once, in order"
     );
-    let metrics = server
-        .client
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&server.client, &server.base).await;
     let fallbacks = metric_value(&metrics, "sse_gateway_lag_fallbacks_total");
     assert!(
         fallbacks >= 1.0,
         "the slow subscriber fell back to the log: {fallbacks}"
     );
     eprintln!("published {EVENTS} events in {publish_time:?} with a silent subscriber attached");
-}
-
-pub fn metric_value(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("{name} not in metrics"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -1,95 +1,19 @@
-//! The load generator's own correctness: its SSE parser (WHATWG rules, input
-//! split at every byte), its chunked decoder, its payloads, and its gap /
-//! duplicate / order accounting. No timing here.
+//! The load generator's own correctness (`examples/loadgen/`): its chunked
+//! decoder, its payloads, and its gap / duplicate / order accounting. No
+//! timing here. Its SSE parsing is the library's decoder, tested with it
+//! (`src/sse/decode.rs`).
 
-use sse_gateway::loadgen::{ChunkedDecoder, Payload, SeqTracker, SseEvent, SseParser};
+use crate::common::ChunkedDecoder;
 
-fn parse_all(input: &[u8]) -> (Vec<SseEvent>, SseParser) {
-    let mut parser = SseParser::new();
-    let mut events = Vec::new();
-    parser.feed(input, |e| events.push(e));
-    (events, parser)
-}
+// The example's modules, compiled into this test target as they are.
+#[path = "../../examples/loadgen/payload.rs"]
+#[allow(dead_code)] // `now_micros` is the example's; no test needs a clock
+mod payload;
+#[path = "../../examples/loadgen/tracker.rs"]
+mod tracker;
 
-/// Feeds `input` split at every position (and byte by byte); every split must
-/// give what one feed gives.
-fn parse_every_split(input: &[u8]) -> Vec<SseEvent> {
-    let (whole, _) = parse_all(input);
-    for cut in 0..=input.len() {
-        let mut parser = SseParser::new();
-        let mut events = Vec::new();
-        parser.feed(&input[..cut], |e| events.push(e));
-        parser.feed(&input[cut..], |e| events.push(e));
-        assert_eq!(events, whole, "split at {cut}");
-    }
-    let mut parser = SseParser::new();
-    let mut events = Vec::new();
-    for byte in input {
-        parser.feed(std::slice::from_ref(byte), |e| events.push(e));
-    }
-    assert_eq!(events, whole, "byte by byte");
-    whole
-}
-
-fn event(event: &str, data: &str, id: &str) -> SseEvent {
-    SseEvent {
-        event: event.into(),
-        data: data.into(),
-        last_event_id: id.into(),
-    }
-}
-
-#[test]
-fn sse_parser_reads_our_frames_and_moves_the_id_on_id_only_blocks() {
-    let input =
-        b"retry: 2000\n\nid: ep-0\n\nid: ep-1\nevent: created\ndata: {\"a\":1}\n\n: keepalive\n\n";
-    let events = parse_every_split(input);
-    assert_eq!(events, vec![event("created", "{\"a\":1}", "ep-1")]);
-    let (_, parser) = parse_all(input);
-    assert_eq!(parser.retry_ms, Some(2000));
-    assert_eq!(parser.comments, 1);
-    assert_eq!(parser.last_event_id(), "ep-1");
-}
-
-#[test]
-fn sse_parser_handles_cr_lf_and_crlf_line_ends_even_when_split() {
-    let input = b"data: a\r\ndata: b\rdata: c\n\r\nid: 7\r\rdata:d\n\n";
-    let events = parse_every_split(input);
-    assert_eq!(
-        events,
-        vec![event("message", "a\nb\nc", ""), event("message", "d", "7")]
-    );
-}
-
-#[test]
-fn sse_parser_follows_whatwg_field_rules() {
-    // One leading space is stripped, not two; a field without a colon has an
-    // empty value; unknown fields are ignored; `id` with NUL is ignored;
-    // `retry` needs digits only; a leading BOM is dropped; an event type is
-    // kept only for its own block; a block without data dispatches nothing.
-    let input = "\u{feff}data:  two spaces\nfoo: bar\nid: a\0b\nretry: 12x\n\nevent: only-type\n\ndata\nevent: x\n\ndata: last\n\n";
-    let events = parse_every_split(input.as_bytes());
-    assert_eq!(
-        events,
-        vec![
-            event("message", " two spaces", ""),
-            event("x", "", ""),
-            event("message", "last", ""),
-        ]
-    );
-    let (_, parser) = parse_all(input.as_bytes());
-    assert_eq!(parser.retry_ms, None);
-}
-
-#[test]
-fn sse_parser_keeps_an_unfinished_block_pending() {
-    let mut parser = SseParser::new();
-    let mut events = Vec::new();
-    parser.feed(b"id: 1\ndata: x\n", |e| events.push(e));
-    assert!(events.is_empty(), "no blank line yet");
-    parser.feed(b"\n", |e| events.push(e));
-    assert_eq!(events, vec![event("message", "x", "1")]);
-}
+use payload::Payload;
+use tracker::SeqTracker;
 
 #[test]
 fn chunked_decoder_joins_chunks_split_anywhere() {
@@ -113,6 +37,35 @@ fn chunked_decoder_refuses_garbage() {
 }
 
 #[test]
+fn chunked_decoder_wants_crlf_and_ends_after_the_trailers() {
+    // A lone LF is not a line end here: the gateway must write CRLF.
+    let mut decoder = ChunkedDecoder::new();
+    assert!(decoder.decode(b"1\nx", &mut Vec::new()).is_err());
+    let mut decoder = ChunkedDecoder::new();
+    assert!(decoder.decode(b"1\r\nx\n", &mut Vec::new()).is_err());
+    // The body ends only after the trailer section's blank line.
+    let mut decoder = ChunkedDecoder::new();
+    let mut out = Vec::new();
+    decoder
+        .decode(b"1\r\nx\r\n0\r\nX-T: 1\r\n", &mut out)
+        .unwrap();
+    assert!(!decoder.is_done());
+    decoder.decode(b"\r\n", &mut out).unwrap();
+    assert!(decoder.is_done());
+    assert_eq!(out, b"x");
+}
+
+#[test]
+fn chunked_decoder_leaves_what_follows_the_body() {
+    let input = b"3\r\nabc\r\n0\r\n\r\nHTTP/1.1 200 OK\r\n";
+    let mut decoder = ChunkedDecoder::new();
+    let mut out = Vec::new();
+    let used = decoder.decode(input, &mut out).unwrap();
+    assert_eq!(&input[used..], b"HTTP/1.1 200 OK\r\n");
+    assert_eq!(out, b"abc");
+}
+
+#[test]
 fn payload_round_trips_at_the_requested_size() {
     let payload = Payload {
         publisher: 3,
@@ -131,7 +84,7 @@ fn payload_round_trips_at_the_requested_size() {
 
 #[test]
 fn seq_tracker_counts_nothing_wrong_for_interleaved_publishers() {
-    let mut tracker = SeqTracker::new();
+    let mut tracker = SeqTracker::default();
     // Two publishers interleaved: fine, each is in its own order.
     for (p, s) in [(0, 0), (1, 0), (1, 1), (0, 1), (0, 2), (1, 2)] {
         tracker.record(p, s);
@@ -147,7 +100,7 @@ fn seq_tracker_counts_nothing_wrong_for_interleaved_publishers() {
 
 #[test]
 fn seq_tracker_counts_gaps_duplicates_reorders_and_strays() {
-    let mut tracker = SeqTracker::new();
+    let mut tracker = SeqTracker::default();
     for (p, s) in [(0, 0), (0, 2), (0, 1), (0, 2), (1, 70), (2, 0)] {
         tracker.record(p, s);
     }

@@ -20,13 +20,6 @@ async fn info(server: &TestServer, topic: &str) -> Value {
     info
 }
 
-async fn subscribers(server: &TestServer, topic: &str) -> u64 {
-    let info = info(server, topic).await;
-    info["subscribers"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("subscribers in {info}"))
-}
-
 /// `/metrics`: (content type, text).
 async fn metrics(server: &TestServer) -> (String, String) {
     let response = server
@@ -571,24 +564,8 @@ async fn cors_is_off_without_allowed_origins() {
 #[tokio::test]
 async fn metrics_time_live_delivery_from_durable_to_the_subscriber() {
     let server = TestServer::start(|_| {}).await;
-    let metrics = || async {
-        server
-            .client
-            .get(server.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    };
-    let count = |text: &str| -> f64 {
-        text.lines()
-            .find(|l| l.starts_with("sse_gateway_delivery_latency_seconds_count"))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .expect("delivery latency histogram exported")
-    };
+    let metrics = || metrics_text(&server.client, &server.base);
+    let count = |text: &str| metric_value(text, "sse_gateway_delivery_latency_seconds_count");
     assert_eq!(count(&metrics().await), 0.0);
     let mut stream = server.subscribe("/topics/lat", None).await;
     stream.until_blocks(2).await;

@@ -8,7 +8,7 @@
 //! `scripts/test.sh`; when one is missing these tests fail and say so.
 
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -17,7 +17,9 @@ use serde_json::{json, Value};
 use tempfile::TempDir;
 use tokio::sync::mpsc;
 
-use crate::common::{self, collect_stderr, GatewayProcess, SseEvent, SseParser, TestServer};
+use crate::common::{
+    self, collect_stderr, fresh_client, start_gateway, SseEvent, SseParser, TestServer,
+};
 
 const SETUP_HINT: &str = "run `bash scripts/test.sh` from the repo root: it installs curl, \
      nodejs and npm (apt) and tests/js/node_modules (npm ci)";
@@ -219,36 +221,6 @@ fn events(lines: &[Value]) -> Vec<(String, String, String)> {
 
 // ---------------------------------------------------------------- gateway processes
 
-/// Starts the real binary on `dir`, retrying for a few seconds while `listen`
-/// is momentarily taken (the previous process's port right after it died).
-async fn start_gateway(dir: &Path, listen: &str) -> GatewayProcess {
-    let (dir, listen) = (dir.to_path_buf(), listen.to_owned());
-    tokio::task::spawn_blocking(move || {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            if Instant::now() < deadline && std::net::TcpListener::bind(&listen).is_err() {
-                std::thread::sleep(Duration::from_millis(50));
-                continue;
-            }
-            match std::panic::catch_unwind(|| GatewayProcess::start(&dir, &listen, &[])) {
-                Ok(gateway) => return gateway,
-                Err(panic) if Instant::now() >= deadline => std::panic::resume_unwind(panic),
-                Err(_) => std::thread::sleep(Duration::from_millis(100)),
-            }
-        }
-    })
-    .await
-    .expect("start_gateway task")
-}
-
-/// A client that keeps no idle connection (the server behind a port changes).
-fn fresh_client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .pool_max_idle_per_host(0)
-        .build()
-        .expect("reqwest client")
-}
-
 /// Publishes `n` events to `demo` (alternating `tick` and the default
 /// `message`, with data that must arrive byte-exact); their (id, event, data).
 async fn publish_batch(base: &str, phase: &str, n: usize) -> Vec<(String, String, String)> {
@@ -275,7 +247,7 @@ enum Stop {
 async fn eventsource_follows_across_restart(stop: Stop) {
     require_node_follower();
     let dir = TempDir::new().expect("tempdir");
-    let gateway = start_gateway(dir.path(), "127.0.0.1:0").await;
+    let gateway = start_gateway(dir.path(), "127.0.0.1:0", None).await;
     let port = gateway.addr.port();
     let url = gateway.url("/topics/demo");
 
@@ -303,7 +275,7 @@ async fn eventsource_follows_across_restart(stop: Stop) {
         }
     }
 
-    let gateway = start_gateway(dir.path(), &format!("127.0.0.1:{port}")).await;
+    let gateway = start_gateway(dir.path(), &format!("127.0.0.1:{port}"), None).await;
     assert_eq!(gateway.addr.port(), port, "restarted on the same port");
     let after = publish_batch(&gateway.base, "after", 5).await;
     assert_eq!(

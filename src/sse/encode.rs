@@ -1,4 +1,4 @@
-//! The SSE wire format: every block the gateway writes, encoded once into `Bytes`.
+//! The SSE blocks the gateway writes, each encoded once into `Bytes`.
 //!
 //! Frames for published events are built once, by the log writer, and shared by
 //! every subscriber (API.md "Each event is …"). Field values here never hold CR,

@@ -1,15 +1,16 @@
 //! A load generator for any SSE server: ours, Nchan, or another, over loopback.
 //!
-//! Subscribers and publishers speak raw HTTP/1.1 over tokio TCP (no HTTP
-//! client library), so 10,000 streams cost a socket and a small task each.
+//! Subscribers and publishers speak raw HTTP/1.1 over tokio TCP (`client.rs`,
+//! no HTTP client library), so 10,000 streams cost a socket and a small task
+//! each.
 //! Client sockets are bound to `127.0.0.2 … 127.0.0.<1+source_ips>` before
 //! connecting, so large connection counts do not run out of ephemeral ports
 //! of one source address. The soft open-files limit is raised to the hard one.
 //!
 //! Every event's data is `{"p":<publisher>,"seq":<n>,"ts":<µs>,"pad":"x…"}`
-//! of `--payload-bytes`; every stream is parsed with the WHATWG rules
-//! (`sse_gateway::loadgen::SseParser`) and checked for gaps, duplicates and
-//! per-publisher order (`SeqTracker`); latency is receive time − `ts`
+//! of `--payload-bytes` (`payload.rs`); every stream is parsed by the
+//! library's WHATWG decoder (`sse_gateway::sse::decode`) and checked for gaps,
+//! duplicates and per-publisher order (`tracker.rs`); latency is receive time − `ts`
 //! (same machine, same clock) into `hdrhistogram`s. Each run prints one line
 //! starting with `summary` (key=value pairs; `bench/compare.sh` parses it).
 //!
@@ -32,8 +33,12 @@
 //!   'http://127.0.0.1:8081/sub/{topic}'` (body = payload; ids `<time>:<tag>`
 //!   echoed back verbatim as `Last-Event-ID`, or `--resume query`).
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+mod chunked;
+mod client;
+mod payload;
+mod tracker;
+
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -41,9 +46,10 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use clap::{Parser, ValueEnum};
 use hdrhistogram::Histogram;
 use parking_lot::Mutex;
-use sse_gateway::loadgen::{now_micros, ChunkedDecoder, Payload, SeqTracker, SseParser};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+
+use client::{clone_target, Publisher, Stream, Target};
+use payload::{now_micros, Payload};
+use tracker::SeqTracker;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Scenario {
@@ -181,319 +187,6 @@ async fn run(args: Arc<Args>) -> Result<String> {
         Scenario::Idle => idle(&args, &target).await,
         Scenario::Replay => replay(&args, &target).await,
         Scenario::Storm => storm(&args, &target).await,
-    }
-}
-
-/// A parsed `http://host:port/path?query`.
-#[derive(Debug, Clone)]
-struct Url {
-    addr: SocketAddr,
-    host: String,
-    path: String,
-}
-
-impl Url {
-    fn parse(url: &str) -> Result<Self> {
-        let rest = url
-            .strip_prefix("http://")
-            .ok_or_else(|| anyhow!("only http:// URLs: {url}"))?;
-        let (host, path) = match rest.find('/') {
-            Some(i) => (&rest[..i], &rest[i..]),
-            None => (rest, "/"),
-        };
-        let addr: SocketAddr = host
-            .replace("localhost", "127.0.0.1")
-            .parse()
-            .with_context(|| format!("host:port of {url}"))?;
-        if !addr.ip().is_loopback() {
-            bail!("only loopback targets: {url}");
-        }
-        Ok(Self {
-            addr,
-            host: host.to_owned(),
-            path: path.to_owned(),
-        })
-    }
-}
-
-/// Where to publish and subscribe for this run.
-struct Target {
-    publish: Url,
-    subscribe: Url,
-    body_template: String,
-    content_type: String,
-    resume: ResumeVia,
-    resume_query_name: String,
-    source_ips: u8,
-    next_source: AtomicUsize,
-}
-
-impl Target {
-    fn new(args: &Args, topic: &str) -> Result<Self> {
-        Ok(Self {
-            publish: Url::parse(&args.pub_url.replace("{topic}", topic))?,
-            subscribe: Url::parse(&args.sub_url.replace("{topic}", topic))?,
-            body_template: args.pub_body.clone(),
-            content_type: args.pub_content_type.clone(),
-            resume: args.resume,
-            resume_query_name: args.resume_query_name.clone(),
-            source_ips: args.source_ips.max(1),
-            next_source: AtomicUsize::new(0),
-        })
-    }
-
-    /// Connects from the next source address (bind before connect).
-    async fn connect(&self, to: SocketAddr) -> Result<TcpStream> {
-        let i = self.next_source.fetch_add(1, Ordering::Relaxed);
-        let stream = match to.ip() {
-            IpAddr::V4(_) => {
-                let source = Ipv4Addr::new(127, 0, 0, 2 + (i % self.source_ips as usize) as u8);
-                let socket = TcpSocket::new_v4()?;
-                socket.bind(SocketAddr::new(IpAddr::V4(source), 0))?;
-                socket.connect(to).await?
-            }
-            IpAddr::V6(_) => TcpStream::connect(to).await?,
-        };
-        stream.set_nodelay(true)?;
-        Ok(stream)
-    }
-
-    fn body(&self, payload: &Payload, size: usize) -> String {
-        self.body_template
-            .replace("{payload}", &payload.encode(size))
-    }
-}
-
-/// A response head: status and how the body is framed.
-struct Head {
-    status: u16,
-    chunked: bool,
-    content_length: Option<usize>,
-    close: bool,
-}
-
-/// Reads a response head from `stream` into `buf`; returns the head and
-/// how many bytes of `buf` it took.
-async fn read_head(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<(Head, usize)> {
-    loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let text = std::str::from_utf8(&buf[..end]).context("response head")?;
-            let mut lines = text.split("\r\n");
-            let status_line = lines.next().unwrap_or("");
-            let status = status_line
-                .split(' ')
-                .nth(1)
-                .and_then(|s| s.parse().ok())
-                .ok_or_else(|| anyhow!("bad status line {status_line:?}"))?;
-            let mut head = Head {
-                status,
-                chunked: false,
-                content_length: None,
-                close: false,
-            };
-            for line in lines {
-                let Some((name, value)) = line.split_once(':') else {
-                    continue;
-                };
-                let value = value.trim().to_ascii_lowercase();
-                match name.trim().to_ascii_lowercase().as_str() {
-                    "transfer-encoding" => head.chunked = value.contains("chunked"),
-                    "content-length" => head.content_length = value.parse().ok(),
-                    "connection" => head.close = value.contains("close"),
-                    _ => {}
-                }
-            }
-            return Ok((head, end + 4));
-        }
-        if buf.len() > 64 * 1024 {
-            bail!("response head too large");
-        }
-        let mut chunk = [0u8; 4096];
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            bail!("connection closed before the response head");
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-}
-
-/// One keep-alive publisher connection.
-struct Publisher {
-    target: Arc<Target>,
-    stream: Option<TcpStream>,
-    buf: Vec<u8>,
-}
-
-impl Publisher {
-    fn new(target: Arc<Target>) -> Self {
-        Self {
-            target,
-            stream: None,
-            buf: Vec::with_capacity(4096),
-        }
-    }
-
-    /// POSTs one body; returns the status and the response body.
-    async fn post(&mut self, body: &str) -> Result<(u16, Vec<u8>)> {
-        // One retry on a fresh connection if the kept-alive one was closed.
-        for attempt in 0..2 {
-            if self.stream.is_none() {
-                self.stream = Some(self.target.connect(self.target.publish.addr).await?);
-                self.buf.clear();
-            }
-            match self.try_post(body).await {
-                Ok(answer) => return Ok(answer),
-                Err(e) if attempt == 0 => {
-                    self.stream = None;
-                    tracing_note(&e);
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        unreachable!()
-    }
-
-    async fn try_post(&mut self, body: &str) -> Result<(u16, Vec<u8>)> {
-        let url = &self.target.publish;
-        let request = format!(
-            "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nAccept: application/json\r\n\r\n{}",
-            url.path,
-            url.host,
-            self.target.content_type,
-            body.len(),
-            body
-        );
-        let stream = self.stream.as_mut().expect("connected");
-        stream.write_all(request.as_bytes()).await?;
-        self.buf.clear();
-        let (head, used) = read_head(stream, &mut self.buf).await?;
-        let mut rest = self.buf.split_off(used);
-        let mut body_out = Vec::new();
-        if head.chunked {
-            let mut decoder = ChunkedDecoder::new();
-            decoder.decode(&rest, &mut body_out)?;
-            let mut chunk = [0u8; 4096];
-            while !decoder.is_done() {
-                let n = stream.read(&mut chunk).await?;
-                if n == 0 {
-                    bail!("closed inside a chunked body");
-                }
-                decoder.decode(&chunk[..n], &mut body_out)?;
-            }
-        } else if let Some(len) = head.content_length {
-            while rest.len() < len {
-                let mut chunk = [0u8; 4096];
-                let n = stream.read(&mut chunk).await?;
-                if n == 0 {
-                    bail!("closed inside a body");
-                }
-                rest.extend_from_slice(&chunk[..n]);
-            }
-            body_out = rest;
-        }
-        if head.close {
-            self.stream = None;
-        }
-        Ok((head.status, body_out))
-    }
-}
-
-fn tracing_note(e: &anyhow::Error) {
-    if std::env::var_os("LOADGEN_DEBUG").is_some() {
-        eprintln!("publisher reconnects after: {e:#}");
-    }
-}
-
-/// An open SSE stream.
-struct Stream {
-    stream: TcpStream,
-    chunked: Option<ChunkedDecoder>,
-    /// Body bytes read with the head, not yet parsed.
-    pending: Vec<u8>,
-    parser: SseParser,
-}
-
-impl Stream {
-    /// Opens a stream, resuming after `resume` when given.
-    async fn open(target: &Target, resume: Option<&str>) -> Result<Self> {
-        let url = &target.subscribe;
-        let mut path = url.path.clone();
-        let mut header = String::new();
-        if let Some(id) = resume.filter(|id| !id.is_empty()) {
-            match target.resume {
-                ResumeVia::Header => header = format!("Last-Event-ID: {id}\r\n"),
-                ResumeVia::Query => {
-                    let encoded: String = form_urlencoded::byte_serialize(id.as_bytes()).collect();
-                    let sep = if path.contains('?') { '&' } else { '?' };
-                    path = format!("{path}{sep}{}={encoded}", target.resume_query_name);
-                }
-            }
-        }
-        let mut stream = target.connect(url.addr).await?;
-        let request = format!(
-            "GET {path} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\n{header}\r\n",
-            url.host
-        );
-        stream.write_all(request.as_bytes()).await?;
-        let mut buf = Vec::new();
-        let (head, used) = read_head(&mut stream, &mut buf).await?;
-        if head.status != 200 {
-            bail!("subscribe answered {}", head.status);
-        }
-        Ok(Self {
-            stream,
-            chunked: head.chunked.then(ChunkedDecoder::new),
-            pending: buf.split_off(used),
-            parser: SseParser::new(),
-        })
-    }
-
-    /// Reads until `on_event` returns false, the stream ends, or `deadline`.
-    /// Returns whether it stopped because `on_event` said so.
-    async fn read_until(
-        &mut self,
-        deadline: Instant,
-        mut on_event: impl FnMut(&sse_gateway::loadgen::SseEvent) -> bool,
-    ) -> Result<bool> {
-        let mut raw = vec![0u8; 16 * 1024];
-        let mut body = Vec::with_capacity(16 * 1024);
-        let mut first = std::mem::take(&mut self.pending);
-        let mut done = false;
-        loop {
-            let input: &[u8] = if first.is_empty() {
-                let left = deadline.saturating_duration_since(Instant::now());
-                let n = match tokio::time::timeout(left, self.stream.read(&mut raw)).await {
-                    Ok(n) => n?,
-                    Err(_) => return Ok(false),
-                };
-                if n == 0 {
-                    return Ok(false);
-                }
-                &raw[..n]
-            } else {
-                first.as_slice()
-            };
-            body.clear();
-            let sse: &[u8] = match &mut self.chunked {
-                Some(decoder) => {
-                    decoder.decode(input, &mut body)?;
-                    &body
-                }
-                None => input,
-            };
-            self.parser.feed(sse, |event| {
-                if !done && !on_event(&event) {
-                    done = true;
-                }
-            });
-            first.clear();
-            if done {
-                return Ok(true);
-            }
-            if self.chunked.as_ref().is_some_and(ChunkedDecoder::is_done) {
-                return Ok(false);
-            }
-        }
     }
 }
 
@@ -723,19 +416,6 @@ async fn publish(args: &Args, target: &Target) -> Result<String> {
     ))
 }
 
-fn clone_target(t: &Target) -> Target {
-    Target {
-        publish: t.publish.clone(),
-        subscribe: t.subscribe.clone(),
-        body_template: t.body_template.clone(),
-        content_type: t.content_type.clone(),
-        resume: t.resume,
-        resume_query_name: t.resume_query_name.clone(),
-        source_ips: t.source_ips,
-        next_source: AtomicUsize::new(0),
-    }
-}
-
 /// Opens `n` streams, at most `parallel` connecting at once.
 async fn open_many(target: &Arc<Target>, n: usize, resume: Option<String>) -> Result<Vec<Stream>> {
     let gate = Arc::new(tokio::sync::Semaphore::new(512));
@@ -907,7 +587,7 @@ async fn storm(args: &Args, target: &Target) -> Result<String> {
     probe
         .read_until(Instant::now() + Duration::from_secs(10), |event| {
             if Payload::decode(&event.data).map(|p| p.publisher) == Some(marker_publisher) {
-                marker_id = Some(event.last_event_id.clone());
+                marker_id = Some(event.id.clone());
                 return false;
             }
             true

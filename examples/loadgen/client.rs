@@ -1,0 +1,351 @@
+//! The load generator's HTTP/1.1 client on raw tokio sockets: where to
+//! publish and subscribe ([`Target`], source addresses spread over
+//! 127.0.0.x), response heads, keep-alive publishers, and SSE streams read
+//! through the chunked decoder and the library's WHATWG decoder.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use sse_gateway::sse::decode::{Decoder, Event, Item};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+use crate::chunked::ChunkedDecoder;
+use crate::payload::Payload;
+use crate::{Args, ResumeVia};
+
+/// A parsed `http://host:port/path?query`.
+#[derive(Debug, Clone)]
+pub struct Url {
+    addr: SocketAddr,
+    host: String,
+    path: String,
+}
+
+impl Url {
+    /// Parses a loopback `http://` URL (`localhost` means 127.0.0.1).
+    pub fn parse(url: &str) -> Result<Self> {
+        let rest = url
+            .strip_prefix("http://")
+            .ok_or_else(|| anyhow!("only http:// URLs: {url}"))?;
+        let (host, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, "/"),
+        };
+        let addr: SocketAddr = host
+            .replace("localhost", "127.0.0.1")
+            .parse()
+            .with_context(|| format!("host:port of {url}"))?;
+        if !addr.ip().is_loopback() {
+            bail!("only loopback targets: {url}");
+        }
+        Ok(Self {
+            addr,
+            host: host.to_owned(),
+            path: path.to_owned(),
+        })
+    }
+}
+
+/// Where to publish and subscribe for this run.
+pub struct Target {
+    publish: Url,
+    subscribe: Url,
+    body_template: String,
+    content_type: String,
+    resume: ResumeVia,
+    resume_query_name: String,
+    source_ips: u8,
+    next_source: AtomicUsize,
+}
+
+impl Target {
+    /// The URLs and body template of `args`, with `{topic}` filled in.
+    pub fn new(args: &Args, topic: &str) -> Result<Self> {
+        Ok(Self {
+            publish: Url::parse(&args.pub_url.replace("{topic}", topic))?,
+            subscribe: Url::parse(&args.sub_url.replace("{topic}", topic))?,
+            body_template: args.pub_body.clone(),
+            content_type: args.pub_content_type.clone(),
+            resume: args.resume,
+            resume_query_name: args.resume_query_name.clone(),
+            source_ips: args.source_ips.max(1),
+            next_source: AtomicUsize::new(0),
+        })
+    }
+
+    /// Connects from the next source address (bind before connect).
+    pub async fn connect(&self, to: SocketAddr) -> Result<TcpStream> {
+        let i = self.next_source.fetch_add(1, Ordering::Relaxed);
+        let stream = match to.ip() {
+            IpAddr::V4(_) => {
+                let source = Ipv4Addr::new(127, 0, 0, 2 + (i % self.source_ips as usize) as u8);
+                let socket = TcpSocket::new_v4()?;
+                socket.bind(SocketAddr::new(IpAddr::V4(source), 0))?;
+                socket.connect(to).await?
+            }
+            IpAddr::V6(_) => TcpStream::connect(to).await?,
+        };
+        stream.set_nodelay(true)?;
+        Ok(stream)
+    }
+
+    /// The publish body for `payload`, padded to `size` bytes of data.
+    pub fn body(&self, payload: &Payload, size: usize) -> String {
+        self.body_template
+            .replace("{payload}", &payload.encode(size))
+    }
+}
+
+/// A response head: status and how the body is framed.
+pub struct Head {
+    status: u16,
+    chunked: bool,
+    content_length: Option<usize>,
+    close: bool,
+}
+
+/// Reads a response head from `stream` into `buf`; returns the head and
+/// how many bytes of `buf` it took.
+pub async fn read_head(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<(Head, usize)> {
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let text = std::str::from_utf8(&buf[..end]).context("response head")?;
+            let mut lines = text.split("\r\n");
+            let status_line = lines.next().unwrap_or("");
+            let status = status_line
+                .split(' ')
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| anyhow!("bad status line {status_line:?}"))?;
+            let mut head = Head {
+                status,
+                chunked: false,
+                content_length: None,
+                close: false,
+            };
+            for line in lines {
+                let Some((name, value)) = line.split_once(':') else {
+                    continue;
+                };
+                let value = value.trim().to_ascii_lowercase();
+                match name.trim().to_ascii_lowercase().as_str() {
+                    "transfer-encoding" => head.chunked = value.contains("chunked"),
+                    "content-length" => head.content_length = value.parse().ok(),
+                    "connection" => head.close = value.contains("close"),
+                    _ => {}
+                }
+            }
+            return Ok((head, end + 4));
+        }
+        if buf.len() > 64 * 1024 {
+            bail!("response head too large");
+        }
+        let mut chunk = [0u8; 4096];
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            bail!("connection closed before the response head");
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// One keep-alive publisher connection.
+pub struct Publisher {
+    target: Arc<Target>,
+    stream: Option<TcpStream>,
+    buf: Vec<u8>,
+}
+
+impl Publisher {
+    /// A publisher that connects on its first post.
+    pub fn new(target: Arc<Target>) -> Self {
+        Self {
+            target,
+            stream: None,
+            buf: Vec::with_capacity(4096),
+        }
+    }
+
+    /// POSTs one body; returns the status and the response body.
+    pub async fn post(&mut self, body: &str) -> Result<(u16, Vec<u8>)> {
+        // One retry on a fresh connection if the kept-alive one was closed.
+        for attempt in 0..2 {
+            if self.stream.is_none() {
+                self.stream = Some(self.target.connect(self.target.publish.addr).await?);
+                self.buf.clear();
+            }
+            match self.try_post(body).await {
+                Ok(answer) => return Ok(answer),
+                Err(e) if attempt == 0 => {
+                    self.stream = None;
+                    tracing_note(&e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        unreachable!()
+    }
+
+    async fn try_post(&mut self, body: &str) -> Result<(u16, Vec<u8>)> {
+        let url = &self.target.publish;
+        let request = format!(
+            "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nAccept: application/json\r\n\r\n{}",
+            url.path,
+            url.host,
+            self.target.content_type,
+            body.len(),
+            body
+        );
+        let stream = self.stream.as_mut().expect("connected");
+        stream.write_all(request.as_bytes()).await?;
+        self.buf.clear();
+        let (head, used) = read_head(stream, &mut self.buf).await?;
+        let mut rest = self.buf.split_off(used);
+        let mut body_out = Vec::new();
+        if head.chunked {
+            let mut decoder = ChunkedDecoder::new();
+            decoder.decode(&rest, &mut body_out)?;
+            let mut chunk = [0u8; 4096];
+            while !decoder.is_done() {
+                let n = stream.read(&mut chunk).await?;
+                if n == 0 {
+                    bail!("closed inside a chunked body");
+                }
+                decoder.decode(&chunk[..n], &mut body_out)?;
+            }
+        } else if let Some(len) = head.content_length {
+            while rest.len() < len {
+                let mut chunk = [0u8; 4096];
+                let n = stream.read(&mut chunk).await?;
+                if n == 0 {
+                    bail!("closed inside a body");
+                }
+                rest.extend_from_slice(&chunk[..n]);
+            }
+            body_out = rest;
+        }
+        if head.close {
+            self.stream = None;
+        }
+        Ok((head.status, body_out))
+    }
+}
+
+fn tracing_note(e: &anyhow::Error) {
+    if std::env::var_os("LOADGEN_DEBUG").is_some() {
+        eprintln!("publisher reconnects after: {e:#}");
+    }
+}
+
+/// An open SSE stream.
+pub struct Stream {
+    stream: TcpStream,
+    chunked: Option<ChunkedDecoder>,
+    /// Body bytes read with the head, not yet parsed.
+    pending: Vec<u8>,
+    parser: Decoder,
+}
+
+impl Stream {
+    /// Opens a stream, resuming after `resume` when given.
+    pub async fn open(target: &Target, resume: Option<&str>) -> Result<Self> {
+        let url = &target.subscribe;
+        let mut path = url.path.clone();
+        let mut header = String::new();
+        if let Some(id) = resume.filter(|id| !id.is_empty()) {
+            match target.resume {
+                ResumeVia::Header => header = format!("Last-Event-ID: {id}\r\n"),
+                ResumeVia::Query => {
+                    let encoded: String = form_urlencoded::byte_serialize(id.as_bytes()).collect();
+                    let sep = if path.contains('?') { '&' } else { '?' };
+                    path = format!("{path}{sep}{}={encoded}", target.resume_query_name);
+                }
+            }
+        }
+        let mut stream = target.connect(url.addr).await?;
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\n{header}\r\n",
+            url.host
+        );
+        stream.write_all(request.as_bytes()).await?;
+        let mut buf = Vec::new();
+        let (head, used) = read_head(&mut stream, &mut buf).await?;
+        if head.status != 200 {
+            bail!("subscribe answered {}", head.status);
+        }
+        Ok(Self {
+            stream,
+            chunked: head.chunked.then(ChunkedDecoder::new),
+            pending: buf.split_off(used),
+            parser: Decoder::new(),
+        })
+    }
+
+    /// Reads until `on_event` returns false, the stream ends, or `deadline`.
+    /// Returns whether it stopped because `on_event` said so.
+    pub async fn read_until(
+        &mut self,
+        deadline: Instant,
+        mut on_event: impl FnMut(&Event) -> bool,
+    ) -> Result<bool> {
+        let mut raw = vec![0u8; 16 * 1024];
+        let mut body = Vec::with_capacity(16 * 1024);
+        let mut first = std::mem::take(&mut self.pending);
+        let mut done = false;
+        loop {
+            let input: &[u8] = if first.is_empty() {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let n = match tokio::time::timeout(left, self.stream.read(&mut raw)).await {
+                    Ok(n) => n?,
+                    Err(_) => return Ok(false),
+                };
+                if n == 0 {
+                    return Ok(false);
+                }
+                &raw[..n]
+            } else {
+                first.as_slice()
+            };
+            body.clear();
+            let sse: &[u8] = match &mut self.chunked {
+                Some(decoder) => {
+                    decoder.decode(input, &mut body)?;
+                    &body
+                }
+                None => input,
+            };
+            self.parser.feed(sse, |item| {
+                if let Item::Event(event) = item {
+                    if !done && !on_event(&event) {
+                        done = true;
+                    }
+                }
+            });
+            first.clear();
+            if done {
+                return Ok(true);
+            }
+            if self.chunked.as_ref().is_some_and(ChunkedDecoder::is_done) {
+                return Ok(false);
+            }
+        }
+    }
+}
+
+/// A copy of `t` whose source addresses start again at the first.
+pub fn clone_target(t: &Target) -> Target {
+    Target {
+        publish: t.publish.clone(),
+        subscribe: t.subscribe.clone(),
+        body_template: t.body_template.clone(),
+        content_type: t.content_type.clone(),
+        resume: t.resume,
+        resume_query_name: t.resume_query_name.clone(),
+        source_ips: t.source_ips,
+        next_source: AtomicUsize::new(0),
+    }
+}
