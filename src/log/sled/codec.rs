@@ -1,4 +1,4 @@
-//! Key layout and record encoding of the sled log (format version 1).
+//! Key layout and record encoding of the sled log (format version 2).
 //!
 //! One sled tree holds everything, so one `apply_batch` is atomic across an
 //! event, its index entries and the head counter:
@@ -9,15 +9,29 @@
 //! | `m/epoch`                   | the log's epoch, ASCII                 |
 //! | `m/head`                    | last assigned sequence, u64 BE         |
 //! | `e/<seq u64 BE>`            | event record (below)                   |
+//! | `p/<seq u64 BE><n u32 BE>`  | piece `n` (from 1) of a long record    |
 //! | `t/<topic>/<seq u64 BE>`    | empty: the topic index                 |
 //! | `w/<topic>`                 | highest sequence trimmed from topic    |
 //!
 //! Big-endian sequences sort numerically, so range scans are in id order.
 //! Topics cannot contain `/`, so `t/<topic>/` is an exact prefix.
 //!
-//! Event record: `1u8` (record version), `time_ms u64 BE`, `name_len u8`,
-//! name, `topic_count u8`, then per topic `len u8` + bytes, then the compact
-//! JSON data to the end.
+//! The record body: `time_ms u64 BE`, `name_len u8`, name, `topic_count
+//! u8`, then per topic `len u8` + bytes, then the compact JSON data to the
+//! end. Stored as:
+//!
+//! - record version 1 (format 1, still read): `1u8` + body, whole, in `e/`;
+//! - record version 2: `2u8`, `pieces u32 BE`, then the body cut into pieces
+//!   of at most [`MAX_VALUE_BYTES`]: the first in `e/<seq>` after that
+//!   5-byte header, the rest in `p/<seq><n>`, `n` = 1..=pieces.
+//!
+//! Why pieces: sled 0.34 writes any tree node larger than a quarter of a
+//! segment (~128 KiB) to a `blobs/` file of its own, and a node holds many
+//! entries, so 16 KiB values already produced blobs. Blob files are where
+//! sled loses acknowledged data at a power cut (it never syncs them, and its
+//! recovery trusts them). With every value at most 4 KiB, no node grows to
+//! the blob threshold: the log never writes a blob (`durable.rs` refuses to
+//! acknowledge if one appears anyway).
 
 use bytes::Bytes;
 
@@ -28,16 +42,42 @@ pub const FORMAT_KEY: &[u8] = b"m/format";
 pub const EPOCH_KEY: &[u8] = b"m/epoch";
 pub const HEAD_KEY: &[u8] = b"m/head";
 pub const EVENT_PREFIX: &[u8] = b"e/";
+pub const PIECE_PREFIX: &[u8] = b"p/";
 pub const INDEX_PREFIX: &[u8] = b"t/";
 pub const TRIMMED_PREFIX: &[u8] = b"w/";
 
-const RECORD_VERSION: u8 = 1;
+/// Record version 1: one value, any size (format 1).
+const RECORD_V1: u8 = 1;
+/// Record version 2: the body in pieces of at most [`MAX_VALUE_BYTES`].
+const RECORD_V2: u8 = 2;
+/// `2u8` + `pieces u32 BE`.
+const V2_HEADER: usize = 5;
+
+/// The largest value the log writes (format 2): small enough that no sled
+/// node reaches the blob threshold (module docs).
+pub const MAX_VALUE_BYTES: usize = 4096;
 
 /// `e/<seq>`
 pub fn event_key(seq: u64) -> [u8; 10] {
     let mut key = [0u8; 10];
     key[..2].copy_from_slice(EVENT_PREFIX);
     key[2..].copy_from_slice(&seq.to_be_bytes());
+    key
+}
+
+/// `p/<seq>`: the prefix of one record's pieces.
+pub fn piece_prefix(seq: u64) -> [u8; 10] {
+    let mut key = [0u8; 10];
+    key[..2].copy_from_slice(PIECE_PREFIX);
+    key[2..].copy_from_slice(&seq.to_be_bytes());
+    key
+}
+
+/// `p/<seq><n>`
+pub fn piece_key(seq: u64, n: u32) -> [u8; 14] {
+    let mut key = [0u8; 14];
+    key[..10].copy_from_slice(&piece_prefix(seq));
+    key[10..].copy_from_slice(&n.to_be_bytes());
     key
 }
 
@@ -101,11 +141,42 @@ pub fn split_trimmed_key(key: &[u8]) -> Result<Topic, LogError> {
         .ok_or_else(|| corrupt(key, "watermark key holds an invalid topic"))
 }
 
-/// Encodes an event record.
-pub fn encode_record(time_ms: u64, name: &EventName, topics: &[Topic], data: &str) -> Vec<u8> {
+/// An encoded event record: the `e/<seq>` value and the `p/<seq><n>` pieces.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub head: Vec<u8>,
+    pub pieces: Vec<Vec<u8>>,
+}
+
+impl Record {
+    /// Adds the record's keys to `batch`, so it lands atomically with the rest.
+    pub fn insert_into(self, batch: &mut sled::Batch, seq: u64) {
+        batch.insert(&event_key(seq), self.head);
+        for (n, piece) in (1u32..).zip(self.pieces) {
+            batch.insert(&piece_key(seq, n), piece);
+        }
+    }
+}
+
+/// Encodes an event record (version 2), cut into values of at most
+/// [`MAX_VALUE_BYTES`].
+pub fn encode_record(time_ms: u64, name: &EventName, topics: &[Topic], data: &str) -> Record {
+    let body = encode_body(time_ms, name, topics, data);
+    let first_len = body.len().min(MAX_VALUE_BYTES - V2_HEADER);
+    let (first, rest) = body.split_at(first_len);
+    let pieces: Vec<Vec<u8>> = rest.chunks(MAX_VALUE_BYTES).map(<[u8]>::to_vec).collect();
+    let mut head = Vec::with_capacity(V2_HEADER + first.len());
+    head.push(RECORD_V2);
+    // At most 4 G pieces of 4 KiB: far above any body limit.
+    head.extend_from_slice(&(pieces.len() as u32).to_be_bytes());
+    head.extend_from_slice(first);
+    Record { head, pieces }
+}
+
+/// The record body: everything but the version (module docs).
+fn encode_body(time_ms: u64, name: &EventName, topics: &[Topic], data: &str) -> Vec<u8> {
     let topics_len: usize = topics.iter().map(|t| t.as_str().len() + 1).sum();
-    let mut out = Vec::with_capacity(11 + name.as_str().len() + topics_len + data.len());
-    out.push(RECORD_VERSION);
+    let mut out = Vec::with_capacity(10 + name.as_str().len() + topics_len + data.len());
     out.extend_from_slice(&time_ms.to_be_bytes());
     // Lengths fit a byte: names are at most 100 bytes, topics at most 200, at most 64 topics.
     out.push(name.as_str().len() as u8);
@@ -119,45 +190,148 @@ pub fn encode_record(time_ms: u64, name: &EventName, topics: &[Topic], data: &st
     out
 }
 
-/// Decodes an event record; any inconsistency is reported as corruption,
-/// never a panic.
-pub fn decode_record(seq: u64, value: &sled::IVec) -> Result<StoredEvent, LogError> {
-    let key = event_key(seq);
-    let bad = |what: &str| corrupt(&key, what);
+/// Encodes a record as format 1 wrote it (one value, any size): for tests
+/// of the upgrade, and nothing else.
+pub fn encode_record_v1(time_ms: u64, name: &EventName, topics: &[Topic], data: &str) -> Vec<u8> {
+    let mut out = vec![RECORD_V1];
+    out.extend_from_slice(&encode_body(time_ms, name, topics, data));
+    out
+}
+
+/// How many `p/` pieces follow the `e/<seq>` value `value` (0 for version 1).
+pub fn piece_count(seq: u64, value: &[u8]) -> Result<u32, LogError> {
+    match value.first() {
+        Some(&RECORD_V1) => Ok(0),
+        Some(&RECORD_V2) => value
+            .get(1..V2_HEADER)
+            .and_then(|b| b.try_into().ok())
+            .map(u32::from_be_bytes)
+            .ok_or_else(|| corrupt(&event_key(seq), "truncated record header")),
+        Some(_) => Err(corrupt(&event_key(seq), "unknown record version")),
+        None => Err(corrupt(&event_key(seq), "empty record")),
+    }
+}
+
+/// Removes a record and its pieces in `batch`.
+pub fn remove_record(batch: &mut sled::Batch, seq: u64, pieces: u32) {
+    batch.remove(&event_key(seq));
+    for n in 1..=pieces {
+        batch.remove(&piece_key(seq, n));
+    }
+}
+
+/// Reads event `seq` with all its pieces; `None` if it is not stored.
+pub fn read_record(tree: &sled::Tree, seq: u64) -> Result<Option<StoredEvent>, LogError> {
+    match tree.get(event_key(seq))? {
+        Some(value) => decode_record(tree, seq, &value).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Decodes the record whose `e/<seq>` value is `value`, reading its pieces
+/// from `tree`. A missing piece is corruption.
+pub fn decode_record(tree: &sled::Tree, seq: u64, value: &[u8]) -> Result<StoredEvent, LogError> {
+    let pieces = piece_count(seq, value)?;
+    if pieces == 0 {
+        let start = if value.first() == Some(&RECORD_V1) {
+            1
+        } else {
+            V2_HEADER
+        };
+        let body = value.get(start..).unwrap_or_default();
+        return decode_body(seq, body, Bytes::copy_from_slice);
+    }
+    let mut body = Vec::with_capacity(value.len() + pieces as usize * MAX_VALUE_BYTES);
+    body.extend_from_slice(value.get(V2_HEADER..).unwrap_or_default());
+    for n in 1..=pieces {
+        let piece = tree
+            .get(piece_key(seq, n))?
+            .ok_or_else(|| corrupt(&event_key(seq), &format!("piece {n} of {pieces} missing")))?;
+        body.extend_from_slice(&piece);
+    }
+    decode_body(seq, &body, Bytes::copy_from_slice)
+}
+
+/// What the trimmer needs of a record: its time, topics and piece count,
+/// read without assembling the data (a long record's header is in its first
+/// value, or in the first pieces when its topic list is very long).
+pub struct RecordHeader {
+    pub time_ms: u64,
+    pub topics: Vec<Topic>,
+    pub pieces: u32,
+}
+
+/// Decodes a record's header (module docs), reading pieces only as far as
+/// the header reaches.
+pub fn decode_header(tree: &sled::Tree, seq: u64, value: &[u8]) -> Result<RecordHeader, LogError> {
+    let pieces = piece_count(seq, value)?;
+    let start = if pieces == 0 && value.first() == Some(&RECORD_V1) {
+        1
+    } else {
+        V2_HEADER
+    };
+    let mut body = value.get(start..).unwrap_or_default().to_vec();
+    let mut next = 1;
+    loop {
+        match parse_header(&body) {
+            Some((time_ms, _, topics, _)) => {
+                return Ok(RecordHeader {
+                    time_ms,
+                    topics,
+                    pieces,
+                })
+            }
+            None if next <= pieces => {
+                let piece = tree.get(piece_key(seq, next))?.ok_or_else(|| {
+                    corrupt(
+                        &event_key(seq),
+                        &format!("piece {next} of {pieces} missing"),
+                    )
+                })?;
+                body.extend_from_slice(&piece);
+                next += 1;
+            }
+            None => return Err(corrupt(&event_key(seq), "truncated record header")),
+        }
+    }
+}
+
+/// Parses a body's header: time, name, topics and where the data starts.
+/// `None` when it is truncated or invalid.
+fn parse_header(body: &[u8]) -> Option<(u64, &str, Vec<Topic>, usize)> {
     let mut reader = Reader {
-        bytes: value,
+        bytes: body,
         pos: 0,
     };
-    if reader.byte().ok_or_else(|| bad("empty record"))? != RECORD_VERSION {
-        return Err(bad("unknown record version"));
-    }
-    let time_ms = u64::from_be_bytes(
-        reader
-            .take(8)
-            .and_then(|b| b.try_into().ok())
-            .ok_or_else(|| bad("truncated time"))?,
-    );
-    let name_len = reader.byte().ok_or_else(|| bad("truncated name"))? as usize;
-    let name = reader
-        .take(name_len)
-        .and_then(|b| std::str::from_utf8(b).ok())
-        .filter(|n| EventName::parse(n).is_ok())
-        .ok_or_else(|| bad("invalid event name"))?;
-    let name = EventName::from_log(name.to_owned());
-    let topic_count = reader.byte().ok_or_else(|| bad("truncated topics"))? as usize;
+    let time_ms = u64::from_be_bytes(reader.take(8)?.try_into().ok()?);
+    let name_len = reader.byte()? as usize;
+    let name = std::str::from_utf8(reader.take(name_len)?).ok()?;
+    let topic_count = reader.byte()? as usize;
     let mut topics = Vec::with_capacity(topic_count);
     for _ in 0..topic_count {
-        let len = reader.byte().ok_or_else(|| bad("truncated topic"))? as usize;
-        let topic = reader
-            .take(len)
-            .and_then(|b| std::str::from_utf8(b).ok())
-            .and_then(|t| Topic::parse(t).ok())
-            .ok_or_else(|| bad("invalid topic"))?;
-        topics.push(topic);
+        let len = reader.byte()? as usize;
+        let topic = std::str::from_utf8(reader.take(len)?).ok()?;
+        topics.push(Topic::parse(topic).ok()?);
     }
-    let data_start = reader.pos;
+    Some((time_ms, name, topics, reader.pos))
+}
+
+/// Decodes a whole record body; any inconsistency is reported as
+/// corruption, never a panic.
+fn decode_body(
+    seq: u64,
+    body: &[u8],
+    copy: impl FnOnce(&[u8]) -> Bytes,
+) -> Result<StoredEvent, LogError> {
+    let key = event_key(seq);
+    let (time_ms, name, topics, data_start) =
+        parse_header(body).ok_or_else(|| corrupt(&key, "truncated or invalid record header"))?;
+    if EventName::parse(name).is_err() {
+        return Err(corrupt(&key, "invalid event name"));
+    }
+    let name = EventName::from_log(name.to_owned());
     // One copy out of sled's buffer; the frame built from it is then shared.
-    let data = Bytes::copy_from_slice(&value[data_start..]);
+    let data = copy(&body[data_start..]);
     Ok(StoredEvent {
         seq,
         time_ms,
@@ -197,32 +371,95 @@ fn corrupt(key: &[u8], what: &str) -> LogError {
 mod tests {
     use super::*;
 
+    fn temp_tree() -> (tempfile::TempDir, sled::Db) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        (dir, db)
+    }
+
+    fn store(db: &sled::Db, seq: u64, record: Record) {
+        let mut batch = sled::Batch::default();
+        record.insert_into(&mut batch, seq);
+        db.apply_batch(batch).unwrap();
+    }
+
     #[test]
     fn record_round_trip() {
+        let (_dir, db) = temp_tree();
         let name = EventName::parse("created").unwrap();
         let topics = vec![
             Topic::parse("a").unwrap(),
             Topic::parse("projects:all").unwrap(),
         ];
-        let value = sled::IVec::from(encode_record(7, &name, &topics, r#"{"x":"é"}"#));
-        let event = decode_record(9, &value).unwrap();
+        store(&db, 9, encode_record(7, &name, &topics, r#"{"x":"é"}"#));
+        let event = read_record(&db, 9).unwrap().unwrap();
         assert_eq!(
             (event.seq, event.time_ms, event.name.as_str()),
             (9, 7, "created")
         );
         assert_eq!(event.topics, topics);
         assert_eq!(&event.data[..], r#"{"x":"é"}"#.as_bytes());
+        assert!(read_record(&db, 10).unwrap().is_none());
+    }
+
+    #[test]
+    fn long_records_are_cut_into_small_values_and_read_back_whole() {
+        let (_dir, db) = temp_tree();
+        let name = EventName::parse("big").unwrap();
+        // 64 topics of 200 bytes: even the header spans pieces.
+        let topics: Vec<Topic> = (0..64)
+            .map(|i| Topic::parse(&format!("{i:0>200}")).unwrap())
+            .collect();
+        let data = format!("\"{}\"", "x".repeat(1_000_000));
+        let record = encode_record(5, &name, &topics, &data);
+        assert!(record.head.len() <= MAX_VALUE_BYTES);
+        assert!(record.pieces.iter().all(|p| p.len() <= MAX_VALUE_BYTES));
+        assert!(record.pieces.len() > 200);
+        let pieces = record.pieces.len() as u32;
+        store(&db, 3, record);
+        let event = read_record(&db, 3).unwrap().unwrap();
+        assert_eq!((event.time_ms, event.topics.len()), (5, 64));
+        assert_eq!(&event.data[..], data.as_bytes());
+        let head = db.get(event_key(3)).unwrap().unwrap();
+        let header = decode_header(&db, 3, &head).unwrap();
+        assert_eq!((header.time_ms, header.pieces), (5, pieces));
+        assert_eq!(header.topics, topics);
+        // A missing piece is corruption, not a short event.
+        db.remove(piece_key(3, pieces / 2)).unwrap();
+        assert!(read_record(&db, 3).is_err());
+        // Removal takes every piece.
+        let mut batch = sled::Batch::default();
+        remove_record(&mut batch, 3, pieces);
+        db.apply_batch(batch).unwrap();
+        assert_eq!(db.len(), 0);
+    }
+
+    #[test]
+    fn format_1_records_are_still_read() {
+        let (_dir, db) = temp_tree();
+        let name = EventName::parse("old").unwrap();
+        let topics = vec![Topic::parse("a").unwrap()];
+        db.insert(event_key(1), encode_record_v1(9, &name, &topics, "[1]"))
+            .unwrap();
+        let event = read_record(&db, 1).unwrap().unwrap();
+        assert_eq!((event.time_ms, &event.data[..]), (9, &b"[1]"[..]));
+        let head = db.get(event_key(1)).unwrap().unwrap();
+        assert_eq!(decode_header(&db, 1, &head).unwrap().pieces, 0);
     }
 
     #[test]
     fn truncated_records_are_corruption_not_panics() {
+        let (_dir, db) = temp_tree();
         let name = EventName::parse("n").unwrap();
-        let full = encode_record(1, &name, &[Topic::parse("a").unwrap()], "1");
+        let full = encode_record(1, &name, &[Topic::parse("a").unwrap()], "1").head;
         for len in 0..full.len() - 1 {
-            assert!(
-                decode_record(1, &sled::IVec::from(&full[..len])).is_err(),
-                "len {len}"
-            );
+            db.insert(event_key(1), &full[..len]).unwrap();
+            assert!(read_record(&db, 1).is_err(), "len {len}");
+        }
+        let v1 = encode_record_v1(1, &name, &[Topic::parse("a").unwrap()], "1");
+        for len in 0..v1.len() - 1 {
+            db.insert(event_key(1), &v1[..len]).unwrap();
+            assert!(read_record(&db, 1).is_err(), "v1 len {len}");
         }
     }
 

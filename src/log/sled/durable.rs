@@ -1,29 +1,31 @@
-//! Makes sled's flush durable against power loss, not just against a crash.
+//! Makes sled's writes durable against power loss, not just against a crash.
 //!
 //! sled 0.34.7's `Db::flush` writes its log with `sync_file_range(WAIT_BEFORE |
 //! WRITE | WAIT_AFTER)` on Linux (`pagecache/iobuf.rs`), which neither flushes
 //! the drive's write cache nor the file's metadata (its size, after an
-//! append); only its 500 ms background flusher calls `fsync`. And values that
-//! make a node larger than segment_size / 4 go to `blobs/<lsn>` files that sled
-//! writes and never syncs at all. So after every `flush` the writer also calls
-//! `fdatasync` on the `db` file and `fsync` on every blob file it has not
-//! synced yet (and on the `blobs` directory when one appeared). Only then is a
-//! `201` sent: "on disk" in the sense of API.md.
+//! append). The rules this module and its callers follow, each of which a
+//! power-cut test showed to be needed (issue 15; `tools/powercut`):
 //!
-//! The `blobs` directory is listed on every sync, although it is almost
-//! always empty. Skipping the listing is not safe: blobs are written by any
-//! thread that logs a large enough node (the writer, the retention trimmer,
-//! sled's own background GC), not only for large events, so the batch
-//! contents do not bound them, and the directory's mtime has the kernel's
-//! coarse clock granularity, so an unchanged mtime does not prove that no
-//! file was created since. Measured, the listing (openat, fstat, two
-//! getdents64, close) costs ~10–30 µs of a commit's ~0.7 ms: not worth a
-//! window in which a blob could be acked unsynced.
+//! - after every commit, `Db::flush` **then** `fdatasync` of `db`: only then
+//!   is a `201` sent ("on disk" in the sense of docs/API.md);
+//! - sled's own periodic flusher is off (`flush_every_ms(None)`, in
+//!   `shared.rs`), so `db` is made durable only at our commits, never midway
+//!   through sled's own background work;
+//! - the data directory is created durably (every new directory and its
+//!   parent fsynced: [`create_data_dir`]), and after sled opened it `conf`,
+//!   `db`, the directory and its parent are fsynced ([`DiskSync::open`]);
+//! - **no blob files**: sled writes a tree node larger than a quarter of a
+//!   segment (~128 KiB) to `blobs/<lsn>`, never syncs it, and trusts it at
+//!   recovery. Format 2 keeps every value at most 4 KiB (`codec.rs`), so no
+//!   node reaches that size; blobs present at open (a format-1 directory's)
+//!   are synced once, and a blob file appearing after that is an alarm:
+//!   the commit is refused, not acknowledged ([`DiskSync::sync`]).
 //!
-//! This relies on sled's file layout (`<dir>/db`, `<dir>/blobs/`), which is
-//! why sled is pinned to `=0.34.7`; `open` refuses a directory without it.
+//! This relies on sled's file layout (`<dir>/conf`, `<dir>/db`,
+//! `<dir>/blobs/`), which is why sled is pinned to `=0.34.7`; `open` refuses
+//! a directory without `db`.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::ffi::OsString;
 use std::fs::File;
 use std::io;
@@ -33,67 +35,98 @@ use std::path::{Path, PathBuf};
 pub(crate) struct DiskSync {
     db_file: File,
     blobs_dir: PathBuf,
-    /// Blob files already synced, with their length then. Blobs are immutable
-    /// once complete; one that grew since (sled was still writing it when we
-    /// looked) is synced again.
-    synced_blobs: HashMap<OsString, u64>,
+    /// Blob files present (and synced) at open: a format-1 directory may
+    /// hold some. Any other blob file is an alarm (module docs).
+    known_blobs: HashSet<OsString>,
 }
 
 impl DiskSync {
-    /// Opens the handles; the directory must be an opened sled database.
+    /// Opens the handles and makes sled's files and their directory entries
+    /// durable; the directory must be an opened sled database.
     pub fn open(dir: &Path) -> io::Result<Self> {
         let db_file = File::open(dir.join("db"))?;
-        // The directory entries of `db` and `blobs` must survive too (once).
-        sync_dir(dir)?;
-        let mut sync = Self {
-            db_file,
-            blobs_dir: dir.join("blobs"),
-            synced_blobs: HashMap::new(),
-        };
-        sync.sync_blobs()?;
-        Ok(sync)
-    }
-
-    /// Syncs everything sled wrote so far. Call right after `Db::flush`.
-    pub fn sync(&mut self) -> io::Result<()> {
-        self.sync_blobs()?;
-        self.db_file.sync_data()
-    }
-
-    fn sync_blobs(&mut self) -> io::Result<()> {
-        let entries = match std::fs::read_dir(&self.blobs_dir) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        db_file.sync_all()?;
+        match File::open(dir.join("conf")) {
+            Ok(conf) => conf.sync_all()?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
-        };
-        let mut present = HashMap::new();
-        let mut new_blob = false;
-        for entry in entries {
-            let entry = entry?;
-            let name = entry.file_name();
-            let len = match entry.metadata() {
-                Ok(metadata) => metadata.len(),
-                // sled removed it meanwhile (a rewritten node): nothing to keep.
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(e),
-            };
-            if self.synced_blobs.get(&name) != Some(&len) {
-                match File::open(entry.path()) {
-                    Ok(file) => file.sync_all()?,
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                    Err(e) => return Err(e),
-                }
-                new_blob = true;
+        }
+        let blobs_dir = dir.join("blobs");
+        let mut known_blobs = HashSet::new();
+        for (name, path) in list_blobs(&blobs_dir)? {
+            File::open(path)?.sync_all()?;
+            known_blobs.insert(name);
+        }
+        if blobs_dir.is_dir() {
+            sync_dir(&blobs_dir)?;
+        }
+        // The entries of `db`, `conf` and `blobs`, and the directory's own.
+        sync_dir(dir)?;
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            sync_dir(parent)?;
+        }
+        Ok(Self {
+            db_file,
+            blobs_dir,
+            known_blobs,
+        })
+    }
+
+    /// Makes everything sled wrote so far durable. Call right after
+    /// `Db::flush`. Fails, so the caller refuses to acknowledge, when sled
+    /// wrote a blob file since open (module docs).
+    pub fn sync(&mut self) -> io::Result<()> {
+        self.db_file.sync_data()?;
+        // Listed after the fdatasync: a blob written before it is seen here.
+        for (name, path) in list_blobs(&self.blobs_dir)? {
+            if !self.known_blobs.contains(&name) {
+                return Err(io::Error::other(format!(
+                    "sled wrote a blob file ({}), which it never syncs: refusing to acknowledge \
+                     (a value over 4 KiB reached the tree; this is a bug, please report it)",
+                    path.display()
+                )));
             }
-            present.insert(name, len);
         }
-        if new_blob {
-            sync_dir(&self.blobs_dir)?;
-        }
-        // Forget blobs sled has deleted, so the set stays bounded.
-        self.synced_blobs = present;
         Ok(())
     }
+}
+
+/// The files in sled's `blobs` directory (none when it does not exist).
+fn list_blobs(blobs_dir: &Path) -> io::Result<Vec<(OsString, PathBuf)>> {
+    let entries = match std::fs::read_dir(blobs_dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut blobs = Vec::new();
+    for entry in entries {
+        let entry = entry?;
+        blobs.push((entry.file_name(), entry.path()));
+    }
+    Ok(blobs)
+}
+
+/// Creates `dir` (and missing ancestors) so that it survives a power cut:
+/// each directory created here is fsynced, and so is its parent, whose
+/// entry for it is otherwise volatile. An existing directory is left alone.
+pub(crate) fn create_data_dir(dir: &Path) -> io::Result<()> {
+    let mut missing = Vec::new();
+    let mut at = Some(dir);
+    while let Some(path) = at.filter(|p| !p.as_os_str().is_empty() && !p.exists()) {
+        missing.push(path.to_path_buf());
+        at = path.parent();
+    }
+    std::fs::create_dir_all(dir)?;
+    // Deepest first: each new directory, then the parent holding its entry.
+    for path in &missing {
+        sync_dir(path)?;
+        let parent = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        sync_dir(parent)?;
+    }
+    Ok(())
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
@@ -105,21 +138,36 @@ mod tests {
     use super::*;
 
     #[test]
-    fn syncs_db_and_new_blobs() {
+    fn a_blob_file_written_after_open_refuses_the_commit() {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path()).unwrap();
+        let db = sled::Config::new()
+            .path(dir.path())
+            .flush_every_ms(None)
+            .open()
+            .unwrap();
         let mut sync = DiskSync::open(dir.path()).unwrap();
-        // A value far over the blob threshold lands in blobs/.
+        db.insert("small", vec![1u8; 4096]).unwrap();
+        db.flush().unwrap();
+        sync.sync().expect("small values make no blob");
+        // A value far over the blob threshold lands in blobs/: the alarm.
         db.insert("big", vec![7u8; 1 << 20]).unwrap();
         db.flush().unwrap();
-        sync.sync().unwrap();
-        assert!(
-            !sync.synced_blobs.is_empty(),
-            "the blob file was found and synced"
-        );
-        db.insert("small", "x").unwrap();
-        db.flush().unwrap();
-        sync.sync().unwrap();
+        let err = sync.sync().expect_err("a new blob refuses the commit");
+        assert!(err.to_string().contains("blob"), "{err}");
+        // Present at open (a format-1 directory's blobs): synced and allowed.
+        drop(sync);
+        let mut reopened = DiskSync::open(dir.path()).unwrap();
+        reopened.sync().expect("known blobs are no alarm");
+    }
+
+    #[test]
+    fn a_new_data_dir_is_created_with_its_ancestors() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("a/b/data");
+        create_data_dir(&dir).unwrap();
+        assert!(dir.is_dir());
+        // Existing: nothing to do, no error.
+        create_data_dir(&dir).unwrap();
     }
 
     #[test]

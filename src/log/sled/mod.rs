@@ -29,7 +29,6 @@ use parking_lot::Mutex;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use self::durable::DiskSync;
 use self::shared::Shared;
 use self::writer::Writer;
 use super::queue::{self, WriterMsg};
@@ -74,11 +73,11 @@ impl SledLog {
         hub: Arc<Hub>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, LogError> {
-        let shared = Arc::new(Shared::open(dir, options.cache_capacity_bytes)?);
+        let (shared, disk) = Shared::open(dir, options.cache_capacity_bytes)?;
+        let shared = Arc::new(shared);
         let head = shared.durable_head.load(Ordering::Acquire);
 
         let (writer_tx, writer_rx) = mpsc::channel(options.publish_queue);
-        let disk = DiskSync::open(dir).map_err(LogError::Sync)?;
         let writer = Writer {
             shared: Arc::clone(&shared),
             disk,

@@ -52,8 +52,7 @@ pub(crate) fn read_blocking(
     let mut events = Vec::with_capacity(seqs.len().min(limit));
     let mut bytes = 0usize;
     for seq in seqs.into_iter().take(limit) {
-        if let Some(value) = db.get(codec::event_key(seq))? {
-            let event = codec::decode_record(seq, &value)?;
+        if let Some(event) = codec::read_record(db, seq)? {
             bytes = bytes.saturating_add(event.data.len());
             events.push(event);
             if bytes >= max_bytes {

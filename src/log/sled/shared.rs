@@ -15,6 +15,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use parking_lot::Mutex;
 
 use super::codec::{self, EVENT_PREFIX, INDEX_PREFIX, TRIMMED_PREFIX};
+use super::durable::{self, DiskSync};
 use super::format;
 use crate::log::stats::{StatsTable, TopicStats};
 use crate::log::LogError;
@@ -37,16 +38,25 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    /// Opens (or creates) the database in `dir`, upgrading an older format,
-    /// checks that the head covers every stored event, and rebuilds the
-    /// per-topic stats. O(index size).
-    pub fn open(dir: &Path, cache_capacity_bytes: u64) -> Result<Self, LogError> {
+    /// Opens (or creates, durably) the database in `dir`, upgrading an
+    /// older format, checks that the head covers every stored event, and
+    /// rebuilds the per-topic stats. O(index size). Returns the handles the
+    /// writer syncs with.
+    pub fn open(dir: &Path, cache_capacity_bytes: u64) -> Result<(Self, DiskSync), LogError> {
         let started = Instant::now();
+        durable::create_data_dir(dir).map_err(LogError::Sync)?;
+        // No periodic flusher: `db` becomes durable only at our commits
+        // (`durable.rs`), never midway through sled's own work.
         let db = sled::Config::new()
             .path(dir)
             .cache_capacity(cache_capacity_bytes)
+            .flush_every_ms(None)
             .open()?;
-        let epoch = format::prepare(&db)?;
+        let mut disk = DiskSync::open(dir).map_err(LogError::Sync)?;
+        let epoch = format::prepare(&db, &mut || {
+            db.flush()?;
+            disk.sync().map_err(LogError::Sync)
+        })?;
         let head = format::read_head(&db)?;
         if let Some(item) = db.scan_prefix(EVENT_PREFIX).next_back() {
             let (key, _) = item?;
@@ -66,13 +76,14 @@ impl Shared {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "opened sled log"
         );
-        Ok(Self {
+        let shared = Self {
             db,
             epoch,
             durable_head: AtomicU64::new(head),
             stats,
             failed: Mutex::new(None),
-        })
+        };
+        Ok((shared, disk))
     }
 
     /// Why writes are refused, if a write failed earlier.

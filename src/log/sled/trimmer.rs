@@ -91,18 +91,18 @@ fn trim_old_batch(shared: &Shared, cutoff_ms: u64, limit: usize) -> Result<u64, 
         if seq > head {
             break;
         }
-        let event = codec::decode_record(seq, &value)?;
-        if event.time_ms >= cutoff_ms {
+        let header = codec::decode_header(&shared.db, seq, &value)?;
+        if header.time_ms >= cutoff_ms {
             break;
         }
-        victims.push(event);
+        victims.push((seq, header));
     }
     let mut trim = TrimBatch::default();
-    for event in &victims {
-        trim.batch.remove(&codec::event_key(event.seq));
-        for topic in &event.topics {
-            let present = shared.db.contains_key(codec::index_key(topic, event.seq))?;
-            trim.remove_index(topic, event.seq, present);
+    for (seq, header) in &victims {
+        codec::remove_record(&mut trim.batch, *seq, header.pieces);
+        for topic in &header.topics {
+            let present = shared.db.contains_key(codec::index_key(topic, *seq))?;
+            trim.remove_index(topic, *seq, present);
         }
     }
     trim.apply(shared)?;
@@ -127,16 +127,16 @@ fn trim_topic_batch(shared: &Shared, topic: &Topic, limit: usize) -> Result<u64,
         let Some(value) = shared.db.get(codec::event_key(seq))? else {
             continue;
         };
-        let event = codec::decode_record(seq, &value)?;
+        let header = codec::decode_header(&shared.db, seq, &value)?;
         let mut still_needed = false;
-        for other in event.topics.iter().filter(|t| *t != topic) {
+        for other in header.topics.iter().filter(|t| *t != topic) {
             if shared.db.contains_key(codec::index_key(other, seq))? {
                 still_needed = true;
                 break;
             }
         }
         if !still_needed {
-            trim.batch.remove(&codec::event_key(seq));
+            codec::remove_record(&mut trim.batch, seq, header.pieces);
         }
     }
     trim.apply(shared)?;

@@ -90,10 +90,8 @@ impl Writer {
         let mut batch = sled::Batch::default();
         for (offset, (event, _)) in pending.iter().enumerate() {
             let seq = first_seq + offset as u64;
-            batch.insert(
-                &codec::event_key(seq),
-                codec::encode_record(time_ms, &event.name, &event.topics, &event.data),
-            );
+            codec::encode_record(time_ms, &event.name, &event.topics, &event.data)
+                .insert_into(&mut batch, seq);
             for topic in &event.topics {
                 batch.insert(codec::index_key(topic, seq), &[]);
             }

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use super::{compact_json_text, open_db, OfflineError, Progress, Unit, PROGRESS_EVERY};
 use crate::log::sled::codec::{
-    self, EPOCH_KEY, EVENT_PREFIX, FORMAT_KEY, HEAD_KEY, INDEX_PREFIX, TRIMMED_PREFIX,
+    self, EPOCH_KEY, EVENT_PREFIX, FORMAT_KEY, HEAD_KEY, INDEX_PREFIX, PIECE_PREFIX, TRIMMED_PREFIX,
 };
 use crate::log::sled::format::{self, CURRENT_FORMAT};
 use crate::log::LogError;
@@ -107,16 +107,16 @@ pub fn check(dir: &Path, progress: &mut dyn Progress) -> Result<CheckReport, Off
             r.format_version = Some(0);
             r.problem("m/format", "format version 0 does not exist");
         }
-        Ok(Some(v)) if v != CURRENT_FORMAT => {
+        Ok(Some(v)) if v > CURRENT_FORMAT => {
             r.format_version = Some(v);
-            let what = if v > CURRENT_FORMAT {
-                format!("format version {v} is newer than this build checks ({CURRENT_FORMAT}); use a newer sse-gateway")
-            } else {
-                format!("format version {v} is older than this build checks ({CURRENT_FORMAT}); start the gateway once to upgrade it")
-            };
-            r.problem("m/format", what);
+            r.problem(
+                "m/format",
+                format!("format version {v} is newer than this build checks ({CURRENT_FORMAT}); use a newer sse-gateway"),
+            );
             return Ok(r);
         }
+        // Older versions are read as they are (format 2 reads format-1
+        // records); the gateway upgrades them at its next start.
         Ok(Some(v)) => r.format_version = Some(v),
         Ok(None) if db.is_empty() => {
             r.problem(
@@ -205,6 +205,8 @@ pub fn check(dir: &Path, progress: &mut dyn Progress) -> Result<CheckReport, Off
             if r.index_entries % PROGRESS_EVERY == 0 {
                 progress.position(r.index_entries);
             }
+        } else if key.starts_with(PIECE_PREFIX) {
+            check_piece(&db, &key, &mut r)?;
         } else if !(key.starts_with(TRIMMED_PREFIX)
             || key == FORMAT_KEY
             || key == EPOCH_KEY
@@ -233,6 +235,48 @@ pub fn check(dir: &Path, progress: &mut dyn Progress) -> Result<CheckReport, Off
     Ok(r)
 }
 
+/// Checks one `p/<seq><n>` piece belongs to a record that has at least `n`
+/// pieces (a record's missing pieces are reported by its own check).
+fn check_piece(db: &sled::Db, key: &[u8], r: &mut CheckReport) -> Result<(), OfflineError> {
+    let shown = key.escape_ascii().to_string();
+    let parsed = key
+        .get(PIECE_PREFIX.len()..)
+        .filter(|rest| rest.len() == 12)
+        .map(|rest| {
+            let (seq, n) = rest.split_at(8);
+            let seq = u64::from_be_bytes(seq.try_into().unwrap_or_default());
+            let n = u32::from_be_bytes(n.try_into().unwrap_or_default());
+            (seq, n)
+        });
+    let Some((seq, n)) = parsed else {
+        r.problem(
+            shown,
+            "malformed piece key: expected p/, an 8-byte sequence and a 4-byte number",
+        );
+        return Ok(());
+    };
+    let shown = format!("p/{seq}/{n}");
+    let pieces = match db.get(codec::event_key(seq))? {
+        Some(head) => codec::piece_count(seq, &head).ok(),
+        None => None,
+    };
+    match pieces {
+        Some(count) if n >= 1 && n <= count => {}
+        Some(count) => r.problem(
+            shown,
+            format!("piece {n} of event {} that has {count} pieces", r.id(seq)),
+        ),
+        None => r.problem(
+            shown,
+            format!(
+                "piece of event {}, which does not exist (or does not decode)",
+                r.id(seq)
+            ),
+        ),
+    }
+    Ok(())
+}
+
 /// Checks one `e/` record; returns its sequence when the key is well formed.
 fn check_event(
     db: &sled::Db,
@@ -258,7 +302,7 @@ fn check_event(
             "sequence 0 is not an event id (sequences start at 1)",
         );
     }
-    let event = match codec::decode_record(seq, value) {
+    let event = match codec::decode_record(db, seq, value) {
         Ok(event) => event,
         Err(e) => {
             r.problem(shown, format!("record does not decode: {}", what_of(e)));
@@ -349,7 +393,7 @@ fn check_index(
             format!("refers to event {id}, which does not exist"),
         ),
         Some(record) => {
-            if let Ok(event) = codec::decode_record(seq, &record) {
+            if let Ok(event) = codec::decode_record(db, seq, &record) {
                 if !event.topics.contains(&topic) {
                     let listed: Vec<&str> = event.topics.iter().map(Topic::as_str).collect();
                     r.problem(

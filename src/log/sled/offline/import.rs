@@ -420,8 +420,8 @@ fn import_into(
             )));
         }
         let record = codec::encode_record(event.time_ms, &event.name, &event.topics, &event.data);
-        batch_bytes += record.len();
-        batch.insert(&codec::event_key(event.seq), record);
+        batch_bytes += record.head.len() + record.pieces.iter().map(Vec::len).sum::<usize>();
+        record.insert_into(&mut batch, event.seq);
         batch_events += 1;
         stats.events += 1;
         stats.first.get_or_insert(event.seq);

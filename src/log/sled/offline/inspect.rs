@@ -7,7 +7,6 @@ use std::path::Path;
 
 use super::{io_error, OfflineError, OfflineLog, Progress, Unit, PROGRESS_EVERY};
 use crate::log::sled::codec::{self, EVENT_PREFIX, INDEX_PREFIX};
-use crate::log::sled::format::CURRENT_FORMAT;
 use crate::model::{Epoch, Topic};
 
 impl OfflineLog {
@@ -45,7 +44,7 @@ impl OfflineLog {
         let mut topics: Vec<(Topic, TopicSummary)> = topics.into_iter().collect();
         topics.sort_by(|a, b| b.1.count.cmp(&a.1.count).then_with(|| a.0.cmp(&b.0)));
         Ok(Summary {
-            format_version: CURRENT_FORMAT,
+            format_version: self.format_version(),
             epoch: self.epoch.clone(),
             head: self.head,
             events,

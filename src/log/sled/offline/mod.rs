@@ -132,6 +132,8 @@ fn open_db(dir: &Path) -> Result<sled::Db, OfflineError> {
 /// A data directory opened for reading, with its format checked.
 pub struct OfflineLog {
     db: sled::Db,
+    /// The directory's format version (this build's, or an older one it reads).
+    format: u32,
     dir: PathBuf,
     epoch: Epoch,
     head: u64,
@@ -146,7 +148,7 @@ impl OfflineLog {
             dir: dir.to_path_buf(),
             what,
         };
-        match format::read_version(&db)? {
+        let found = match format::read_version(&db)? {
             None if db.is_empty() => {
                 return Err(not_a_log(
                     "an empty database, not an sse-gateway log".into(),
@@ -163,22 +165,25 @@ impl OfflineLog {
                 }
                 .into())
             }
-            Some(found) if found < CURRENT_FORMAT => {
-                return Err(not_a_log(format!(
-                    "format version {found} is older than this build's ({CURRENT_FORMAT}); \
-                     start the gateway on it once to upgrade it in place"
-                )))
-            }
-            Some(_) => {}
-        }
+            Some(0) => return Err(not_a_log("format version 0 does not exist".into())),
+            // Format 1 is read as it is: format 2 reads its records, and
+            // offline commands never write (the gateway upgrades it).
+            Some(found) => found,
+        };
         let epoch = format::read_epoch(&db)?;
         let head = format::read_head(&db)?;
         Ok(Self {
             db,
+            format: found,
             dir: dir.to_path_buf(),
             epoch,
             head,
         })
+    }
+
+    /// The directory's format version.
+    pub fn format_version(&self) -> u32 {
+        self.format
     }
 
     /// The directory.
@@ -201,7 +206,7 @@ impl OfflineLog {
         self.db.scan_prefix(EVENT_PREFIX).map(|item| {
             let (key, value) = item?;
             let seq = codec::seq_suffix(&key)?;
-            Ok(codec::decode_record(seq, &value)?)
+            Ok(codec::decode_record(&self.db, seq, &value)?)
         })
     }
 
