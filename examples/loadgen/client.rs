@@ -6,7 +6,7 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use sse_gateway::sse::decode::{Decoder, Event, Item};
@@ -77,13 +77,35 @@ impl Target {
         })
     }
 
+    /// The same target subscribing at `url` instead (e.g. a multi-topic
+    /// `/events?topic=a&topic=b`).
+    pub fn with_subscribe(&self, url: &str) -> Result<Self> {
+        let mut target = clone_target(self);
+        target.subscribe = Url::parse(url)?;
+        Ok(target)
+    }
+
     /// Connects from the next source address (bind before connect).
     pub async fn connect(&self, to: SocketAddr) -> Result<TcpStream> {
+        self.connect_with(to, None).await
+    }
+
+    /// Connects from the next source address, with a receive buffer of
+    /// `recv_buffer` bytes when given (set before connecting, so the window
+    /// the server sees is small from the start).
+    pub async fn connect_with(
+        &self,
+        to: SocketAddr,
+        recv_buffer: Option<u32>,
+    ) -> Result<TcpStream> {
         let i = self.next_source.fetch_add(1, Ordering::Relaxed);
         let stream = match to.ip() {
             IpAddr::V4(_) => {
                 let source = Ipv4Addr::new(127, 0, 0, 2 + (i % self.source_ips as usize) as u8);
                 let socket = TcpSocket::new_v4()?;
+                if let Some(size) = recv_buffer {
+                    socket.set_recv_buffer_size(size)?;
+                }
                 socket.bind(SocketAddr::new(IpAddr::V4(source), 0))?;
                 socket.connect(to).await?
             }
@@ -241,6 +263,26 @@ fn tracing_note(e: &anyhow::Error) {
     }
 }
 
+/// How a slow reader reads: at most `chunk` bytes per read, then a pause.
+#[derive(Debug, Clone, Copy)]
+pub struct Pace {
+    /// Most bytes taken from the socket per read (also its receive buffer).
+    pub chunk: usize,
+    /// Sleep after each read.
+    pub pause: Duration,
+}
+
+/// Why [`Stream::read_for`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadEnd {
+    /// The callback returned false.
+    Stopped,
+    /// The server ended the stream (EOF or the last chunk).
+    Ended,
+    /// The deadline passed; the stream is still open and can be read again.
+    TimedOut,
+}
+
 /// An open SSE stream.
 pub struct Stream {
     stream: TcpStream,
@@ -248,11 +290,24 @@ pub struct Stream {
     /// Body bytes read with the head, not yet parsed.
     pending: Vec<u8>,
     parser: Decoder,
+    /// Read slowly (soak's slow consumers); `None` reads as fast as it can.
+    pace: Option<Pace>,
 }
 
 impl Stream {
     /// Opens a stream, resuming after `resume` when given.
     pub async fn open(target: &Target, resume: Option<&str>) -> Result<Self> {
+        Self::open_with(target, resume, None).await
+    }
+
+    /// Opens a stream like [`Stream::open`]; with `pace`, the socket's
+    /// receive buffer is `pace.chunk` bytes and every read is followed by
+    /// `pace.pause`, so the reader falls behind a fast topic.
+    pub async fn open_with(
+        target: &Target,
+        resume: Option<&str>,
+        pace: Option<Pace>,
+    ) -> Result<Self> {
         let url = &target.subscribe;
         let mut path = url.path.clone();
         let mut header = String::new();
@@ -266,7 +321,8 @@ impl Stream {
                 }
             }
         }
-        let mut stream = target.connect(url.addr).await?;
+        let recv_buffer = pace.map(|p| p.chunk as u32);
+        let mut stream = target.connect_with(url.addr, recv_buffer).await?;
         let request = format!(
             "GET {path} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\n{header}\r\n",
             url.host
@@ -282,6 +338,7 @@ impl Stream {
             chunked: head.chunked.then(ChunkedDecoder::new),
             pending: buf.split_off(used),
             parser: Decoder::new(),
+            pace,
         })
     }
 
@@ -290,10 +347,23 @@ impl Stream {
     pub async fn read_until(
         &mut self,
         deadline: Instant,
-        mut on_event: impl FnMut(&Event) -> bool,
+        on_event: impl FnMut(&Event) -> bool,
     ) -> Result<bool> {
-        let mut raw = vec![0u8; 16 * 1024];
-        let mut body = Vec::with_capacity(16 * 1024);
+        Ok(self.read_for(deadline, on_event).await? == ReadEnd::Stopped)
+    }
+
+    /// Reads until `on_event` returns false, the stream ends, or `deadline`,
+    /// and says which. After [`ReadEnd::TimedOut`] the stream may be read
+    /// again: nothing read from the socket is lost (tokio's read is
+    /// cancel-safe and every byte read is parsed before returning).
+    pub async fn read_for(
+        &mut self,
+        deadline: Instant,
+        mut on_event: impl FnMut(&Event) -> bool,
+    ) -> Result<ReadEnd> {
+        let cap = self.pace.map_or(16 * 1024, |p| p.chunk.max(1));
+        let mut raw = vec![0u8; cap];
+        let mut body = Vec::with_capacity(cap);
         let mut first = std::mem::take(&mut self.pending);
         let mut done = false;
         loop {
@@ -301,10 +371,10 @@ impl Stream {
                 let left = deadline.saturating_duration_since(Instant::now());
                 let n = match tokio::time::timeout(left, self.stream.read(&mut raw)).await {
                     Ok(n) => n?,
-                    Err(_) => return Ok(false),
+                    Err(_) => return Ok(ReadEnd::TimedOut),
                 };
                 if n == 0 {
-                    return Ok(false);
+                    return Ok(ReadEnd::Ended);
                 }
                 &raw[..n]
             } else {
@@ -327,10 +397,13 @@ impl Stream {
             });
             first.clear();
             if done {
-                return Ok(true);
+                return Ok(ReadEnd::Stopped);
             }
             if self.chunked.as_ref().is_some_and(ChunkedDecoder::is_done) {
-                return Ok(false);
+                return Ok(ReadEnd::Ended);
+            }
+            if let Some(pace) = self.pace {
+                tokio::time::sleep(pace.pause).await;
             }
         }
     }

@@ -25,6 +25,10 @@
 //!   start (`--from-start-id`, or nothing when the server starts at the oldest).
 //! - `storm`: one marker event, then `--behind` events, then `--subscribers`
 //!   clients resume at once from the marker's id; time until all caught up.
+//! - `soak`: `--duration-s` of steady mixed load (publishers at `--rate`,
+//!   long-lived, churning and slow subscribers over `--topics` topics),
+//!   sampling the server's RSS and fds (`--pid`) every `--sample-s`; exits 1 on
+//!   any gap or duplicate (`soak.rs`, `follow.rs`).
 //!
 //! Servers differ only in URLs and bodies:
 //! - ours: `--pub-url 'http://127.0.0.1:8080/topics/{topic}' --pub-body '{"data":{payload}}'
@@ -35,7 +39,9 @@
 
 mod chunked;
 mod client;
+mod follow;
 mod payload;
+mod soak;
 mod tracker;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -59,6 +65,7 @@ enum Scenario {
     Idle,
     Replay,
     Storm,
+    Soak,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -115,9 +122,30 @@ struct Args {
     /// Events per second for `latency`.
     #[arg(long, default_value_t = 10.0)]
     rate: f64,
-    /// Seconds of publishing for `latency`.
+    /// Seconds of publishing for `latency` and `soak`.
     #[arg(long, default_value_t = 5.0)]
     duration_s: f64,
+    /// `soak`: topics (publisher `p` publishes on topic `p % topics`).
+    #[arg(long, default_value_t = 6)]
+    topics: usize,
+    /// `soak`: subscribers that leave and resume with `Last-Event-ID` every 2–8 s.
+    #[arg(long, default_value_t = 40)]
+    churners: usize,
+    /// `soak`: subscribers that read slowly (small buffer, pauses, 45 s stalls).
+    #[arg(long, default_value_t = 4)]
+    slow: usize,
+    /// `soak`: seconds between samples.
+    #[arg(long, default_value_t = 30.0)]
+    sample_s: f64,
+    /// `soak`: the server's process id, whose RSS and open fds are sampled.
+    #[arg(long)]
+    pid: Option<u32>,
+    /// `soak`: the server's data directory, whose size is sampled.
+    #[arg(long)]
+    data_dir: Option<std::path::PathBuf>,
+    /// `soak`: the multi-topic stream URL (`?topic=a&topic=b` is appended).
+    #[arg(long, default_value = "http://127.0.0.1:8080/events")]
+    events_url: String,
     /// Events each storm client is behind.
     #[arg(long, default_value_t = 1_000)]
     behind: u64,
@@ -155,6 +183,10 @@ fn main() -> Result<()> {
     );
     // Do not wait for thousands of sockets to be torn down one by one.
     rt.shutdown_timeout(Duration::from_millis(100));
+    if soak::FAILED.load(Ordering::Relaxed) {
+        eprintln!("loadgen: soak saw gaps, duplicates or unexpected events");
+        std::process::exit(1);
+    }
     Ok(())
 }
 
@@ -187,6 +219,7 @@ async fn run(args: Arc<Args>) -> Result<String> {
         Scenario::Idle => idle(&args, &target).await,
         Scenario::Replay => replay(&args, &target).await,
         Scenario::Storm => storm(&args, &target).await,
+        Scenario::Soak => soak::soak(&args, &target, &topic).await,
     }
 }
 

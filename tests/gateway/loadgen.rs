@@ -6,12 +6,15 @@
 use crate::common::ChunkedDecoder;
 
 // The example's modules, compiled into this test target as they are.
+#[path = "../../examples/loadgen/follow.rs"]
+mod follow;
 #[path = "../../examples/loadgen/payload.rs"]
 #[allow(dead_code)] // `now_micros` is the example's; no test needs a clock
 mod payload;
 #[path = "../../examples/loadgen/tracker.rs"]
 mod tracker;
 
+use follow::{Follow, Seen};
 use payload::Payload;
 use tracker::SeqTracker;
 
@@ -112,4 +115,34 @@ fn seq_tracker_counts_gaps_duplicates_reorders_and_strays() {
     assert_eq!(tracker.out_of_order, 1, "0/1 came after 0/2");
     assert_eq!(tracker.missing(&ranges), 3, "0/3, 1/0 and 1/1");
     assert_eq!(tracker.unexpected(&ranges), 2, "1/70 and 2/0");
+}
+
+#[test]
+fn soak_follow_accepts_interleaved_publishers_in_order() {
+    // Publishers 0 and 2 on this stream's topics, 1 not.
+    let mut follow = Follow::new(vec![true, false, true]);
+    for (p, s) in [(0, 0), (2, 0), (2, 1), (0, 1), (0, 2), (2, 2)] {
+        assert_eq!(follow.record(p, s), Seen::InOrder, "{p}/{s}");
+    }
+    assert_eq!((follow.gaps, follow.dups, follow.unexpected), (0, 0, 0));
+    assert!(follow.caught_up(&[3, 7, 3]), "publisher 1 is not followed");
+    assert!(!follow.caught_up(&[4, 0, 3]));
+    assert_eq!(follow.missing(&[5, 0, 3]), 2);
+}
+
+#[test]
+fn soak_follow_counts_gaps_duplicates_strays_and_rebaselines_on_reset() {
+    let mut follow = Follow::new(vec![true, false]);
+    assert_eq!(follow.record(0, 0), Seen::InOrder);
+    assert_eq!(follow.record(0, 3), Seen::Gap(2));
+    assert_eq!(follow.record(0, 3), Seen::Duplicate);
+    assert_eq!(follow.record(0, 1), Seen::Duplicate, "late is not in order");
+    assert_eq!(follow.record(1, 0), Seen::Unexpected);
+    assert_eq!((follow.gaps, follow.dups, follow.unexpected), (2, 2, 1));
+    // After a reset the next event of each publisher is the new baseline.
+    follow.reset();
+    assert_eq!(follow.record(0, 40), Seen::InOrder);
+    assert_eq!(follow.record(0, 41), Seen::InOrder);
+    assert_eq!((follow.gaps, follow.resets), (2, 1));
+    assert!(follow.caught_up(&[42, 0]));
 }
