@@ -18,7 +18,7 @@ use crate::{Error, Mode, PowerCutFs};
 /// Paths given to its methods are relative to the filesystem root (a leading
 /// `/` is ignored). An inode named in several directories (a hard link, or
 /// a rename synced only on its new side) shows under each name.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct Image {
     /// Inode number → inode; `ROOT` is the root directory.
     pub(crate) nodes: BTreeMap<u64, ImageNode>,
@@ -175,6 +175,27 @@ impl Image {
     /// An image with only an empty root directory.
     pub fn empty() -> Self {
         crate::state::State::new(Mode::Strict, None, 0, 0).durable_image(false)
+    }
+}
+
+/// Equal when the same names hold the same bytes (inode numbers and times
+/// aside): two cuts of the same history compare equal.
+impl PartialEq for Image {
+    fn eq(&self, other: &Self) -> bool {
+        let (mine, theirs) = (self.walk(), other.walk());
+        mine == theirs
+            && mine
+                .iter()
+                .all(|(path, _)| self.read(path) == other.read(path))
+    }
+}
+
+impl Eq for Image {}
+
+/// The listing of [`Display`](fmt::Display) (not megabytes of page dumps).
+impl fmt::Debug for Image {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Image {{\n{self}}}")
     }
 }
 

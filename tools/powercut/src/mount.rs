@@ -120,8 +120,10 @@ impl Mount {
             return Ok(());
         };
         if let Err(busy) = unmounter.unmount() {
-            // Still in use (an open file, a process with its cwd there):
-            // detach it and abort the connection so the session ends.
+            // Still in use (a file open, a process's cwd there): detach it
+            // now. The session thread ends when the last user lets go (all
+            // it gets meanwhile after a cut is EIO), or at once if the
+            // connection can be aborted through fusectl.
             nix::mount::umount2(&self.path, nix::mount::MntFlags::MNT_DETACH)
                 .or_else(|e| match e {
                     nix::errno::Errno::EINVAL => Ok(()),
@@ -135,6 +137,8 @@ impl Mount {
                 let abort = format!("/sys/fs/fuse/connections/{connection}/abort");
                 let _ = std::fs::write(abort, "1");
             }
+            self.thread = None;
+            return Ok(());
         }
         let Some(thread) = self.thread.take() else {
             return Ok(());
@@ -142,11 +146,11 @@ impl Mount {
         let deadline = Instant::now() + JOIN_WAIT;
         while !thread.is_finished() {
             if Instant::now() > deadline {
-                // The kernel still holds the connection (a lazily detached
-                // mount in use and no fusectl to abort it): leave the thread.
+                // Unmounted, yet the kernel keeps the connection: leave the
+                // thread rather than hang the caller.
                 return Ok(());
             }
-            std::thread::sleep(Duration::from_millis(5));
+            std::thread::sleep(Duration::from_millis(2));
         }
         match thread.join() {
             Ok(Ok(())) => Ok(()),
