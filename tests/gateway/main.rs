@@ -12,6 +12,7 @@ mod guarantees;
 mod limits;
 mod loadgen;
 mod ops_api;
+mod power_loss;
 mod props;
 mod publish_api;
 mod redis;
