@@ -1,6 +1,7 @@
 //! Power loss: the real binary with its data dir on a `powercut` FUSE mount,
 //! which at a simulated power cut keeps only what was fsynced. Publishers of
-//! small (~256 B) and large (300 KiB, sled blob files) events run; at a
+//! small (~256 B) and large (300 KiB, once sled blob files) events run,
+//! with retention trimming all the time; at a
 //! seeded random moment (sometimes after publishing paused for a second)
 //! the gateway is `kill -9`ed and the power cut; the surviving image is
 //! mounted again and the gateway restarted. Every acknowledged (`201`) event
@@ -9,16 +10,19 @@
 //!
 //! Each mode runs as its own test: strict (names durable only by `fsync` of
 //! their directory, POSIX) and journal (any fsync commits earlier names, like
-//! ext4), each with and without torn writes.
+//! ext4).
 //!
 //! Knobs (environment):
 //! - `POWERCUT_CYCLES`: power cuts per mode (default 2, for CI);
 //! - `POWERCUT_SEED`: the seed (default: from the clock; printed, so a run
-//!   can be replayed).
+//!   can be replayed);
+//! - `POWERCUT_TORN=1`: torn writes too (a random 4 KiB-aligned prefix of
+//!   the unsynced data survives each cut). Not in CI: sled 0.34 does not
+//!   survive them yet (about one failed restart in 40 cycles, issue 15;
+//!   the figures and the command are in the README).
 //!
-//! Needs `/dev/fuse` and root (or `fusermount3`). Ignored until issue 15 is
-//! fixed; run with
-//! `cargo test --test gateway power_loss -- --ignored --nocapture`.
+//! Needs `/dev/fuse` and root (or `fusermount3`). Run with
+//! `POWERCUT_CYCLES=100 cargo test --test gateway power_cut -- --nocapture`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader};
@@ -47,39 +51,24 @@ const RETAINED: usize = 60;
 const SMALL_PUBLISHERS: usize = 3;
 /// Bytes of padding in a small event's data (~256 B on the wire).
 const SMALL_PAD: usize = 200;
-/// Bytes of padding in a large event's data: over sled's blob threshold.
+/// Bytes of padding in a large event's data: over sled's blob threshold
+/// (format 2 stores it in 4 KiB pieces, so no blob file is ever written).
 const LARGE_PAD: usize = 300 * 1024;
 
-macro_rules! power_loss_test {
-    ($name:ident, $mode:expr, $torn:expr) => {
-        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-        #[ignore = "issue 15: acknowledged events do not survive a power cut yet; run with --ignored"]
-        async fn $name() {
-            run_mode($mode, $torn).await;
-        }
-    };
+/// `POWERCUT_TORN=1`: cut with torn writes (module docs).
+fn torn_writes() -> bool {
+    std::env::var("POWERCUT_TORN").is_ok_and(|v| v == "1")
 }
 
-power_loss_test!(
-    power_cut_strict_keeps_every_acknowledged_event,
-    Mode::Strict,
-    false
-);
-power_loss_test!(
-    power_cut_strict_torn_keeps_every_acknowledged_event,
-    Mode::Strict,
-    true
-);
-power_loss_test!(
-    power_cut_journal_keeps_every_acknowledged_event,
-    Mode::Journal,
-    false
-);
-power_loss_test!(
-    power_cut_journal_torn_keeps_every_acknowledged_event,
-    Mode::Journal,
-    true
-);
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn power_cut_strict_keeps_every_acknowledged_event() {
+    run_mode(Mode::Strict, torn_writes()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn power_cut_journal_keeps_every_acknowledged_event() {
+    run_mode(Mode::Journal, torn_writes()).await;
+}
 
 /// What one mode's run found.
 #[derive(Debug, Default)]
@@ -198,6 +187,11 @@ async fn run_mode(mode: Mode, torn: bool) {
         };
         if boot > 0 {
             verify(&client, &gateway.base, &mut history, &mut figures, boot).await;
+            for line in gateway.log.lock().expect("log").iter() {
+                if line.contains("ERROR") || line.contains("WARN") {
+                    println!("[{label}] boot {boot} gateway: {line}");
+                }
+            }
         }
         if boot == cycles {
             gateway.kill9();
@@ -369,16 +363,20 @@ async fn replay(
         .json()
         .await
         .map_err(|e| format!("info ({status}): {e}"))?;
-    let count = info["count"]
-        .as_u64()
-        .ok_or_else(|| format!("info without count: {info}"))?;
+    // Read up to the newest event the topic holds now. Not "count events":
+    // the trimmer keeps running and may remove the oldest meanwhile, so the
+    // stream delivers a suffix that always ends at `last_id`.
+    let Some(last_id) = info["last_id"].as_str().map(str::to_owned) else {
+        return Ok(BTreeMap::new());
+    };
+    let last = seq_of(&last_id);
     let mut stream = SseReader::connect(client, &format!("{base}/topics/{topic}"), Some("0")).await;
     let mut stored = BTreeMap::new();
     let mut previous = 0;
-    while (stored.len() as u64) < count {
+    while previous < last {
         let Some(event) = stream.next_event_within(Duration::from_secs(20)).await else {
             return Err(format!(
-                "{} of {count} events replayed, then nothing",
+                "{} events replayed, then nothing before {last_id}",
                 stored.len()
             ));
         };
@@ -505,6 +503,7 @@ impl Publishers {
 struct Gateway {
     child: Child,
     base: String,
+    log: Arc<Mutex<Vec<String>>>,
 }
 
 impl Gateway {
@@ -540,12 +539,23 @@ impl Gateway {
             }
         });
         let deadline = Instant::now() + Duration::from_secs(60);
+        let mut stderr_open = true;
         loop {
-            if let Ok(Ok(addr)) = tokio::time::timeout(Duration::from_millis(50), &mut rx).await {
-                return Ok(Self {
-                    child,
-                    base: format!("http://{addr}"),
-                });
+            if stderr_open {
+                match tokio::time::timeout(Duration::from_millis(50), &mut rx).await {
+                    Ok(Ok(addr)) => {
+                        return Ok(Self {
+                            child,
+                            base: format!("http://{addr}"),
+                            log,
+                        })
+                    }
+                    // stderr closed without a listen line: the process is exiting.
+                    Ok(Err(_)) => stderr_open = false,
+                    Err(_) => {}
+                }
+            } else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
             let exited = child.try_wait().map_err(|e| e.to_string())?;
             if exited.is_some() || Instant::now() > deadline {
