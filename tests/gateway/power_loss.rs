@@ -585,3 +585,144 @@ impl Drop for Gateway {
         let _ = self.child.wait();
     }
 }
+
+/// Long format-1 records added to the v1 fixture for the upgrade test.
+const UPGRADE_EVENTS: u64 = 200;
+
+/// A format-1 directory: the v1 fixture (`ucMMIYGv-1…4`) plus
+/// `UPGRADE_EVENTS` records of 20 KiB on topic `upgrade` (ids 5…), written
+/// as format 1 wrote them. Returns it and each added event's data.
+fn v1_directory_with_long_records() -> (TempDir, Vec<String>) {
+    use sse_gateway::log::sled::codec;
+    use sse_gateway::model::{EventName, Topic};
+    let dir = TempDir::new().expect("tempdir");
+    copy_dir(&repo_path("tests/fixtures/v1-data"), dir.path());
+    let db = sled::open(dir.path()).expect("open the fixture with sled");
+    let name = EventName::parse("long").expect("name");
+    let topic = Topic::parse("upgrade").expect("topic");
+    let mut data = Vec::new();
+    for i in 0..UPGRADE_EVENTS {
+        let seq = 5 + i;
+        let text = format!("{{\"i\":{i},\"pad\":\"{}\"}}", "u".repeat(20 * 1024));
+        db.insert(
+            codec::event_key(seq),
+            codec::encode_record_v1(1, &name, std::slice::from_ref(&topic), &text),
+        )
+        .expect("insert a v1 record");
+        db.insert(codec::index_key(&topic, seq), &[])
+            .expect("insert an index entry");
+        data.push(text);
+    }
+    db.insert(codec::HEAD_KEY, &(4 + UPGRADE_EVENTS).to_be_bytes())
+        .expect("head");
+    db.flush().expect("flush");
+    drop(db);
+    (dir, data)
+}
+
+/// Copies `from` into the mount at `to` and makes it durable (files, their
+/// directory and its parent), as if it had been there for a long time.
+fn copy_durably(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir on the mount");
+    for entry in std::fs::read_dir(from).expect("read_dir") {
+        let entry = entry.expect("entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("file type").is_dir() {
+            copy_durably(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy");
+            std::fs::File::open(&target)
+                .and_then(|f| f.sync_all())
+                .expect("fsync a copied file");
+        }
+    }
+    for dir in [to, to.parent().expect("parent")] {
+        std::fs::File::open(dir)
+            .and_then(|f| f.sync_all())
+            .expect("fsync a directory");
+    }
+}
+
+/// The format 1 → 2 upgrade runs at start, before the gateway listens. Cut
+/// the power at random moments while it runs (`kill -9`, then the cut), a
+/// few times in a row; once a start completes, every event of the format-1
+/// directory replays byte-exact and new ids continue after them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn power_cuts_during_the_format_upgrade_lose_nothing() {
+    let seed: u64 = std::env::var("POWERCUT_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1)
+        });
+    println!("[upgrade] POWERCUT_SEED={seed}");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let (v1, data) = v1_directory_with_long_records();
+    let mountpoint = TempDir::new().expect("mountpoint");
+    let data_dir = mountpoint.path().join("data");
+    let mount = Image::empty()
+        .mount(Mode::Strict, None, mountpoint.path())
+        .expect("mount the power-cut filesystem (needs /dev/fuse and root)");
+    copy_durably(v1.path(), &data_dir);
+    let mut image = mount.power_cut().expect("power cut");
+    let scratch = TempDir::new().expect("scratch");
+    let config = scratch.path().join("gateway.toml");
+    std::fs::write(&config, "[storage]\ncache_capacity_bytes = 16777216\n").expect("config");
+
+    for cut in 0..4 {
+        let mount = image
+            .mount(Mode::Strict, None, mountpoint.path())
+            .expect("remount");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sse-gateway"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+            .arg(&config)
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn");
+        let after = Duration::from_millis(rng.random_range(0..400));
+        tokio::time::sleep(after).await;
+        let _ = child.kill();
+        let _ = child.wait();
+        image = mount.power_cut().expect("power cut");
+        println!("[upgrade] cut {} after {} ms", cut + 1, after.as_millis());
+    }
+
+    let mount = image
+        .mount(Mode::Strict, None, mountpoint.path())
+        .expect("remount");
+    let gateway = Gateway::start(&data_dir, &config)
+        .await
+        .expect("the gateway starts on the upgraded (or still upgrading) directory");
+    let client = reqwest::Client::new();
+    let stored = replay(&client, &gateway.base, "upgrade")
+        .await
+        .expect("replay the long records");
+    let got: Vec<&String> = stored.values().map(|(_, d)| d).collect();
+    assert_eq!(got.len(), data.len(), "every long record is there");
+    assert!(got.iter().zip(&data).all(|(a, b)| *a == b), "byte-exact");
+    let ids: Vec<&String> = stored.values().map(|(id, _)| id).collect();
+    assert_eq!(ids.first().map(|s| s.as_str()), Some("ucMMIYGv-5"));
+    let (status, info) = get_json(
+        &client,
+        &format!("{}/topics/projects:all/info", gateway.base),
+    )
+    .await;
+    assert_eq!((status, info["count"].as_u64()), (StatusCode::OK, Some(4)));
+    let probe = try_publish(
+        &client,
+        &gateway.base,
+        PROBE_TOPIC,
+        "{\"after\":\"upgrade\"}",
+    )
+    .await
+    .expect("publish after the upgrade");
+    assert_eq!(probe, format!("ucMMIYGv-{}", 5 + UPGRADE_EVENTS));
+    gateway.kill9();
+    mount.unmount().expect("unmount");
+}

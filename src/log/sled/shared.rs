@@ -53,9 +53,12 @@ impl Shared {
             .flush_every_ms(None)
             .open()?;
         let mut disk = DiskSync::open(dir).map_err(LogError::Sync)?;
+        // During an upgrade the tree still holds format 1's long values, so
+        // sled may write blob files: they are synced, not refused, until the
+        // upgrade is done (`durable.rs`).
         let epoch = format::prepare(&db, &mut || {
             db.flush()?;
-            disk.sync().map_err(LogError::Sync)
+            disk.sync_allowing_blobs().map_err(LogError::Sync)
         })?;
         let mut head = format::read_head(&db)?;
         if let Some(item) = db.scan_prefix(EVENT_PREFIX).next_back() {
