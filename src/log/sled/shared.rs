@@ -51,7 +51,14 @@ impl Shared {
             .path(dir)
             .cache_capacity(cache_capacity_bytes)
             .flush_every_ms(None)
-            .open()?;
+            .open()
+            .map_err(|e| match &e {
+                // sled reports a held lock only in the text of an `Io` error.
+                sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
+                    LogError::Locked(dir.to_path_buf())
+                }
+                _ => LogError::from(e),
+            })?;
         let mut disk = DiskSync::open(dir).map_err(LogError::Sync)?;
         // During an upgrade the tree still holds format 1's long values, so
         // sled may write blob files: they are synced, not refused, until the
