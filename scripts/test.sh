@@ -2,10 +2,11 @@
 # The one command that installs what the tests need and runs every check:
 #   bash scripts/test.sh
 # On a fresh Debian machine with only the Rust toolchain it apt-installs
-# curl, nodejs, npm and Debian's chromium (only what is missing), installs
-# the pinned npm packages of tests/js (npm ci; playwright-core drives that
-# chromium and never downloads a browser), then runs rustfmt, clippy and
-# every test.
+# curl, nodejs, npm, Debian's chromium, redis and fuse3 (only what is
+# missing), installs the pinned npm packages of tests/js (npm ci;
+# playwright-core drives that chromium and never downloads a browser), then
+# runs rustfmt, clippy and every test of the workspace (the gateway and
+# tools/powercut).
 # CI runs it through .ci/run. CARGO_TARGET_DIR etc. are honoured.
 set -euo pipefail
 
@@ -25,6 +26,9 @@ command -v npm >/dev/null 2>&1 || missing+=(npm)
 # The Redis backend tests (tests/gateway/redis.rs) start their own servers.
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
+# The power-cut filesystem (tools/powercut) mounts through FUSE: /dev/fuse and,
+# when not root, the fusermount3 helper. No libfuse is linked.
+command -v fusermount3 >/dev/null 2>&1 || missing+=(fuse3)
 
 if ((${#missing[@]})); then
     step "installing system packages: ${missing[*]}"
@@ -41,12 +45,13 @@ if ((${#missing[@]})); then
     "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive \
         apt-get install -y -q --no-install-recommends "${missing[@]}"
 else
-    step "system packages present: curl, node, npm, chromium, redis-server"
+    step "system packages present: curl, node, npm, chromium, redis-server, fuse3"
 fi
 echo "curl: $(curl --version | head -n1)"
 echo "node: $(node --version), npm: $(npm --version)"
 echo "chromium: $(/usr/bin/chromium --version 2>/dev/null)"
 echo "redis: $(redis-server --version)"
+echo "fuse: $(fusermount3 --version 2>&1), /dev/fuse: $([[ -c /dev/fuse ]] && echo present || echo MISSING)"
 
 # --- npm packages for the third-party client and browser tests ---------------
 step "npm ci (tests/js)"
@@ -56,11 +61,12 @@ step "npm ci (tests/js)"
 step "cargo fmt --all -- --check"
 cargo fmt --all -- --check
 
-step "cargo clippy --all-targets --locked -- -D warnings"
-cargo clippy --all-targets --locked -- -D warnings
+# --workspace: the gateway and tools/powercut (the power-loss test filesystem).
+step "cargo clippy --workspace --all-targets --locked -- -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
 
-step "cargo test --locked --all-targets"
-cargo test --locked --all-targets
+step "cargo test --locked --workspace --all-targets"
+cargo test --locked --workspace --all-targets
 
 # --- the OpenAPI contract against a live gateway -------------------------------
 step "schemathesis (openapi.yaml against the debug binary)"

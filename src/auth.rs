@@ -175,6 +175,13 @@ impl Gate {
                 tenancy: false,
             });
         };
+        if tenancy && !auth.public_topics.is_empty() {
+            // Anonymous callers have no org, so no topic is theirs to read.
+            tracing::warn!(
+                "auth.public_topics has no effect with [tenancy] enabled: anonymous callers \
+                 have no org; every stream needs a token with an org claim"
+            );
+        }
         let (algorithm, key) = match auth.algorithm() {
             "RS256" | "ES256" => {
                 let path = auth.public_key_file.as_deref().unwrap_or(Path::new(""));

@@ -361,6 +361,15 @@ impl AuthConfig {
     }
 
     fn validate(&self) -> Result<(), String> {
+        if let Some(secret) = &self.hs256_secret {
+            if PLACEHOLDER_SECRETS.contains(&secret.as_str()) {
+                return Err(
+                    "hs256_secret is the example from the documentation: anyone can sign tokens \
+                     with it; generate one, e.g. `openssl rand -base64 48`"
+                        .into(),
+                );
+            }
+        }
         match (self.algorithm(), &self.hs256_secret, &self.public_key_file) {
             ("HS256", Some(secret), None) if secret.len() >= 32 => {}
             ("HS256", Some(_), None) => return Err("hs256_secret must be at least 32 bytes".into()),
@@ -387,6 +396,12 @@ impl AuthConfig {
         Ok(())
     }
 }
+
+/// The example secrets of README.md and config.toml: refused, since they are public.
+const PLACEHOLDER_SECRETS: &[&str] = &[
+    "a-random-secret-of-at-least-32-bytes",
+    "change-me-to-at-least-32-random-bytes!!",
+];
 
 /// `[tenancy]`
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -424,12 +439,7 @@ impl Config {
     /// Checks values that the types alone do not.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |m: String| Err(ConfigError::Invalid(m));
-        if self.listen_addr().is_err() {
-            return invalid(format!(
-                "server.listen {:?} is not an address like 127.0.0.1:8080",
-                self.server.listen
-            ));
-        }
+        self.listen_addr()?;
         self.storage.validate().map_err(ConfigError::Invalid)?;
         if let Some(auth) = &self.auth {
             auth.validate()
@@ -561,9 +571,24 @@ impl Config {
         Ok(())
     }
 
-    /// The listen address, parsed.
-    pub fn listen_addr(&self) -> Result<SocketAddr, std::net::AddrParseError> {
-        self.server.listen.parse()
+    /// The listen address: an IP and port, or a host name and port
+    /// (`localhost:0`), resolved to its first address.
+    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        let listen = &self.server.listen;
+        if let Ok(addr) = listen.parse() {
+            return Ok(addr);
+        }
+        use std::net::ToSocketAddrs;
+        listen
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut addrs| addrs.next())
+            .ok_or_else(|| {
+                ConfigError::Invalid(format!(
+                    "listen address {listen:?} (server.listen, --listen or SSE_GATEWAY_LISTEN) \
+                     is not host:port, e.g. 127.0.0.1:8080 or localhost:0"
+                ))
+            })
     }
 
     /// The configured routes, or the projects module's built-in four.
@@ -616,6 +641,18 @@ mod tests {
             assert!(err.contains("too long"), "{err}");
         }
         assert!(Config::from_toml("[stream]\nheartbeat_ms = 86400000\n").is_ok());
+    }
+
+    #[test]
+    fn the_example_secrets_of_the_docs_are_refused() {
+        for secret in PLACEHOLDER_SECRETS {
+            let err = Config::from_toml(&format!("[auth]\nhs256_secret = {secret:?}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("example from the documentation"), "{err}");
+        }
+        let own = "q".repeat(40);
+        assert!(Config::from_toml(&format!("[auth]\nhs256_secret = {own:?}\n")).is_ok());
     }
 
     #[test]

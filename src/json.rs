@@ -1,13 +1,13 @@
 //! Compact JSON exactly as sent.
 //!
-//! API.md promises that data is stored and delivered byte-identical to what the
-//! publisher sent, except for insignificant whitespace outside strings: key
-//! order, duplicate keys, escapes and number text must survive. Parsing into
-//! `serde_json::Value` would lose all of that, so the text is validated by
-//! serde_json (as a `RawValue`) and then compacted here by a scanner that only
-//! drops whitespace. The scanner also enforces what serde_json lets through:
-//! lone UTF-16 surrogates in `\u` escapes (not valid Unicode) and a nesting
-//! depth limit of our own.
+//! docs/API.md promises that data is stored and delivered byte-identical to
+//! what the publisher sent, except for insignificant whitespace outside
+//! strings: key order, duplicate keys, escapes and number text must survive.
+//! Parsing into `serde_json::Value` would lose all of that, so the text is
+//! validated by serde_json (as a `RawValue`) and then compacted here by a
+//! scanner that only drops whitespace. The scanner also enforces what
+//! serde_json lets through: lone UTF-16 surrogates in `\u` escapes (not valid
+//! Unicode) and a nesting depth limit of our own.
 
 /// Why a JSON text was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

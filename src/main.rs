@@ -93,10 +93,28 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) if cli::is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("sse-gateway: {e:#}");
+            eprintln!("sse-gateway: {}", one_line(&e));
             error_code
         }
     }
+}
+
+/// The error and its causes on one line, each said once: many of our
+/// errors already quote their source in their own message, and `{:#}`
+/// would print it a second time.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }
 
 fn dispatch(command: Option<Command>, global: ServeArgs) -> anyhow::Result<ExitCode> {
@@ -152,7 +170,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = load_config(&args)?;
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async move {
-        let addr = config.listen_addr().context("server.listen")?;
+        let addr = config.listen_addr()?;
         let listener = listen(addr).with_context(|| format!("cannot listen on {addr}"))?;
         let stop = CancellationToken::new();
         tokio::spawn(stop_on_signal(stop.clone()));

@@ -6,9 +6,9 @@
 
 use std::fmt;
 
-/// Longest topic name, in bytes (API.md: 1 to 200 bytes).
+/// Longest topic name, in bytes (docs/API.md: 1 to 200 bytes).
 pub const MAX_TOPIC_LEN: usize = 200;
-/// Longest event name, in bytes (API.md: 1 to 100).
+/// Longest event name, in bytes (docs/API.md: 1 to 100).
 pub const MAX_EVENT_NAME_LEN: usize = 100;
 /// Most topics one event may be published to, or one stream may follow.
 pub const MAX_TOPICS: usize = 64;

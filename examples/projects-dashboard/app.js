@@ -62,7 +62,7 @@ function saveState() {
 let state = loadState() || emptyState();
 const session = { duplicates: 0, reconnects: 0, refetches: 0, connection: "connecting", fresh: new Set() };
 
-/** `<epoch>-<seq>` → {epoch, seq}; ids are opaque to apps, but their order is stated in API.md. */
+/** `<epoch>-<seq>` → {epoch, seq}; ids are opaque to apps, but their order is stated in docs/API.md. */
 function parseId(id) {
   const m = /^(.+)-(0|[1-9][0-9]*)$/.exec(id || "");
   return m ? { epoch: m[1], seq: BigInt(m[2]) } : null;

@@ -43,6 +43,13 @@ pub fn run(args: CheckArgs, dir: &Path) -> anyhow::Result<ExitCode> {
             "  {} events, {} index entries, {} topics, {} trim watermarks",
             report.events, report.index_entries, report.topics, report.watermarks
         )?;
+        if report.leftover_pieces > 0 {
+            writeln!(
+                out,
+                "  {} leftover record pieces from a write cut short (never acknowledged; not damage)",
+                report.leftover_pieces
+            )?;
+        }
     } else {
         writeln!(out, "  stopped early: this build cannot read the rest")?;
     }

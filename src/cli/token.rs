@@ -62,6 +62,12 @@ pub fn run(args: TokenArgs, config: Option<&Path>) -> anyhow::Result<()> {
     if secret.len() < 32 {
         bail!("the HS256 secret must be at least 32 bytes");
     }
+    if args.subscribe.is_empty() && args.publish.is_empty() {
+        bail!(
+            "this token would grant nothing: give --subscribe and/or --publish \
+             (topics or prefix* patterns, repeatable)"
+        );
+    }
     for pattern in args.subscribe.iter().chain(&args.publish) {
         sse_gateway::model::TopicPattern::parse(pattern).map_err(|m| anyhow::anyhow!(m))?;
     }

@@ -1,5 +1,5 @@
 //! `ApiError`: the one place where failures become an HTTP status and the
-//! JSON body `{"error": {"code", "message"}}` of API.md.
+//! JSON body `{"error": {"code", "message"}}` of docs/API.md.
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};

@@ -1,4 +1,4 @@
-//! The HTTP layer: routes, layers and handlers of API.md.
+//! The HTTP layer: routes, layers and handlers of docs/API.md.
 //!
 //! Handlers are thin: extract and validate, call the domain, map the error
 //! through [`ApiError`]. No compression layer anywhere: it would buffer event
@@ -89,7 +89,7 @@ fn method_router(route: &table::Route) -> MethodRouter<Arc<App>> {
 }
 
 async fn not_found() -> ApiError {
-    ApiError::not_found("no such route; see API.md for the routes this gateway serves")
+    ApiError::not_found("no such route; see docs/API.md for the routes this gateway serves")
 }
 
 async fn method_not_allowed() -> ApiError {

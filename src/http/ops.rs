@@ -49,8 +49,9 @@ pub async fn metrics(State(app): State<Arc<App>>) -> Response {
 }
 
 /// `GET /topics`: every topic the log knows that the caller may see, with
-/// the same fields as `/topics/{topic}/info` (an extension of API.md, used by
-/// the web console). Names are the caller's (unscoped) names.
+/// the same fields as `/topics/{topic}/info` (an extension of the shared
+/// contract, listed in docs/API.md; used by the web console). Names are the
+/// caller's (unscoped) names.
 pub async fn list_topics(
     State(app): State<Arc<App>>,
     access: Access,

@@ -196,6 +196,95 @@ mod tests {
         assert!(ROUTES.iter().any(|r| r.endpoint.is_stream()));
     }
 
+    /// The requests of [`ROUTES`] that `api` (docs/API.md) has no row for
+    /// in its routes table (`| \`METHOD /path\` |` under `## Routes`), and
+    /// those `openapi` (openapi.yaml) has no operation for, each named with
+    /// the file that misses it.
+    fn undocumented(api: &str, openapi: &str) -> Vec<String> {
+        let routes_table: Vec<&str> = api
+            .lines()
+            .skip_while(|l| *l != "## Routes")
+            .skip(1)
+            .take_while(|l| !l.starts_with("## "))
+            .filter(|l| l.starts_with("| `"))
+            .collect();
+        let mut missing = Vec::new();
+        for route in ROUTES {
+            let method = route.verb.as_str();
+            let request = format!("{method} {}", route.path);
+            let row = format!("| `{request}` |");
+            if !routes_table.iter().any(|l| l.starts_with(&row)) {
+                missing.push(format!("docs/API.md: {request}"));
+            }
+            if !has_operation(openapi, route.path, &method.to_ascii_lowercase()) {
+                missing.push(format!("openapi.yaml: {request}"));
+            }
+        }
+        missing
+    }
+
+    /// Whether the `paths:` section of an OpenAPI document has the line
+    /// `  <path>:` with a `    <method>:` key in its block.
+    fn has_operation(openapi: &str, path: &str, method: &str) -> bool {
+        let header = format!("  {path}:");
+        let key = format!("    {method}:");
+        let mut in_block = false;
+        for line in openapi.lines().skip_while(|l| *l != "paths:").skip(1) {
+            let line = line.trim_end();
+            let text = line.trim_start();
+            if text.is_empty() || text.starts_with('#') {
+                continue;
+            }
+            match line.len() - text.len() {
+                // The next top-level key: `paths:` is over.
+                0 => break,
+                2 => in_block = line == header,
+                _ if in_block && line == key => return true,
+                _ => {}
+            }
+        }
+        false
+    }
+
+    /// A file of the repository, as text.
+    fn read(file: &str) -> String {
+        let path = format!("{}/{file}", env!("CARGO_MANIFEST_DIR"));
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {path}: {e}"))
+    }
+
+    #[test]
+    fn every_route_is_documented_in_docs_api_md_and_openapi_yaml() {
+        let api = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/API.md"))
+            .expect("docs/API.md, the client reference");
+        let openapi = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.yaml"))
+            .expect("openapi.yaml");
+        let missing = undocumented(&api, &openapi);
+        assert!(
+            missing.is_empty(),
+            "routes of src/http/table.rs that clients cannot find: {missing:#?}"
+        );
+    }
+
+    #[test]
+    fn a_route_missing_from_either_file_is_reported() {
+        let api = read("docs/API.md");
+        let openapi = read("openapi.yaml");
+        // One line gone from each: the routes-table row, the path line.
+        let row = api
+            .lines()
+            .find(|l| l.starts_with("| `GET /readyz` |"))
+            .expect("the /readyz row");
+        let api = api.replacen(&format!("{row}\n"), "", 1);
+        let openapi = openapi.replacen("\n  /readyz:\n", "\n", 1);
+        assert_eq!(
+            undocumented(&api, &openapi),
+            ["docs/API.md: GET /readyz", "openapi.yaml: GET /readyz"]
+        );
+        // A row of a longer path is no row of a shorter one (`GET /`).
+        let only_healthz = "## Routes\n\n| `GET /healthz` | liveness |\n";
+        assert!(undocumented(only_healthz, "").contains(&"docs/API.md: GET /".to_owned()));
+    }
+
     #[test]
     fn only_plain_gets_of_stream_routes_are_streams() {
         let streams = StreamRoutes::new();

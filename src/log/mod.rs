@@ -33,6 +33,10 @@ pub use self::stats::TopicInfo;
 pub enum LogError {
     #[error("storage error: {0}")]
     Storage(#[from] ::sled::Error),
+    /// Another process (another gateway, or an offline command) holds the
+    /// data directory: sled allows one at a time.
+    #[error("the data directory {0} is locked: another process uses it (another sse-gateway, or an offline command); sled allows one at a time")]
+    Locked(std::path::PathBuf),
     #[error("cannot sync the log to disk: {0}")]
     Sync(std::io::Error),
     #[error("the log is shutting down")]

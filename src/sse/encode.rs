@@ -1,7 +1,7 @@
 //! The SSE blocks the gateway writes, each encoded once into `Bytes`.
 //!
 //! Frames for published events are built once, by the log writer, and shared by
-//! every subscriber (API.md "Each event is …"). Field values here never hold CR,
+//! every subscriber (docs/API.md "Wire format"). Field values here never hold CR,
 //! LF or NUL: ids and names are validated, data is compact JSON.
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -68,7 +68,7 @@ impl ResetReason {
     }
 }
 
-/// The `reset` block of API.md: `id:` is where the stream continues from.
+/// The `reset` block of docs/API.md: `id:` is where the stream continues from.
 pub fn reset_block(
     continue_from: &str,
     reason: ResetReason,

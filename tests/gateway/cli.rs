@@ -782,3 +782,90 @@ fn offline_commands_on_a_missing_dir_are_one_clear_error() {
     assert!(stderr.contains("not a data directory"), "{stderr}");
     assert!(!missing.exists(), "inspect creates nothing");
 }
+
+// ------------------------------------------------ rough edges (issue 14)
+
+/// An error and its cause are said once, on one line.
+#[test]
+fn a_missing_config_file_is_one_clear_line() {
+    let (status, _, stderr) = run_binary(&["serve", "--config", "/nonexistent/gateway.toml"]);
+    assert!(!status.success());
+    assert!(stderr.contains("/nonexistent/gateway.toml"), "{stderr}");
+    assert_eq!(
+        stderr.matches("No such file").count(),
+        1,
+        "the cause is said once: {stderr}"
+    );
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+}
+
+/// A second gateway on a data directory in use says so in words, once.
+#[tokio::test]
+async fn a_second_gateway_on_a_data_dir_in_use_says_it_is_locked() {
+    let dir = TempDir::new().unwrap();
+    let first = GatewayProcess::start(dir.path(), "127.0.0.1:0", &[]);
+    let config = repo_path("config.toml");
+    let (status, _, stderr) = run_binary(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--config",
+        config.to_str().unwrap(),
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert!(!status.success());
+    let last = stderr.trim().lines().last().unwrap_or_default();
+    assert!(last.contains("is locked: another process uses it"), "{stderr}");
+    assert!(!last.contains("WouldBlock"), "no raw OS error: {last}");
+    assert_eq!(last.matches("is locked").count(), 1, "{last}");
+    first.kill9();
+}
+
+/// `--listen` takes a host name, like every other server.
+#[tokio::test]
+async fn listen_takes_a_host_name() {
+    let dir = TempDir::new().unwrap();
+    let gateway = GatewayProcess::start(dir.path(), "localhost:0", &[]);
+    assert!(gateway.addr.ip().is_loopback(), "{}", gateway.addr);
+    let (status, _) = get_json(&reqwest::Client::new(), &gateway.url("/healthz")).await;
+    assert_eq!(status, 200);
+    gateway.kill9();
+    let (status, _, stderr) = run_binary(&["serve", "--listen", "no-such-host.invalid:x"]);
+    assert!(!status.success());
+    assert!(stderr.contains("--listen"), "names the flag too: {stderr}");
+}
+
+/// A token that grants nothing is refused instead of printed.
+#[test]
+fn the_token_command_refuses_a_token_that_grants_nothing() {
+    let secret = "s".repeat(40);
+    let (status, stdout, stderr) = run_binary(&["token", "--secret", &secret]);
+    assert!(!status.success());
+    assert!(stdout.is_empty(), "no token printed: {stdout}");
+    assert!(stderr.contains("grant nothing"), "{stderr}");
+    let (status, stdout, _) = run_binary(&["token", "--secret", &secret, "--subscribe", "t"]);
+    assert!(status.success());
+    assert_eq!(stdout.trim().split('.').count(), 3, "a JWT: {stdout}");
+}
+
+/// With tenancy, public topics cannot work (anonymous callers have no org):
+/// the gateway says so at start instead of silently ignoring them.
+#[tokio::test]
+async fn public_topics_with_tenancy_get_a_start_up_warning() {
+    let dir = TempDir::new().unwrap();
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[auth]\nhs256_secret = \"{}\"\npublic_topics = [\"projects:all\"]\n[tenancy]\nenabled = true\n",
+            "k".repeat(40)
+        ),
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    let gateway = GatewayProcess::start_with_config(&data, "127.0.0.1:0", Some(&config), &[]);
+    let log = gateway.log.lock().unwrap().join("\n");
+    assert!(log.contains("public_topics has no effect"), "{log}");
+    gateway.kill9();
+}

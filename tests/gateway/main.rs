@@ -13,6 +13,7 @@ mod limits;
 mod loadgen;
 mod memory;
 mod ops_api;
+mod power_loss;
 mod props;
 mod publish_api;
 mod redis;

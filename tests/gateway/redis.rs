@@ -364,7 +364,10 @@ async fn redis_restart_mid_stream_answers_503_then_resumes_with_nothing_lost() {
     // A failed write cannot know whether Redis applied it: the answer must
     // not promise that nothing was stored.
     let message = answer["error"]["message"].as_str().unwrap_or_default();
-    assert!(message.contains("may or may not have been stored"), "{answer}");
+    assert!(
+        message.contains("may or may not have been stored"),
+        "{answer}"
+    );
 
     redis.restart();
     for node in &nodes {

@@ -9,7 +9,7 @@
 //! | `m/epoch`                   | the log's epoch, ASCII                 |
 //! | `m/head`                    | last assigned sequence, u64 BE         |
 //! | `e/<seq u64 BE>`            | event record (below)                   |
-//! | `p/<seq u64 BE><n u32 BE>`  | piece `n` (from 1) of a long record    |
+//! | `c/<seq u64 BE><n u32 BE>`  | piece `n` (from 1) of a long record    |
 //! | `t/<topic>/<seq u64 BE>`    | empty: the topic index                 |
 //! | `w/<topic>`                 | highest sequence trimmed from topic    |
 //!
@@ -23,7 +23,16 @@
 //! - record version 1 (format 1, still read): `1u8` + body, whole, in `e/`;
 //! - record version 2: `2u8`, `pieces u32 BE`, then the body cut into pieces
 //!   of at most [`MAX_VALUE_BYTES`]: the first in `e/<seq>` after that
-//!   5-byte header, the rest in `p/<seq><n>`, `n` = 1..=pieces.
+//!   5-byte header, the rest in `c/<seq><n>`, `n` = 1..=pieces.
+//!
+//! Why these prefixes: sled applies a batch in key order, and after a power
+//! cut it may recover only a prefix of the last batch (a sled segment
+//! truncation fsyncs the file at a moment of its own choosing). Keys sort
+//! `c/` < `e/` < `m/head` < `t/`, so in any prefix an event's pieces come
+//! before its record, its record before the head, and the head before the
+//! index entries that make it visible: a visible event is always whole.
+//! Pieces without a record are leftovers of a write never acknowledged, and
+//! readers ignore them.
 //!
 //! Why pieces: sled 0.34 writes any tree node larger than a quarter of a
 //! segment (~128 KiB) to a `blobs/` file of its own, and a node holds many
@@ -42,7 +51,7 @@ pub const FORMAT_KEY: &[u8] = b"m/format";
 pub const EPOCH_KEY: &[u8] = b"m/epoch";
 pub const HEAD_KEY: &[u8] = b"m/head";
 pub const EVENT_PREFIX: &[u8] = b"e/";
-pub const PIECE_PREFIX: &[u8] = b"p/";
+pub const PIECE_PREFIX: &[u8] = b"c/";
 pub const INDEX_PREFIX: &[u8] = b"t/";
 pub const TRIMMED_PREFIX: &[u8] = b"w/";
 
@@ -65,7 +74,7 @@ pub fn event_key(seq: u64) -> [u8; 10] {
     key
 }
 
-/// `p/<seq>`: the prefix of one record's pieces.
+/// `c/<seq>`: the prefix of one record's pieces.
 pub fn piece_prefix(seq: u64) -> [u8; 10] {
     let mut key = [0u8; 10];
     key[..2].copy_from_slice(PIECE_PREFIX);
@@ -73,7 +82,7 @@ pub fn piece_prefix(seq: u64) -> [u8; 10] {
     key
 }
 
-/// `p/<seq><n>`
+/// `c/<seq><n>`
 pub fn piece_key(seq: u64, n: u32) -> [u8; 14] {
     let mut key = [0u8; 14];
     key[..10].copy_from_slice(&piece_prefix(seq));
@@ -141,7 +150,7 @@ pub fn split_trimmed_key(key: &[u8]) -> Result<Topic, LogError> {
         .ok_or_else(|| corrupt(key, "watermark key holds an invalid topic"))
 }
 
-/// An encoded event record: the `e/<seq>` value and the `p/<seq><n>` pieces.
+/// An encoded event record: the `e/<seq>` value and the `c/<seq><n>` pieces.
 #[derive(Debug, Clone)]
 pub struct Record {
     pub head: Vec<u8>,
@@ -198,7 +207,7 @@ pub fn encode_record_v1(time_ms: u64, name: &EventName, topics: &[Topic], data: 
     out
 }
 
-/// How many `p/` pieces follow the `e/<seq>` value `value` (0 for version 1).
+/// How many `c/` pieces follow the `e/<seq>` value `value` (0 for version 1).
 pub fn piece_count(seq: u64, value: &[u8]) -> Result<u32, LogError> {
     match value.first() {
         Some(&RECORD_V1) => Ok(0),
@@ -212,19 +221,32 @@ pub fn piece_count(seq: u64, value: &[u8]) -> Result<u32, LogError> {
     }
 }
 
-/// Removes a record and its pieces in `batch`.
-pub fn remove_record(batch: &mut sled::Batch, seq: u64, pieces: u32) {
-    batch.remove(&event_key(seq));
+/// Removes a record's pieces in `batch`. Only after its `e/` key is gone
+/// (in an earlier batch): a prefix of one batch that removed both could
+/// leave a record without its pieces (module docs).
+pub fn remove_pieces(batch: &mut sled::Batch, seq: u64, pieces: u32) {
     for n in 1..=pieces {
         batch.remove(&piece_key(seq, n));
     }
 }
 
 /// Reads event `seq` with all its pieces; `None` if it is not stored.
+///
+/// Safe against the trimmer removing the record meanwhile: it removes the
+/// `e/` key before the pieces, in an earlier batch, so a piece that is gone
+/// while `e/` is gone too is a concurrent trim (`None`), and only a piece
+/// missing under a record that still exists is corruption.
 pub fn read_record(tree: &sled::Tree, seq: u64) -> Result<Option<StoredEvent>, LogError> {
-    match tree.get(event_key(seq))? {
-        Some(value) => decode_record(tree, seq, &value).map(Some),
-        None => Ok(None),
+    let Some(value) = tree.get(event_key(seq))? else {
+        return Ok(None);
+    };
+    match decode_record(tree, seq, &value) {
+        Ok(event) => Ok(Some(event)),
+        Err(e @ LogError::Corrupt { .. }) => match tree.get(event_key(seq))? {
+            None => Ok(None),
+            Some(_) => Err(e),
+        },
+        Err(e) => Err(e),
     }
 }
 
@@ -424,12 +446,17 @@ mod tests {
         let header = decode_header(&db, 3, &head).unwrap();
         assert_eq!((header.time_ms, header.pieces), (5, pieces));
         assert_eq!(header.topics, topics);
-        // A missing piece is corruption, not a short event.
+        // A missing piece is corruption, not a short event...
         db.remove(piece_key(3, pieces / 2)).unwrap();
         assert!(read_record(&db, 3).is_err());
+        // ...unless the record itself is gone too: a trim that raced the read.
+        let head_value = db.remove(event_key(3)).unwrap().unwrap();
+        assert!(read_record(&db, 3).unwrap().is_none());
+        db.insert(event_key(3), head_value).unwrap();
         // Removal takes every piece.
         let mut batch = sled::Batch::default();
-        remove_record(&mut batch, 3, pieces);
+        batch.remove(&event_key(3));
+        remove_pieces(&mut batch, 3, pieces);
         db.apply_batch(batch).unwrap();
         assert_eq!(db.len(), 0);
     }
@@ -461,6 +488,23 @@ mod tests {
             db.insert(event_key(1), &v1[..len]).unwrap();
             assert!(read_record(&db, 1).is_err(), "v1 len {len}");
         }
+    }
+
+    /// The recovery argument of the module docs rests on this key order.
+    #[test]
+    fn pieces_sort_before_records_before_the_head_before_the_index() {
+        let topic = Topic::parse("a").unwrap();
+        let keys: Vec<Vec<u8>> = vec![
+            piece_key(u64::MAX, u32::MAX).to_vec(),
+            event_key(0).to_vec(),
+            event_key(u64::MAX).to_vec(),
+            HEAD_KEY.to_vec(),
+            index_key(&topic, 0),
+        ];
+        let mut sorted = keys.clone();
+        sorted.sort();
+        assert_eq!(sorted, keys);
+        assert!(piece_prefix(0).as_slice() < EVENT_PREFIX);
     }
 
     #[test]

@@ -91,6 +91,34 @@ impl DiskSync {
     }
 }
 
+impl DiskSync {
+    /// Like [`sync`](Self::sync), but a blob file that appeared is made
+    /// durable (the file, then the `blobs` directory, before `db` can point
+    /// to it durably) and accepted. Only for the format 1 → 2 upgrade: its
+    /// trees still hold the long values it is rewriting, so sled may write
+    /// blobs until it is done.
+    pub fn sync_allowing_blobs(&mut self) -> io::Result<()> {
+        let mut new_blob = false;
+        for (name, path) in list_blobs(&self.blobs_dir)? {
+            if self.known_blobs.contains(&name) {
+                continue;
+            }
+            match File::open(&path) {
+                Ok(file) => file.sync_all()?,
+                // Rewritten meanwhile: nothing left to keep.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            }
+            self.known_blobs.insert(name);
+            new_blob = true;
+        }
+        if new_blob {
+            sync_dir(&self.blobs_dir)?;
+        }
+        self.db_file.sync_data()
+    }
+}
+
 /// The files in sled's `blobs` directory (none when it does not exist).
 fn list_blobs(blobs_dir: &Path) -> io::Result<Vec<(OsString, PathBuf)>> {
     let entries = match std::fs::read_dir(blobs_dir) {

@@ -51,21 +51,37 @@ impl Shared {
             .path(dir)
             .cache_capacity(cache_capacity_bytes)
             .flush_every_ms(None)
-            .open()?;
+            .open()
+            .map_err(|e| match &e {
+                // sled reports a held lock only in the text of an `Io` error.
+                sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
+                    LogError::Locked(dir.to_path_buf())
+                }
+                _ => LogError::from(e),
+            })?;
         let mut disk = DiskSync::open(dir).map_err(LogError::Sync)?;
+        // During an upgrade the tree still holds format 1's long values, so
+        // sled may write blob files: they are synced, not refused, until the
+        // upgrade is done (`durable.rs`).
         let epoch = format::prepare(&db, &mut || {
             db.flush()?;
-            disk.sync().map_err(LogError::Sync)
+            disk.sync_allowing_blobs().map_err(LogError::Sync)
         })?;
-        let head = format::read_head(&db)?;
+        let mut head = format::read_head(&db)?;
         if let Some(item) = db.scan_prefix(EVENT_PREFIX).next_back() {
             let (key, _) = item?;
             let newest = codec::seq_suffix(&key)?;
             if newest > head {
-                return Err(LogError::Corrupt {
-                    key: "m/head".into(),
-                    what: format!("head {head} is behind stored event {newest}"),
-                });
+                // A record above the head is the prefix of a commit that was
+                // never acknowledged (the head sorts after the records and
+                // before the index, `codec.rs`): it is invisible, and its id
+                // is not handed out again.
+                tracing::warn!(
+                    head,
+                    newest,
+                    "a write never acknowledged left records above the head; ids continue after them"
+                );
+                head = newest;
             }
         }
         let stats = load_stats(&db)?;

@@ -99,7 +99,7 @@ fn trim_old_batch(shared: &Shared, cutoff_ms: u64, limit: usize) -> Result<u64, 
     }
     let mut trim = TrimBatch::default();
     for (seq, header) in &victims {
-        codec::remove_record(&mut trim.batch, *seq, header.pieces);
+        trim.remove_record(*seq, header.pieces);
         for topic in &header.topics {
             let present = shared.db.contains_key(codec::index_key(topic, *seq))?;
             trim.remove_index(topic, *seq, present);
@@ -136,23 +136,38 @@ fn trim_topic_batch(shared: &Shared, topic: &Topic, limit: usize) -> Result<u64,
             }
         }
         if !still_needed {
-            codec::remove_record(&mut trim.batch, seq, header.pieces);
+            trim.remove_record(seq, header.pieces);
         }
     }
     trim.apply(shared)?;
     Ok(seqs.len() as u64)
 }
 
-/// Removals gathered for one atomic batch, with per-topic bookkeeping.
+/// Removals gathered for one trim, with per-topic bookkeeping.
+///
+/// Applied as three batches, in this order, because after a power cut sled
+/// may recover only a prefix of a batch, in key order (`codec.rs`): the
+/// watermarks first (a subscriber that misses a trimmed event is always told),
+/// then the index entries and records (`e/` sorts before `t/`: a prefix may
+/// leave an index entry whose record is gone, which readers skip), then the
+/// pieces (a record never loses its pieces while it exists).
 #[derive(Default)]
 struct TrimBatch {
+    /// Index entries and records.
     batch: sled::Batch,
+    /// Pieces of the removed records.
+    pieces: sled::Batch,
     /// Topic → (index entries removed, highest sequence trimmed).
     topics: HashMap<Topic, (u64, u64)>,
     removed: HashSet<(Topic, u64)>,
 }
 
 impl TrimBatch {
+    fn remove_record(&mut self, seq: u64, pieces: u32) {
+        self.batch.remove(&codec::event_key(seq));
+        codec::remove_pieces(&mut self.pieces, seq, pieces);
+    }
+
     fn remove_index(&mut self, topic: &Topic, seq: u64, present: bool) {
         let entry = self.topics.entry(topic.clone()).or_default();
         entry.1 = entry.1.max(seq);
@@ -162,16 +177,18 @@ impl TrimBatch {
         }
     }
 
-    fn apply(mut self, shared: &Shared) -> Result<(), LogError> {
+    fn apply(self, shared: &Shared) -> Result<(), LogError> {
         if self.topics.is_empty() {
             return Ok(());
         }
+        let mut watermarks = sled::Batch::default();
         for (topic, (_, trimmed_through)) in &self.topics {
             shared.stats.raise_trimmed(topic, *trimmed_through);
-            self.batch
-                .insert(codec::trimmed_key(topic), &trimmed_through.to_be_bytes());
+            watermarks.insert(codec::trimmed_key(topic), &trimmed_through.to_be_bytes());
         }
+        shared.db.apply_batch(watermarks)?;
         shared.db.apply_batch(self.batch)?;
+        shared.db.apply_batch(self.pieces)?;
         for (topic, (count, _)) in &self.topics {
             let first = match shared
                 .db
