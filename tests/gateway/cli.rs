@@ -816,7 +816,10 @@ async fn a_second_gateway_on_a_data_dir_in_use_says_it_is_locked() {
     ]);
     assert!(!status.success());
     let last = stderr.trim().lines().last().unwrap_or_default();
-    assert!(last.contains("is locked: another process uses it"), "{stderr}");
+    assert!(
+        last.contains("is locked: another process uses it"),
+        "{stderr}"
+    );
     assert!(!last.contains("WouldBlock"), "no raw OS error: {last}");
     assert_eq!(last.matches("is locked").count(), 1, "{last}");
     first.kill9();

@@ -208,6 +208,15 @@ impl RawSse {
         }
         events
     }
+
+    /// Every event up to and including the one with id `last`.
+    async fn until_id(&mut self, last: &str) -> Vec<SseEvent> {
+        let mut events = Vec::new();
+        while events.last().is_none_or(|e: &SseEvent| e.id != last) {
+            events.push(self.next().await);
+        }
+        events
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -480,15 +489,7 @@ async fn a_subscriber_that_falls_behind_retention_gets_a_reset_mid_stream() {
         server_ref.get_json("/topics/t/info").await.1["count"] == 100
     })
     .await;
-    // Read until the last event.
-    let mut events = Vec::new();
-    while events
-        .last()
-        .map(|e: &SseEvent| e.id != last)
-        .unwrap_or(true)
-    {
-        events.push(slow.next().await);
-    }
+    let events = slow.until_id(&last).await;
     let resets: Vec<&SseEvent> = events.iter().filter(|e| e.event == "reset").collect();
     assert!(!resets.is_empty(), "expected a retention reset");
     for reset in &resets {
@@ -539,14 +540,7 @@ async fn a_slow_multi_topic_subscriber_keeps_a_quieter_topics_events_through_a_r
         server_ref.get_json("/topics/x/info").await.1["count"] == 100
     })
     .await;
-    let mut events = Vec::new();
-    while events
-        .last()
-        .map(|e: &SseEvent| e.id != last)
-        .unwrap_or(true)
-    {
-        events.push(slow.next().await);
-    }
+    let events = slow.until_id(&last).await;
     assert!(
         events.iter().any(|e| e.event == "reset"),
         "the subscriber fell behind retention, so it was told"

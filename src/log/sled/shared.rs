@@ -52,12 +52,9 @@ impl Shared {
             .cache_capacity(cache_capacity_bytes)
             .flush_every_ms(None)
             .open()
-            .map_err(|e| match &e {
-                // sled reports a held lock only in the text of an `Io` error.
-                sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
-                    LogError::Locked(dir.to_path_buf())
-                }
-                _ => LogError::from(e),
+            .map_err(|e| match is_locked(&e) {
+                true => LogError::Locked(dir.to_path_buf()),
+                false => LogError::from(e),
             })?;
         let mut disk = DiskSync::open(dir).map_err(LogError::Sync)?;
         // During an upgrade the tree still holds format 1's long values, so
@@ -106,6 +103,12 @@ impl Shared {
     pub fn failure(&self) -> Option<Arc<LogError>> {
         self.failed.lock().clone()
     }
+}
+
+/// Whether sled failed to open a directory because another process holds
+/// its lock (sled says so only in the text of an `Io` error).
+pub(crate) fn is_locked(e: &sled::Error) -> bool {
+    matches!(e, sled::Error::Io(io) if io.to_string().contains("could not acquire lock"))
 }
 
 /// Rebuilds per-topic stats from the index and the trim watermarks. O(index

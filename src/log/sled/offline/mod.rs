@@ -120,12 +120,9 @@ fn open_db(dir: &Path) -> Result<sled::Db, OfflineError> {
         .cache_capacity(OFFLINE_CACHE_BYTES)
         .flush_every_ms(None)
         .open()
-        .map_err(|e| match &e {
-            // sled reports a held lock only in the text of an `Io` error.
-            sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
-                OfflineError::Locked(dir.to_path_buf())
-            }
-            _ => OfflineError::from(e),
+        .map_err(|e| match super::shared::is_locked(&e) {
+            true => OfflineError::Locked(dir.to_path_buf()),
+            false => OfflineError::from(e),
         })
 }
 
