@@ -872,3 +872,63 @@ async fn public_topics_with_tenancy_get_a_start_up_warning() {
     assert!(log.contains("public_topics has no effect"), "{log}");
     gateway.kill9();
 }
+
+/// Every file of `dir` (recursively) with its bytes.
+fn file_contents(dir: &Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
+    let mut files = std::collections::BTreeMap::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_dir() {
+            files.extend(file_contents(&entry.path()));
+        } else {
+            files.insert(entry.path(), std::fs::read(entry.path()).unwrap());
+        }
+    }
+    files
+}
+
+/// Issue 14: sled's open runs its recovery, which rewrote a damaged `db`
+/// (70,790 bytes in the report) under `check`. The offline commands work on
+/// a private copy: the directory they read stays byte for byte as it was,
+/// damaged or not, and no copy is left behind.
+#[tokio::test]
+async fn offline_commands_never_write_to_the_directory_they_read() {
+    let server = TestServer::start(|_| {}).await;
+    for i in 0..300 {
+        server
+            .publish("t", "e", json!({"i": i, "pad": "p".repeat(400)}))
+            .await;
+    }
+    let served = server.stop().await;
+    // In a parent of its own, so "nothing left beside it" can be checked.
+    let root = TempDir::new().unwrap();
+    let data = root.path().join("data");
+    copy_dir(served.path(), &data);
+    let dir = &data;
+    let db = dir.join("db");
+    let mut bytes = std::fs::read(&db).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle..middle + 64].fill(0xA5);
+    std::fs::write(&db, &bytes).unwrap();
+    let before = file_contents(dir);
+    let parent = root.path().to_path_buf();
+    let siblings_before = std::fs::read_dir(&parent).unwrap().count();
+    let out_file = TempDir::new().unwrap();
+    let export_to = out_file.path().join("out.jsonl");
+    for args in [
+        vec!["inspect", "--data-dir", path(dir)],
+        vec!["check", "--data-dir", path(dir)],
+        vec!["export", "--data-dir", path(dir), "--out", path(&export_to)],
+    ] {
+        let _ = cli(&args).await;
+        assert!(
+            file_contents(dir) == before,
+            "{args:?} changed the directory it read"
+        );
+    }
+    assert_eq!(
+        std::fs::read_dir(&parent).unwrap().count(),
+        siblings_before,
+        "no private copy left behind"
+    );
+}

@@ -3,7 +3,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
-use super::{compact_json_text, open_db, OfflineError, Progress, Unit, PROGRESS_EVERY};
+use super::{compact_json_text, open_db, OfflineError, Progress, Snapshot, Unit, PROGRESS_EVERY};
 use crate::log::sled::codec::{
     self, EPOCH_KEY, EVENT_PREFIX, FORMAT_KEY, HEAD_KEY, INDEX_PREFIX, PIECE_PREFIX, TRIMMED_PREFIX,
 };
@@ -102,7 +102,8 @@ pub fn describe_key(key: &[u8]) -> String {
 /// the layout. One ordered pass over every key plus a lookup per event topic
 /// and per index entry: O(n).
 pub fn check(dir: &Path, progress: &mut dyn Progress) -> Result<CheckReport, OfflineError> {
-    let db = open_db(dir)?;
+    // `_copy` lives to the end: the private copy `db` reads.
+    let Snapshot { db, copy: _copy } = open_db(dir)?;
     let mut r = CheckReport::default();
     match format::read_version(&db) {
         Ok(Some(0)) => {

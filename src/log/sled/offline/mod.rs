@@ -109,26 +109,88 @@ pub struct NoProgress;
 
 impl Progress for NoProgress {}
 
-/// Opens the sled database in `dir` without creating one, for offline use:
-/// no background flush, a small cache. A held lock is [`OfflineError::Locked`].
-fn open_db(dir: &Path) -> Result<sled::Db, OfflineError> {
-    if !dir.join("db").is_file() {
+/// A private copy of a data directory, opened with sled.
+///
+/// sled 0.34 has no read-only open: opening runs its recovery, which
+/// truncates and rewrites `db` where it finds damage. An operator's read-only
+/// command must never do that to the directory it was pointed at, so it
+/// works on a copy, taken while holding sled's own lock on the original (no
+/// gateway can start writing meanwhile) and removed when done. The copy
+/// costs one read of the directory (a reflink where the filesystem can).
+pub(crate) struct Snapshot {
+    /// Declared before `_copy`: closed before the copy is removed.
+    pub db: sled::Db,
+    pub copy: tempfile::TempDir,
+}
+
+/// Opens a copy of the sled database in `dir` (never `dir` itself, see
+/// [`Snapshot`]): no background flush, a small cache. A held lock is
+/// [`OfflineError::Locked`].
+fn open_db(dir: &Path) -> Result<Snapshot, OfflineError> {
+    let db_file = dir.join("db");
+    if !db_file.is_file() {
         return Err(OfflineError::NotADataDir(dir.to_path_buf()));
     }
-    sled::Config::new()
-        .path(dir)
+    let copy = {
+        // sled's lock (flock on `db`): held while copying, so no gateway
+        // writes the directory under our feet.
+        let lock = std::fs::File::open(&db_file).map_err(io_error("cannot open db"))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(OfflineError::Locked(dir.to_path_buf()))
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io_error("cannot lock db")(e)),
+        }
+        let copy = copy_target(dir).map_err(io_error("cannot make a private copy"))?;
+        copy_files(dir, copy.path()).map_err(io_error("cannot copy the data directory"))?;
+        copy
+    };
+    let db = sled::Config::new()
+        .path(copy.path())
         .cache_capacity(OFFLINE_CACHE_BYTES)
         .flush_every_ms(None)
-        .open()
-        .map_err(|e| match super::shared::is_locked(&e) {
-            true => OfflineError::Locked(dir.to_path_buf()),
-            false => OfflineError::from(e),
+        .open()?;
+    Ok(Snapshot { db, copy })
+}
+
+/// A temporary directory beside `dir` (same filesystem: a fast copy), or in
+/// the system's temp directory when the parent is not writable.
+fn copy_target(dir: &Path) -> io::Result<tempfile::TempDir> {
+    let beside = dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    tempfile::Builder::new()
+        .prefix(".sse-gateway-read-")
+        .tempdir_in(beside)
+        .or_else(|_| {
+            tempfile::Builder::new()
+                .prefix("sse-gateway-read-")
+                .tempdir()
         })
+}
+
+/// Copies the files of `from` (and its subdirectories: `blobs/`) into `to`.
+fn copy_files(from: &Path, to: &Path) -> io::Result<()> {
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            std::fs::create_dir_all(&target)?;
+            copy_files(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), target)?;
+        }
+    }
+    Ok(())
 }
 
 /// A data directory opened for reading, with its format checked.
 pub struct OfflineLog {
     db: sled::Db,
+    /// The private copy `db` reads (see [`Snapshot`]); removed after `db` closes.
+    _copy: tempfile::TempDir,
     /// The directory's format version (this build's, or an older one it reads).
     format: u32,
     dir: PathBuf,
@@ -140,7 +202,7 @@ impl OfflineLog {
     /// Opens the log in `dir` for reading. Refuses a directory that is not a
     /// log, holds another format version than this build's, or is locked.
     pub fn open(dir: &Path) -> Result<Self, OfflineError> {
-        let db = open_db(dir)?;
+        let Snapshot { db, copy } = open_db(dir)?;
         let not_a_log = |what: String| OfflineError::NotALog {
             dir: dir.to_path_buf(),
             what,
@@ -171,6 +233,7 @@ impl OfflineLog {
         let head = format::read_head(&db)?;
         Ok(Self {
             db,
+            _copy: copy,
             format: found,
             dir: dir.to_path_buf(),
             epoch,
