@@ -118,7 +118,13 @@ fn one_line(e: &anyhow::Error) -> String {
 }
 
 fn dispatch(command: Option<Command>, global: ServeArgs) -> anyhow::Result<ExitCode> {
-    let data_dir = || cli::data_dir(global.data_dir.as_deref(), global.config.as_deref());
+    let data_dir = || {
+        cli::data_dir(
+            global.data_dir.as_deref(),
+            global.config.as_deref(),
+            global.storage_backend.as_deref(),
+        )
+    };
     let done = |()| ExitCode::SUCCESS;
     match command {
         None => serve(global.clone()).map(done),

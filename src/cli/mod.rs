@@ -70,7 +70,23 @@ impl GatewayArgs {
 /// The data directory for an offline subcommand: `--data-dir` (or its env),
 /// else `storage.data_dir` of the config file (`--config`, else
 /// `./config.toml` when present), else `./data` — what `serve` would open.
-pub fn data_dir(explicit: Option<&Path>, config: Option<&Path>) -> anyhow::Result<PathBuf> {
+pub fn data_dir(
+    explicit: Option<&Path>,
+    config: Option<&Path>,
+    backend_flag: Option<&str>,
+) -> anyhow::Result<PathBuf> {
+    // `--storage-backend` / SSE_GATEWAY_STORAGE_BACKEND: honoured, so a
+    // Redis flag never silently reads the sled `./data` instead.
+    if let Some(flag) = backend_flag {
+        let backend: Backend = flag.parse().map_err(anyhow::Error::msg)?;
+        if backend != Backend::Sled {
+            bail!(
+                "--storage-backend {:?}: inspect, export, import and check work on sled data \
+                 directories only (to move a Redis log, run a gateway on it and replay it)",
+                backend.as_str()
+            );
+        }
+    }
     if let Some(dir) = explicit {
         return Ok(dir.to_path_buf());
     }

@@ -932,3 +932,27 @@ async fn offline_commands_never_write_to_the_directory_they_read() {
         "no private copy left behind"
     );
 }
+
+/// Issue 14: `--storage-backend redis` (flag or environment) on an offline
+/// command used to export the sled `./data` and exit 0; it is refused.
+#[test]
+fn offline_commands_refuse_a_redis_backend_flag_instead_of_reading_sled() {
+    let dir = TempDir::new().unwrap();
+    let (status, stdout, stderr) = run_binary(&[
+        "export",
+        "--storage-backend",
+        "redis",
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert!(!status.success(), "{stdout}");
+    assert!(stderr.contains("sled data directories only"), "{stderr}");
+    let output = Command::new(env!("CARGO_BIN_EXE_sse-gateway"))
+        .args(["inspect", "--data-dir", dir.path().to_str().unwrap()])
+        .env("SSE_GATEWAY_STORAGE_BACKEND", "redis-cluster")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("sled data directories only"), "{stderr}");
+}
