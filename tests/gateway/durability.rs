@@ -129,6 +129,8 @@ async fn sigterm_drains_publishes_closes_streams_and_exits_zero() {
         stream.until_closed(Duration::from_secs(5)).await,
         "the stream was closed"
     );
+    // Closed by the gateway with the last chunk, not cut by the process dying.
+    assert!(stream.ended_cleanly, "the stream ended with its last chunk");
     for publisher in publishers {
         publisher.await.unwrap();
     }
@@ -268,7 +270,9 @@ async fn env_vars_override_listen_and_data_dir() {
     let dir = TempDir::new().unwrap();
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sse-gateway"))
         .env("SSE_GATEWAY_CONFIG", repo_path("config.toml"))
-        .env("SSE_GATEWAY_LISTEN", "127.0.0.1:0")
+        // Another loopback address than config.toml's 127.0.0.1: the
+        // listening line then shows whether the variable was used.
+        .env("SSE_GATEWAY_LISTEN", "127.0.0.2:0")
         .env("SSE_GATEWAY_DATA_DIR", dir.path())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -285,7 +289,11 @@ async fn env_vars_override_listen_and_data_dir() {
     .unwrap();
     let _ = child.kill();
     let _ = child.wait();
-    assert!(line.is_some(), "gateway listened");
+    let line = line.expect("gateway listened");
+    assert!(
+        line.contains("listening on http://127.0.0.2:"),
+        "SSE_GATEWAY_LISTEN was used: {line}"
+    );
     assert!(
         dir.path().join("conf").exists(),
         "sled opened in SSE_GATEWAY_DATA_DIR"

@@ -83,6 +83,8 @@ pub struct SseReader {
     queue: std::collections::VecDeque<SseEvent>,
     /// The server ended the body (or it broke).
     pub ended: bool,
+    /// The body ended cleanly (the last chunk arrived), not by a broken connection.
+    pub ended_cleanly: bool,
     /// Every byte received, for assertions on the exact wire format.
     pub raw: Vec<u8>,
 }
@@ -107,6 +109,7 @@ impl SseReader {
             parser: SseParser::default(),
             queue: Default::default(),
             ended: false,
+            ended_cleanly: false,
             raw: Vec::new(),
         }
     }
@@ -123,7 +126,12 @@ impl SseReader {
                 self.queue.extend(events);
                 true
             }
-            Ok(Some(Err(_))) | Ok(None) => {
+            Ok(None) => {
+                self.ended = true;
+                self.ended_cleanly = true;
+                false
+            }
+            Ok(Some(Err(_))) => {
                 self.ended = true;
                 false
             }
