@@ -34,12 +34,18 @@ use crate::common::*;
 
 // ------------------------------------------------------------------ setup
 
-/// `cases` unless `PROPTEST_CASES` says otherwise; no regression files.
+/// Fewest cases any property runs, whatever `PROPTEST_CASES` says: a run
+/// of 0 cases would pass every property without checking one.
+const MIN_CASES: u32 = 32;
+
+/// `cases` unless `PROPTEST_CASES` says otherwise (never under
+/// [`MIN_CASES`]); no regression files.
 fn config(cases: u32) -> ProptestConfig {
     let cases = std::env::var("PROPTEST_CASES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(cases);
+        .unwrap_or(cases)
+        .max(MIN_CASES);
     ProptestConfig {
         cases,
         failure_persistence: None,
@@ -924,7 +930,31 @@ proptest! {
                 &route.kind,
                 &result
             );
-            let Ok(topics) = result else { continue };
+            let topics = match result {
+                Ok(topics) => topics,
+                Err(e) => {
+                    // A refusal must be owed to the payload: not an object
+                    // (checked above), or the kind's routing field missing or
+                    // not a UUID. An evaluator refusing everything fails here.
+                    let owed = match route.kind.as_str() {
+                        "project" => uuid_at(&payload, &["uuid"]).is_none(),
+                        "assignment" | "dependency" => {
+                            uuid_at(&payload, &["project_uuid"]).is_none()
+                        }
+                        "task" => false,
+                        // The nested route's own rules are checked below.
+                        _ => true,
+                    };
+                    prop_assert!(
+                        !is_object || owed,
+                        "{}/{} refused a routable payload: {:?}",
+                        &route.module,
+                        &route.kind,
+                        e
+                    );
+                    continue;
+                }
+            };
             let names: Vec<&str> = topics.iter().map(Topic::as_str).collect();
             let unique: BTreeSet<&str> = names.iter().copied().collect();
             prop_assert_eq!(unique.len(), names.len(), "repeats in {:?}", names);
