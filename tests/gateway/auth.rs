@@ -432,7 +432,18 @@ async fn tokens_never_appear_in_logs_or_metrics() {
     assert_eq!(refused.status(), 401);
     let metrics = metrics_text(&client, &gateway.base).await;
     drop(stream);
-    std::thread::sleep(Duration::from_millis(300));
+    // Wait for the last request's log line (not a fixed sleep): only then do
+    // "the token is not in the log" checks read a log that has it all.
+    let gateway_ref = &gateway;
+    eventually("the refused request to be logged", || async move {
+        gateway_ref
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("/topics/t/info") && l.contains("401"))
+    })
+    .await;
     let log = gateway.log.lock().unwrap().join("\n");
     assert!(
         log.contains("/topics/t/info"),
