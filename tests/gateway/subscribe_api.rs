@@ -240,15 +240,25 @@ async fn keepalive_comments_after_heartbeat_of_silence() {
     })
     .await;
     // Events of other topics do not count as this stream's traffic.
+    // Read while the other topic is busy (a publish every 30 ms for 600 ms,
+    // six heartbeats): keepalives must arrive during it, not only after it.
     let mut other_traffic = server.subscribe("/topics/quiet", None).await;
-    for i in 0..10 {
+    for i in 0..20 {
         server.publish("busy", "e", json!(i)).await;
-        tokio::time::sleep(Duration::from_millis(30)).await;
+        other_traffic
+            .next_event_within(Duration::from_millis(30))
+            .await;
     }
-    eventually_stream(&mut other_traffic, |s| {
-        s.parser.comments.iter().any(|c| c == "keepalive")
-    })
-    .await;
+    let during = other_traffic
+        .parser
+        .comments
+        .iter()
+        .filter(|c| *c == "keepalive")
+        .count();
+    assert!(
+        during >= 2,
+        "keepalives while another topic was busy: {during}"
+    );
 }
 
 async fn eventually_stream(stream: &mut SseReader, check: impl Fn(&SseReader) -> bool) {
