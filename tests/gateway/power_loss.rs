@@ -726,3 +726,54 @@ async fn power_cuts_during_the_format_upgrade_lose_nothing() {
     gateway.kill9();
     mount.unmount().expect("unmount");
 }
+
+/// `/readyz` says whether the next publish would be stored: when the disk
+/// starts failing (the power-cut filesystem answers EIO to everything once
+/// cut, while the gateway still runs), the publish is refused with `503`
+/// and readiness turns `503` too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn readyz_turns_503_when_the_disk_fails_under_a_running_gateway() {
+    let mountpoint = TempDir::new().expect("mountpoint");
+    let scratch = TempDir::new().expect("scratch");
+    let config = scratch.path().join("gateway.toml");
+    std::fs::write(&config, "[storage]\ncache_capacity_bytes = 16777216\n").expect("config");
+    let mount = Image::empty()
+        .mount(Mode::Strict, None, mountpoint.path())
+        .expect("mount the power-cut filesystem (needs /dev/fuse and root)");
+    let data_dir = mountpoint.path().join("data");
+    let gateway = Gateway::start(&data_dir, &config).await.expect("start");
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("client");
+    let ready = |client: reqwest::Client, base: String| async move {
+        client
+            .get(format!("{base}/readyz"))
+            .send()
+            .await
+            .map(|r| r.status())
+            .ok()
+    };
+    try_publish(&client, &gateway.base, "disk", "{\"before\":1}")
+        .await
+        .expect("a publish on a working disk");
+    assert_eq!(
+        ready(client.clone(), gateway.base.clone()).await,
+        Some(StatusCode::OK)
+    );
+
+    // From now on every filesystem request of the gateway fails (EIO).
+    let _image = mount.power_cut().expect("cut");
+    let refused = try_publish(&client, &gateway.base, "disk", "{\"after\":1}").await;
+    assert!(
+        refused.as_ref().is_err_and(|why| why.contains("503")),
+        "a publish on a failed disk is refused with 503: {refused:?}"
+    );
+    let (client_ref, base) = (&client, gateway.base.clone());
+    let base = &base;
+    eventually("readyz to turn 503", || async move {
+        ready(client_ref.clone(), base.clone()).await == Some(StatusCode::SERVICE_UNAVAILABLE)
+    })
+    .await;
+    gateway.kill9();
+}
