@@ -149,6 +149,17 @@ impl BrowserScript {
             if let Some(error) = value.get("page_error") {
                 self.page_errors.push(error.to_string());
             }
+            // A CSP violation is only a console error to the page; it means
+            // part of the console or dashboard did not run, so it fails the
+            // test like a thrown error. (Network errors while a gateway is
+            // down are expected and stay in the transcript.)
+            if value["console"] == "error"
+                && value["text"]
+                    .as_str()
+                    .is_some_and(|t| t.contains("Content Security Policy"))
+            {
+                self.page_errors.push(value["text"].to_string());
+            }
             self.transcript.push(value.clone());
         }
         Some(value)
