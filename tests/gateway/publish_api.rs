@@ -1544,3 +1544,41 @@ async fn publish_in_flight_at_shutdown_is_either_stored_with_201_or_refused_with
     server.publish("x", "after-restart", json!(3)).await;
     assert_eq!(count(&server, "x").await, want + 1);
 }
+
+/// The deterministic form of the test above: a publish whose head arrived
+/// before shutdown began and whose body arrives after it is in flight, and
+/// must be answered `503 unavailable` with `Retry-After` (not a dropped
+/// connection, not a 201), and nothing is stored.
+#[tokio::test]
+async fn a_publish_in_flight_when_shutdown_begins_is_503_and_stores_nothing() {
+    let server = TestServer::start(|_| {}).await;
+    server.publish("x", "before", json!(1)).await;
+    let body = r#"{"data":2}"#;
+    let mut conn = RawConn::open(&server).await;
+    conn.send(&format!(
+        "POST /topics/x HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n\
+         Expect: 100-continue\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    ))
+    .await;
+    // `100 Continue` comes when the handler starts reading the body: the
+    // request is in flight (no sleep, no race).
+    assert_eq!(conn.head().await.status, 100);
+    server.begin_stop();
+    conn.send(body).await;
+    let head = conn.head().await;
+    assert_eq!(head.status, 503, "{:?}", head.headers);
+    assert!(
+        head.headers
+            .get("retry-after")
+            .is_some_and(|v| v.trim().parse::<u64>().is_ok()),
+        "Retry-After: {:?}",
+        head.headers
+    );
+    let length: usize = head.headers["content-length"].parse().unwrap();
+    let answer: Value = serde_json::from_slice(&conn.body(length).await).unwrap();
+    assert_eq!(answer["error"]["code"], "unavailable");
+    let dir = server.stop().await;
+    let server = TestServer::start_in(dir, |_| {}).await;
+    assert_eq!(count(&server, "x").await, 1, "nothing was stored");
+}
