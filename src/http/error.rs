@@ -119,6 +119,18 @@ impl From<LogError> for ApiError {
             LogError::Replication { .. } => Self::unavailable(
                 "the event was stored on the Redis primary but not confirmed by enough replicas in time; it may still be delivered",
             ),
+            // Redis lost the log (flushed, or a failover to a replica that
+            // lacked it): only restarting the gateways helps, not a retry.
+            LogError::Lost(_) => Self::unavailable(
+                "Redis lost this gateway's log (its data was flushed or rolled back); restart the gateways: retrying will not help",
+            ),
+            LogError::Failed(ref cause) | LogError::Commit(ref cause)
+                if matches!(**cause, LogError::Lost(_)) =>
+            {
+                Self::unavailable(
+                    "Redis lost this gateway's log (its data was flushed or rolled back); restart the gateways: retrying will not help",
+                )
+            }
             // Refused before anything was written: the log failed earlier.
             LogError::Failed(_) => Self::unavailable(
                 "storage failed earlier and refuses writes until the gateway is restarted; nothing was stored",

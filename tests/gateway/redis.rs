@@ -731,3 +731,59 @@ async fn redis_over_a_unix_socket_serves_two_nodes() {
     let keys = redis_cli(redis.port, &["--scan", "--pattern", "*"]);
     assert!(keys.contains(":log"), "log stream stored in Redis: {keys}");
 }
+
+/// Issue 14: `/readyz` is `200` only when the next publish would be stored.
+/// Redis restarts while nobody publishes (so no failed publish has replaced
+/// the writer's connection): once ready again, the very next publish on every
+/// node must be stored. After a `FLUSHALL` the log is gone: readiness stays
+/// red and the answer says a restart, not a retry, is what helps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_after_a_redis_restart_means_the_next_publish_is_stored() {
+    let mut redis = RedisServer::start();
+    let dir = TempDir::new().unwrap();
+    let config = redis_config(dir.path(), &single(&redis.url()), "");
+    let nodes = gateways(dir.path(), &config, 2);
+    let client = reqwest::Client::new();
+    for node in &nodes {
+        publish_to(&client, node, "r", json!("before")).await;
+    }
+
+    redis.restart();
+    for node in &nodes {
+        wait_status(
+            &client,
+            &node.url("/readyz"),
+            StatusCode::SERVICE_UNAVAILABLE,
+        )
+        .await;
+    }
+    for node in &nodes {
+        wait_status(&client, &node.url("/readyz"), StatusCode::OK).await;
+        // First try, no retry: ready meant it.
+        publish_to(&client, node, "r", json!("after")).await;
+    }
+
+    redis_cli(redis.port, &["FLUSHALL"]);
+    let (status, answer) = loop {
+        let (status, answer) = post(
+            &client,
+            &nodes[0].url("/topics/r"),
+            json!({"data": "lost?"}),
+            None,
+        )
+        .await;
+        if status != StatusCode::CREATED {
+            break (status, answer);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{answer}");
+    let message = answer["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("restart the gateways"), "{answer}");
+    wait_status(
+        &client,
+        &nodes[0].url("/readyz"),
+        StatusCode::SERVICE_UNAVAILABLE,
+    )
+    .await;
+}

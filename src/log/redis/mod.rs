@@ -156,6 +156,8 @@ impl RedisLog {
             stats,
             failed: Mutex::new(None),
             healthy: AtomicBool::new(true),
+            outages: AtomicU64::new(0),
+            writer_ready: AtomicBool::new(true),
             hub,
             metrics,
             options,
@@ -330,6 +332,7 @@ impl Log for RedisLog {
         !self.closing.load(Ordering::Acquire)
             && self.shared.failure().is_none()
             && self.shared.healthy.load(Ordering::Acquire)
+            && self.shared.writer_ready.load(Ordering::Acquire)
     }
 
     fn size_on_disk(&self) -> Option<u64> {

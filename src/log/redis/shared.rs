@@ -64,6 +64,12 @@ pub(super) struct Shared {
     pub failed: Mutex<Option<Arc<LogError>>>,
     /// Redis answered the last command / tail read.
     pub healthy: AtomicBool,
+    /// Outages seen so far: a connection made before the latest one is stale
+    /// (Redis restarted under it) and is replaced before it is used.
+    pub outages: AtomicU64,
+    /// The writer holds a connection that answered since the last outage:
+    /// the next publish would be stored (with `healthy`, what `/readyz` says).
+    pub writer_ready: AtomicBool,
     /// This node's live fan-out, fed by the tailer.
     pub hub: Arc<Hub>,
     /// Commit sizes and durations.
@@ -89,6 +95,8 @@ impl Shared {
     /// refuses writes from now on.
     pub fn unhealthy(&self, e: &LogError) {
         if self.healthy.swap(false, Ordering::AcqRel) {
+            self.outages.fetch_add(1, Ordering::AcqRel);
+            self.writer_ready.store(false, Ordering::Release);
             tracing::warn!(log = %self.log_key, error = %e, "redis unavailable; retrying");
         }
         if let LogError::Lost(why) = e {

@@ -9,7 +9,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
@@ -22,14 +22,29 @@ use crate::model::Topic;
 /// Most bytes of event data sent in one append call.
 const MAX_BATCH_BYTES: usize = 8 * 1024 * 1024;
 
+/// How long the writer waits idle before it checks its connection, so
+/// `/readyz` turns green only once the next publish would be stored.
+const IDLE_CHECK: Duration = Duration::from_secs(1);
+
+/// The writer's connection and the outage count when it was made: one made
+/// before the latest outage is stale (Redis restarted under it).
+type WriterConn = Option<(Conn, u64)>;
+
 /// Commits until the queue closes or a shutdown message arrives.
 pub(super) async fn run_writer(shared: Arc<Shared>, mut rx: mpsc::Receiver<WriterMsg>) {
     let max = shared.options.max_commit_batch.max(1);
     let mut msgs = Vec::with_capacity(max);
     // Its own connection: `WAIT` blocks the connection it is sent on.
-    let mut conn: Option<Conn> = None;
+    let mut conn: WriterConn = None;
     loop {
-        if rx.recv_many(&mut msgs, max).await == 0 {
+        let received = tokio::select! {
+            received = rx.recv_many(&mut msgs, max) => received,
+            () = tokio::time::sleep(IDLE_CHECK) => {
+                shared.check_writer_connection(&mut conn).await;
+                continue;
+            }
+        };
+        if received == 0 {
             return;
         }
         let mut shutdown = None;
@@ -62,8 +77,39 @@ pub(super) async fn run_writer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Write
 }
 
 impl Shared {
+    /// While idle: replaces a stale or missing connection and PINGs it, and
+    /// says in `writer_ready` whether the next publish would reach Redis.
+    async fn check_writer_connection(&self, conn: &mut WriterConn) {
+        let outages = self.outages.load(Ordering::Acquire);
+        if conn.as_ref().is_some_and(|(_, made)| *made != outages) {
+            *conn = None;
+        }
+        if conn.is_none() {
+            match self.clients.dedicated(false).await {
+                Ok(fresh) => *conn = Some((fresh, outages)),
+                Err(_) => {
+                    self.writer_ready.store(false, Ordering::Release);
+                    return;
+                }
+            }
+        }
+        let Some((c, _)) = conn.as_mut() else { return };
+        let pong: Result<String, _> = redis::cmd("PING").query_async(c).await;
+        let ok = pong.is_ok();
+        if !ok {
+            *conn = None;
+        }
+        // Ready only while the tailer sees Redis too and no outage began
+        // since this connection was made.
+        let current = self.outages.load(Ordering::Acquire) == outages;
+        self.writer_ready.store(
+            ok && current && self.healthy.load(Ordering::Acquire),
+            Ordering::Release,
+        );
+    }
+
     /// Appends one chunk and answers every publish in it.
-    async fn commit(&self, conn: &mut Option<Conn>, chunk: Vec<Pending>) {
+    async fn commit(&self, conn: &mut WriterConn, chunk: Vec<Pending>) {
         if let Some(cause) = self.failure() {
             for (_, reply) in chunk {
                 let _ = reply.send(Err(LogError::Failed(Arc::clone(&cause))));
@@ -74,6 +120,7 @@ impl Shared {
         let result = self.append_chunk(conn, &chunk).await;
         match result {
             Ok(first) => {
+                self.writer_ready.store(true, Ordering::Release);
                 self.metrics.record_commit(chunk.len(), started.elapsed());
                 for (offset, (_, reply)) in chunk.into_iter().enumerate() {
                     let _ = reply.send(Ok(first + offset as u64));
@@ -85,6 +132,7 @@ impl Shared {
                     self.fail(Arc::clone(&cause));
                 } else {
                     self.healthy.store(false, Ordering::Release);
+                    self.writer_ready.store(false, Ordering::Release);
                     tracing::warn!(log = %self.log_key, error = %cause, "append failed");
                 }
                 // A broken connection is replaced on the next commit.
@@ -99,12 +147,17 @@ impl Shared {
     /// One `append` script call (and `WAIT`); the first sequence it assigned.
     async fn append_chunk(
         &self,
-        conn: &mut Option<Conn>,
+        conn: &mut WriterConn,
         chunk: &[Pending],
     ) -> Result<u64, LogError> {
-        let c = match conn {
+        let outages = self.outages.load(Ordering::Acquire);
+        if conn.as_ref().is_some_and(|(_, made)| *made != outages) {
+            // Made before the latest outage: Redis restarted under it.
+            *conn = None;
+        }
+        let (c, _) = match conn {
             Some(c) => c,
-            None => conn.insert(self.clients.dedicated(false).await?),
+            None => conn.insert((self.clients.dedicated(false).await?, outages)),
         };
         let retention = &self.options.retention;
         let mut invocation = self.script.key(&self.log_key);
