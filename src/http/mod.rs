@@ -44,9 +44,6 @@ pub fn router(app: Arc<App>) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(Arc::clone(&app));
-    if let Some(cors) = cors_layer(&app.config.cors) {
-        router = router.layer(cors);
-    }
     let max_url_bytes = app.config.limits.max_url_bytes;
     router = router.layer(axum::middleware::from_fn(move |request: Request<axum::body::Body>, next: axum::middleware::Next| async move {
         let target = request.uri().path_and_query().map_or(0, |pq| pq.as_str().len());
@@ -60,6 +57,11 @@ pub fn router(app: Arc<App>) -> Router {
         }
         next.run(request).await
     }));
+    // Outside the URL check: a browser must be able to read a 414 too (it
+    // sees a bare CORS failure otherwise).
+    if let Some(cors) = cors_layer(&app.config.cors) {
+        router = router.layer(cors);
+    }
     router.layer(
         TraceLayer::new_for_http()
             .make_span_with(|request: &Request<_>| {
@@ -122,6 +124,8 @@ fn cors_layer(config: &CorsConfig) -> Option<CorsLayer> {
             HeaderName::from_static("last-event-id"),
             header::AUTHORIZATION,
         ])
+        // Scripts may read when to retry a 429/503.
+        .expose_headers([header::RETRY_AFTER])
         .max_age(Duration::from_secs(600));
     if config.allowed_origins.iter().any(|o| o == "*") {
         // A wildcard cannot be combined with credentials (cookies) by browsers.

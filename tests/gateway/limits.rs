@@ -194,6 +194,36 @@ async fn urls_over_max_url_bytes_get_414_json() {
     assert_eq!(server.get_json("/topics/t/info").await.1["count"], 0);
 }
 
+/// A browser can read the 414 too: it carries the CORS headers, or the page
+/// would only see an opaque CORS failure.
+#[tokio::test]
+async fn a_414_carries_cors_headers_for_an_allowed_origin() {
+    let server = TestServer::start(|c| {
+        c.limits.max_url_bytes = 200;
+        c.cors.allowed_origins = vec!["https://app.example".into()];
+    })
+    .await;
+    let long = format!("/topics/t?pad={}", "x".repeat(300));
+    let response = server
+        .client
+        .get(server.url(&long))
+        .header("origin", "https://app.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 414);
+    assert_eq!(
+        response.headers()["access-control-allow-origin"],
+        "https://app.example"
+    );
+    // And scripts may read Retry-After (of a 429/503).
+    let exposed = response.headers()["access-control-expose-headers"]
+        .to_str()
+        .unwrap()
+        .to_ascii_lowercase();
+    assert!(exposed.contains("retry-after"), "{exposed}");
+}
+
 #[tokio::test]
 async fn streams_over_max_topics_per_stream_are_400() {
     let server = TestServer::start(|c| c.limits.max_topics_per_stream = 2).await;
