@@ -109,6 +109,11 @@ pub struct NoProgress;
 
 impl Progress for NoProgress {}
 
+/// How often, and how far apart, a held lock is tried again before the
+/// directory is reported locked (about a second in all).
+const LOCK_ATTEMPTS: u32 = 10;
+const LOCK_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// A private copy of a data directory, opened with sled.
 ///
 /// sled 0.34 has no read-only open: opening runs its recovery, which
@@ -135,12 +140,22 @@ fn open_db(dir: &Path) -> Result<Snapshot, OfflineError> {
         // sled's lock (flock on `db`): held while copying, so no gateway
         // writes the directory under our feet.
         let lock = std::fs::File::open(&db_file).map_err(io_error("cannot open db"))?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                return Err(OfflineError::Locked(dir.to_path_buf()))
+        // A little patience: a sled database closed a moment ago (a gateway
+        // that is stopping, or an import in this process) releases its lock
+        // from a background thread.
+        let mut attempts = 0;
+        loop {
+            match lock.try_lock() {
+                Ok(()) => break,
+                Err(std::fs::TryLockError::WouldBlock) if attempts < LOCK_ATTEMPTS => {
+                    attempts += 1;
+                    std::thread::sleep(LOCK_RETRY);
+                }
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    return Err(OfflineError::Locked(dir.to_path_buf()))
+                }
+                Err(std::fs::TryLockError::Error(e)) => return Err(io_error("cannot lock db")(e)),
             }
-            Err(std::fs::TryLockError::Error(e)) => return Err(io_error("cannot lock db")(e)),
         }
         let copy = copy_target(dir).map_err(io_error("cannot make a private copy"))?;
         copy_files(dir, copy.path()).map_err(io_error("cannot copy the data directory"))?;
