@@ -26,7 +26,8 @@ WORK=$(mktemp -d /tmp/sse-soak.XXXXXX)
 GATEWAY_PID=
 
 ulimit -n "$(ulimit -Hn)"
-cargo build --release --bin sse-gateway --example loadgen
+# SKIP_BUILD=1 runs the binaries already in $CARGO_TARGET_DIR/release as they are.
+[[ ${SKIP_BUILD:-0} == 1 ]] || cargo build --release --bin sse-gateway --example loadgen
 GATEWAY=$CARGO_TARGET_DIR/release/sse-gateway
 LOADGEN=$CARGO_TARGET_DIR/release/examples/loadgen
 
