@@ -11,8 +11,10 @@ Warm-up: the first 10 minutes (the first third of a run shorter than 30
 minutes). By then sled's 16 MiB page cache has long been full (about 1 MiB/s
 is written), the live ring and the retention window (5,000 events per topic)
 are full, and every kind of client has connected, left and resumed many
-times. "Flat" is judged on the samples after it: the spread is the largest
-distance of a sample from their mean, in % of the mean.
+times. "Flat" is judged on the samples after it and up to the end of
+publishing (the drain after it, while the last streams catch up, is drawn
+but not judged): the spread is the largest distance of a sample from their
+mean, in % of the mean; the slope is a least-squares line through them.
 """
 
 import sys
@@ -37,18 +39,20 @@ def num(v):
 
 
 def read(path):
-    samples, baseline, after, summary = [], None, None, None
+    samples, baseline, after, summary = [], None, None, {}
     with open(path, encoding="utf-8") as f:
         for line in f:
             line = line.strip()
-            if line.startswith("sample "):
+            if line.startswith("soak: "):
+                summary.update(run_duration_s=fields(line).get("duration_s"))
+            elif line.startswith("sample "):
                 samples.append(fields(line))
             elif line.startswith("baseline "):
                 baseline = fields(line)
             elif line.startswith("after_exit "):
                 after = fields(line)
             elif line.startswith("summary "):
-                summary = fields(line)
+                summary.update(fields(line))
     return samples, baseline, after, summary
 
 
@@ -63,12 +67,12 @@ def linreg(xs, ys):
 
 def figures(samples, baseline, after, summary):
     load = [s for s in samples if s.get("phase") in ("load", "end") and num(s.get("rss_kib"))]
-    duration = max((num(s["t"]) for s in load), default=0.0)
+    duration = num(summary.get("run_duration_s")) or max((num(s["t"]) for s in load), default=0.0)
     warmup = WARMUP_S if duration >= 3 * WARMUP_S else duration / 3
-    steady = [s for s in load if num(s["t"]) >= warmup]
+    steady = [s for s in load if warmup <= num(s["t"]) <= duration + 1]
     rss = [num(s["rss_kib"]) / 1024 for s in steady]
     ts = [num(s["t"]) for s in steady]
-    fig = {"warmup_s": round(warmup)}
+    fig = {"warmup_s": round(warmup), "publishing_s": round(duration)}
     if rss:
         mean = sum(rss) / len(rss)
         fig.update(
@@ -78,7 +82,7 @@ def figures(samples, baseline, after, summary):
             rss_last_mib=round(rss[-1], 1),
             rss_mean_mib=round(mean, 1),
             rss_spread_pct=round(max(max(rss) - mean, mean - min(rss)) / mean * 100, 2),
-            rss_slope_mib_per_h=round(linreg(ts, rss) * 3600, 2),
+            rss_slope_mib_per_h=round(linreg(ts, rss) * 3600, 1),
             samples_after_warmup=len(rss),
         )
     fds = [num(s["fds"]) for s in load if num(s.get("fds")) is not None]
@@ -103,7 +107,7 @@ def figures(samples, baseline, after, summary):
         for k in ("published", "delivered", "gaps", "dups", "unexpected", "resets",
                   "reconnects", "drops", "errors", "missing_at_end", "not_caught_up"):
             fig[k] = summary.get(k, "na")
-    return fig, warmup
+    return fig, warmup, duration
 
 
 def esc(s):
@@ -120,7 +124,9 @@ def nice_max(v):
     return 10 * step
 
 
-def panel(out, y0, h, title, series, color, t_max, warmup, x0, w, lo_zero=True):
+def panel(out, y0, h, title, series, color, t_max, warmup, x0, w, stop=None, band=None):
+    """One panel; `band` = (mean, from_t, to_t) draws mean ±5 % over that span;
+    `stop` = when publishing stopped (a dashed vertical line)."""
     vals = [v for _, v in series]
     top = nice_max(max(vals) * 1.1) if vals else 1.0
     out.append(f'<text x="{x0}" y="{y0 - 8}" font-size="13" font-weight="bold">{esc(title)}</text>')
@@ -135,6 +141,18 @@ def panel(out, y0, h, title, series, color, t_max, warmup, x0, w, lo_zero=True):
         out.append(f'<line x1="{x0}" y1="{y:.1f}" x2="{x0 + w}" y2="{y:.1f}" stroke="#ddd"/>')
         label = f"{v:.0f}" if top >= 10 else f"{v:.1f}"
         out.append(f'<text x="{x0 - 6}" y="{y + 4:.1f}" font-size="11" text-anchor="end">{label}</text>')
+    if band:
+        mean, t0, t1 = band
+        bx0, bx1 = x0 + w * t0 / t_max, x0 + w * min(t1, t_max) / t_max
+        yhi, ylo = y0 + h - h * mean * 1.05 / top, y0 + h - h * mean * 0.95 / top
+        ym = y0 + h - h * mean / top
+        out.append(f'<rect x="{bx0:.1f}" y="{yhi:.1f}" width="{bx1 - bx0:.1f}" height="{ylo - yhi:.1f}" fill="#f5b7b1" fill-opacity="0.45"/>')
+        out.append(f'<line x1="{bx0:.1f}" y1="{ym:.1f}" x2="{bx1:.1f}" y2="{ym:.1f}" stroke="#922b21" stroke-dasharray="5,4"/>')
+        out.append(f'<text x="{bx1 - 4:.1f}" y="{yhi - 4:.1f}" font-size="11" text-anchor="end" fill="#922b21">mean ±5 %</text>')
+    if stop is not None and 0 < stop < t_max:
+        sx = x0 + w * stop / t_max
+        out.append(f'<line x1="{sx:.1f}" y1="{y0}" x2="{sx:.1f}" y2="{y0 + h}" stroke="#555" stroke-dasharray="3,3"/>')
+        out.append(f'<text x="{sx - 4:.1f}" y="{y0 + 14}" font-size="11" text-anchor="end" fill="#555">publishing stops</text>')
     pts = " ".join(
         f"{x0 + w * t / t_max:.1f},{y0 + h - h * v / top:.1f}" for t, v in series
     )
@@ -143,8 +161,8 @@ def panel(out, y0, h, title, series, color, t_max, warmup, x0, w, lo_zero=True):
         out.append(f'<circle cx="{x0 + w * t / t_max:.1f}" cy="{y0 + h - h * v / top:.1f}" r="1.8" fill="{color}"/>')
 
 
-def svg(samples, baseline, after, fig, warmup, title):
-    load = [s for s in samples if s.get("phase") in ("start", "load", "end")]
+def svg(samples, baseline, after, fig, warmup, stop, title):
+    load = [s for s in samples if s.get("phase") in ("start", "load", "end", "after")]
     t_max = max((num(s["t"]) for s in load), default=1.0) or 1.0
     x0, w, h, gap = 70, 780, 150, 60
     height = 60 + 3 * (h + gap) + 20
@@ -159,11 +177,14 @@ def svg(samples, baseline, after, fig, warmup, title):
     data = [(num(s["t"]), num(s["data_kib"]) / 1024) for s in load if num(s.get("data_kib")) is not None]
     y = 60
     spread = fig.get("rss_spread_pct", "na")
-    panel(out, y, h, f"Gateway RSS (MiB) — after warm-up ±{spread} % around the mean", rss, "#c0392b", t_max, warmup, x0, w)
+    band = (fig["rss_mean_mib"], warmup, stop) if "rss_mean_mib" in fig else None
+    panel(out, y, h, f"Gateway RSS (MiB) — after warm-up: ±{spread} % around the mean, slope {fig.get('rss_slope_mib_per_h', 'na')} MiB/h",
+          rss, "#c0392b", t_max, warmup, x0, w, stop=stop, band=band)
     y += h + gap
-    panel(out, y, h, f"Gateway open fds — baseline {fig['fds_baseline']}, after the clients left {fig['fds_after_exit']}", fds, "#2e86c1", t_max, warmup, x0, w)
+    panel(out, y, h, f"Gateway open fds — baseline {fig['fds_baseline']}, under load {fig.get('fds_load_max', 'na')}, after the clients left {fig['fds_after_exit']}",
+          fds, "#2e86c1", t_max, warmup, x0, w, stop=stop)
     y += h + gap
-    panel(out, y, h, "Data dir (MiB)", data, "#27ae60", t_max, warmup, x0, w)
+    panel(out, y, h, "Data dir (MiB): retention 5,000 events per topic", data, "#27ae60", t_max, warmup, x0, w, stop=stop)
     # Time axis under the last panel (minutes).
     axis_y = y + h
     step = 10 if t_max > 1800 else (1 if t_max < 600 else 5)
@@ -186,11 +207,11 @@ def main():
     samples, baseline, after, summary = read(path)
     if not samples:
         sys.exit(f"no sample lines in {path}")
-    fig, warmup = figures(samples, baseline, after, summary)
+    fig, warmup, stop = figures(samples, baseline, after, summary)
     minutes = max(num(s["t"]) for s in samples) / 60
     title = f"sse-gateway soak, {minutes:.0f} min ({path.rsplit('/', 1)[-1]})"
     with open(dest, "w", encoding="utf-8") as f:
-        f.write(svg(samples, baseline, after, fig, warmup, title))
+        f.write(svg(samples, baseline, after, fig, warmup, stop, title))
     for k, v in fig.items():
         print(f"{k}={v}")
     print(f"svg={dest}")

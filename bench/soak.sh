@@ -26,7 +26,8 @@ WORK=$(mktemp -d /tmp/sse-soak.XXXXXX)
 GATEWAY_PID=
 
 ulimit -n "$(ulimit -Hn)"
-cargo build --release --bin sse-gateway --example loadgen
+# SKIP_BUILD=1 runs the binaries already in $CARGO_TARGET_DIR/release as they are.
+[[ ${SKIP_BUILD:-0} == 1 ]] || cargo build --release --bin sse-gateway --example loadgen
 GATEWAY=$CARGO_TARGET_DIR/release/sse-gateway
 LOADGEN=$CARGO_TARGET_DIR/release/examples/loadgen
 
@@ -101,6 +102,8 @@ status=0
 # The load generator has exited: every client socket is closed. The gateway
 # should be back to its baseline fds (give it a few seconds to notice).
 sleep 5
+# The gateway's own counters (lag fallbacks = slow readers served from the log).
+curl -sf "http://127.0.0.1:$PORT/metrics" | grep -v '^#' | head -100 | sed 's/^/metrics: /' >> "$OUT" || true
 echo "after_exit $(probe "$GATEWAY_PID") loadavg=$(cut -d' ' -f1-3 /proc/loadavg | tr ' ' ,) finished=$(date -u +%FT%TZ)" | tee -a "$OUT"
 grep -i -E 'warn|error' "$WORK/gateway.log" | head -20 | sed 's/^/gateway_log: /' | tee -a "$OUT" || true
 echo "raw output: $OUT"
