@@ -42,6 +42,9 @@ use super::listener::{GuardedListener, StallGuardedStream};
 use super::raw::{self, Next, Rewind};
 use super::table::StreamRoutes;
 
+/// Blocking threads (log reads) of the stream runtime per core.
+const BLOCKING_THREADS_PER_CORE: usize = 4;
+
 /// Connection settings.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnectionLimits {
@@ -58,8 +61,14 @@ pub async fn serve(
     limits: ConnectionLimits,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(std::thread::available_parallelism().map_or(2, |n| n.get()))
+        .worker_threads(workers)
+        // Replay reads of the sled log run here (`spawn_blocking`). tokio's
+        // default allows 512 such threads: a reconnect storm grew the pool to
+        // dozens of idle threads (each with its stack and malloc arena, the
+        // soak's RSS growth) for reads that are CPU-bound on these cores anyway.
+        .max_blocking_threads(BLOCKING_THREADS_PER_CORE * workers)
         .thread_name("sse-streams")
         .enable_all()
         .build()?;

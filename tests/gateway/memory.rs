@@ -74,3 +74,59 @@ async fn stalled_streams_hold_a_bounded_number_of_bytes_whatever_the_event_size(
     );
     drop(stalled);
 }
+
+/// Threads of a process (`Threads:` of `/proc/<pid>/status`).
+fn threads(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("Threads")
+}
+
+/// A reconnect storm (300 streams replaying at once) must not grow the
+/// process by a thread per concurrent replay read: the soak found dozens of
+/// idle blocking threads, each holding a stack and a malloc arena.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_storm_uses_a_bounded_number_of_threads() {
+    const STREAMS: usize = 300;
+    let dir = TempDir::new().unwrap();
+    let gateway = GatewayProcess::start(dir.path(), "127.0.0.1:0", &[]);
+    let client = reqwest::Client::new();
+    for i in 0..300 {
+        publish(
+            &client,
+            &gateway.base,
+            "storm",
+            "e",
+            json!({"i": i, "pad": "s".repeat(2000)}),
+        )
+        .await;
+    }
+    let mut streams = Vec::new();
+    let mut most = 0;
+    for _ in 0..STREAMS {
+        let mut socket = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
+        socket
+            .write_all(b"GET /topics/storm HTTP/1.1\r\nHost: t\r\nLast-Event-ID: 0\r\n\r\n")
+            .await
+            .unwrap();
+        streams.push(socket);
+        most = most.max(threads(gateway.pid()));
+    }
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        most = most.max(threads(gateway.pid()));
+    }
+    eprintln!("most threads during the storm: {most}");
+    // 2 request + 2 stream workers, at most 8 blocking readers, the log
+    // writer, sled's and tokio's own: about 22 here; 35 with the default pool.
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get()) as u64;
+    let bound = 18 + 5 * cores;
+    assert!(
+        most <= bound,
+        "{most} threads for {STREAMS} replaying streams (bound {bound})"
+    );
+    drop(streams);
+}
