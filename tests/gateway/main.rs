@@ -17,5 +17,6 @@ mod power_loss;
 mod props;
 mod publish_api;
 mod redis;
+mod redis_power_loss;
 mod subscribe_api;
 mod third_party;

@@ -20,14 +20,14 @@ use crate::common::*;
 
 const SECRET: &str = "redis-tests-secret-0123456789abcdefghijkl";
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     StdListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free loopback port")
 }
 
-fn require(binary: &str) -> PathBuf {
+pub(crate) fn require(binary: &str) -> PathBuf {
     for dir in std::env::var("PATH").unwrap_or_default().split(':') {
         let path = Path::new(dir).join(binary);
         if path.is_file() {
@@ -120,7 +120,7 @@ impl Drop for RedisServer {
     }
 }
 
-fn redis_cli(port: u16, args: &[&str]) -> String {
+pub(crate) fn redis_cli(port: u16, args: &[&str]) -> String {
     let output = Command::new(require("redis-cli"))
         .args(["-h", "127.0.0.1", "-p", &port.to_string()])
         .args(args)
@@ -131,7 +131,7 @@ fn redis_cli(port: u16, args: &[&str]) -> String {
     text.trim().to_owned()
 }
 
-fn wait_for_ping(port: u16) {
+pub(crate) fn wait_for_ping(port: u16) {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         if redis_cli(port, &["ping"]) == "PONG" {
@@ -146,7 +146,7 @@ fn wait_for_ping(port: u16) {
 }
 
 /// Writes a gateway config for the Redis backend.
-fn redis_config(dir: &Path, storage: &str, extra: &str) -> PathBuf {
+pub(crate) fn redis_config(dir: &Path, storage: &str, extra: &str) -> PathBuf {
     let path = dir.join(format!("config-{}.toml", free_port()));
     let text =
         format!("[storage]\n{storage}\n[stream]\nretry_ms = 250\nheartbeat_ms = 1000\n{extra}");
@@ -154,12 +154,12 @@ fn redis_config(dir: &Path, storage: &str, extra: &str) -> PathBuf {
     path
 }
 
-fn single(url: &str) -> String {
+pub(crate) fn single(url: &str) -> String {
     format!("backend = \"redis\"\nurl = \"{url}\"\ncommand_timeout_ms = 2000")
 }
 
 /// `n` gateway processes sharing `config`.
-fn gateways(dir: &Path, config: &Path, n: usize) -> Vec<GatewayProcess> {
+pub(crate) fn gateways(dir: &Path, config: &Path, n: usize) -> Vec<GatewayProcess> {
     (0..n)
         .map(|i| {
             let data = dir.join(format!("unused-data-{i}"));
