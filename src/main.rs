@@ -55,6 +55,9 @@ enum Command {
     Import(cli::transfer::ImportArgs),
     /// Verify a data directory without changing it (offline). Exit 0 clean, 1 problems, 2 error.
     Check(cli::check::CheckArgs),
+    /// After `serve` refused a directory that lost acknowledged events: save a
+    /// copy of it, then make it servable again from what is left (offline).
+    Repair(cli::repair::RepairArgs),
     /// Mint an HS256 development token from the configured secret.
     Token(cli::token::TokenArgs),
 }
@@ -144,6 +147,7 @@ fn dispatch(command: Option<Command>, global: ServeArgs) -> anyhow::Result<ExitC
         Some(Command::Export(args)) => cli::transfer::export(args, &data_dir()?).map(done),
         Some(Command::Import(args)) => cli::transfer::import(args, &data_dir()?).map(done),
         Some(Command::Check(args)) => cli::check::run(args, &data_dir()?),
+        Some(Command::Repair(args)) => cli::repair::run(args, &data_dir()?).map(done),
         Some(Command::Token(args)) => cli::token::run(args, global.config.as_deref()).map(done),
     }
 }

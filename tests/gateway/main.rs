@@ -7,6 +7,7 @@ mod auth;
 mod browser;
 mod cli;
 mod connections;
+mod damage;
 mod durability;
 mod guarantees;
 mod limits;
