@@ -14,7 +14,7 @@
 //!
 //! Knob: `POWERCUT_CYCLES` (default 3).
 
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::Duration;
 
 use powercut::{Image, Mode};
@@ -24,33 +24,36 @@ use reqwest::StatusCode;
 use tempfile::TempDir;
 
 use crate::common::*;
-use crate::redis::{free_port, gateways, redis_config, require, single, wait_for_ping};
+use crate::redis::{free_port, gateways, redis_config, single, spawn_redis};
 
 /// The AOF setting under test (the README's recommended one).
 const APPENDFSYNC: &str = "always";
 
-/// `redis-server` on `port` with its data in `dir`, the given AOF fsync mode.
-fn spawn_redis(port: u16, dir: &std::path::Path, appendfsync: &str) -> Child {
-    let child = Command::new(require("redis-server"))
-        .arg("--port")
-        .arg(port.to_string())
-        .args([
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--protected-mode",
-            "no",
-        ])
-        .args(["--appendonly", "yes", "--appendfsync", appendfsync])
-        .arg("--dir")
-        .arg(dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn redis-server");
-    wait_for_ping(port);
-    child
+/// `redis-server` on `port` with its data in `dir`, the given AOF fsync
+/// mode. `may_move`: on the first start another process may have taken the
+/// port since it was picked — then another one is picked; a restart keeps
+/// its port and waits for it.
+fn start_redis(port: &mut u16, dir: &std::path::Path, appendfsync: &str, may_move: bool) -> Child {
+    let args: Vec<String> = ["--appendonly", "yes", "--appendfsync", appendfsync]
+        .map(String::from)
+        .to_vec();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match spawn_redis(*port, dir, &args) {
+            Ok(child) => return child,
+            Err(why) => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "redis-server did not start on port {port}: {why}"
+                );
+                if may_move {
+                    *port = free_port();
+                } else {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -68,9 +71,7 @@ async fn redis_power_cut_under_load_keeps_every_acknowledged_event() {
     let mountpoint = TempDir::new().expect("mountpoint");
     let redis_dir = mountpoint.path().join("redis");
     let scratch = TempDir::new().expect("scratch dir");
-    let port = free_port();
-    let url = format!("redis://127.0.0.1:{port}");
-    let config = redis_config(scratch.path(), &single(&url), "");
+    let mut port = free_port();
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()
@@ -87,7 +88,9 @@ async fn redis_power_cut_under_load_keeps_every_acknowledged_event() {
     std::fs::File::open(mountpoint.path())
         .and_then(|d| d.sync_all())
         .expect("fsync the mount's root");
-    let mut redis = spawn_redis(port, &redis_dir, APPENDFSYNC);
+    let mut redis = start_redis(&mut port, &redis_dir, APPENDFSYNC, true);
+    let url = format!("redis://127.0.0.1:{port}");
+    let config = redis_config(scratch.path(), &single(&url), "");
     let gateway = gateways(scratch.path(), &config, 1)
         .pop()
         .expect("a gateway");
@@ -124,7 +127,7 @@ async fn redis_power_cut_under_load_keeps_every_acknowledged_event() {
                 .mount(Mode::Journal, None, mountpoint.path())
                 .expect("mount what survived"),
         );
-        redis = spawn_redis(port, &redis_dir, APPENDFSYNC);
+        redis = start_redis(&mut port, &redis_dir, APPENDFSYNC, false);
         // The gateway reconnects by itself; it refuses writes (503) if the
         // log it finds is behind what it acknowledged.
         eventually("the gateway to be ready on the restarted Redis (it stays 503 when Redis came back without events it acknowledged)", || async {
