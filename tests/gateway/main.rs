@@ -17,6 +17,7 @@ mod ops_api;
 mod power_loss;
 mod props;
 mod publish_api;
+mod readme;
 mod redis;
 mod redis_power_loss;
 mod subscribe_api;

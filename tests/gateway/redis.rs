@@ -47,9 +47,9 @@ pub(crate) fn require(binary: &str) -> PathBuf {
 }
 
 /// One `redis-server` process on a loopback port, data in a temp dir.
-struct RedisServer {
+pub(crate) struct RedisServer {
     child: Option<Child>,
-    port: u16,
+    pub(crate) port: u16,
     dir: TempDir,
     args: Vec<String>,
 }
@@ -482,12 +482,12 @@ async fn redis_kill_9_of_a_gateway_under_load_loses_no_acknowledged_event() {
 }
 
 /// A 3-primary Redis Cluster on loopback.
-struct Cluster {
-    nodes: Vec<RedisServer>,
+pub(crate) struct Cluster {
+    pub(crate) nodes: Vec<RedisServer>,
 }
 
 impl Cluster {
-    fn start() -> Self {
+    pub(crate) fn start() -> Self {
         let nodes: Vec<RedisServer> = (0..3)
             .map(|_| {
                 RedisServer::start_with(&[
