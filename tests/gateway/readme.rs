@@ -1,5 +1,5 @@
-//! The README's examples, run as written. Every fenced block of `README.md`
-//! and `examples/projects-dashboard/README.md` is extracted with its line,
+//! The README's examples, run as written. Every fenced block of `README.md`,
+//! `examples/projects-dashboard/README.md` and `docs/API.md` is extracted with its line,
 //! info string and section, and [`classify`] gives it a rule: run against a
 //! real gateway (the shell walk-through with its expected outputs, the browser
 //! snippet in node, the Python follower, nginx in front of one or three
@@ -47,7 +47,14 @@ use crate::common::*;
 use crate::redis::{free_port, redis_cli, require, Cluster};
 
 /// The files whose blocks are run.
-const FILES: [&str; 2] = ["README.md", "examples/projects-dashboard/README.md"];
+const FILES: [&str; 3] = [
+    "README.md",
+    "examples/projects-dashboard/README.md",
+    "docs/API.md",
+];
+
+/// The client reference: its plain and `json` blocks illustrate formats.
+const API_MD: &str = "docs/API.md";
 
 /// The epoch the README's example ids use.
 const EXAMPLE_EPOCH: &str = "Xk3v9QaB";
@@ -376,6 +383,10 @@ fn classify(blocks: &[Block]) -> Vec<Rule> {
                 }
             }
             "" if follower_in.is_some() => Rule::Output,
+            "" | "json" if block.file == API_MD => Rule::NotRun(
+                "a format illustration of the reference, not a command's output; \
+                 tests/gateway/subscribe_api.rs and publish_api.rs pin the formats",
+            ),
             "" if is_tree(&block.text) => Rule::Tree,
             "toml" => match block.text.parse::<toml::Table>() {
                 Err(e) => Rule::Unknown(format!("a toml block that does not parse: {e}")),
@@ -801,7 +812,13 @@ impl Session {
                 ..Subst::default()
             },
             gateway: None,
-            serve_script: None,
+            // A file that starts no gateway of its own runs against the
+            // README's command (a).
+            serve_script: Some((
+                "README.md command (a)".to_owned(),
+                format!("{PREAMBLE}cargo run --release -- serve\n")
+                    .replace("cargo run --release --", "sse-gateway"),
+            )),
             section: String::new(),
             section_toml: Vec::new(),
             background: Vec::new(),
@@ -1276,6 +1293,11 @@ async fn readme_dashboard_run_it_steps_run_as_written() {
     run_session("examples/projects-dashboard/README.md").await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readme_api_reference_commands_run_as_written() {
+    run_session(API_MD).await;
+}
+
 /// The browser snippet in node, with the `eventsource` package as
 /// `EventSource` and stubs for `localStorage`, `applyUpdate` and
 /// `refetchEverything` that print what they are given.
@@ -1503,8 +1525,8 @@ impl ConfRedis {
         let log = std::fs::File::create(dir.path().join("redis.log")).expect("log");
         let mut child = std::process::Command::new(require("redis-server"))
             .arg(&conf)
-            .stdout(log)
-            .stderr(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
             .spawn()
             .expect("spawn redis-server");
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
