@@ -23,7 +23,8 @@
 //!   upstream `server` lines) become the test's Redis servers and gateways, and
 //!   nginx's `listen 443 ssl http2;` a loopback port, `/var/log/nginx/` a temp dir;
 //! - streams that never end (`curl -N`, `sse-gateway tail`) run for
-//!   [`STREAM_SECS`] and reaching that limit counts as success.
+//!   [`STREAM_SECS`] (in the background, until their section ends) and
+//!   reaching that limit counts as success.
 //!
 //! Output shown in the README (`# …` lines right after a command, plain blocks
 //! after a `curl -N` follower) is compared exactly, with `…` as a wildcard.
@@ -59,8 +60,17 @@ const API_MD: &str = "docs/API.md";
 /// The epoch the README's example ids use.
 const EXAMPLE_EPOCH: &str = "Xk3v9QaB";
 
-/// How long a never-ending stream (`curl -N`, `tail`) runs.
+/// How long a never-ending stream (`curl -N`, `tail`) runs in a block that
+/// runs to completion.
 const STREAM_SECS: u64 = 3;
+
+/// The same in a background block (a follower whose output later blocks
+/// show): ended earlier, when its section ends.
+const BACKGROUND_STREAM_SECS: u64 = 30;
+
+/// Where the tools come from.
+const SETUP: &str = "`bash scripts/test.sh` installs curl, python3-requests, nodejs with \
+     tests/js/node_modules, redis-server and nginx";
 
 /// The unknown-block message.
 const UNKNOWN: &str = "a block the README test does not know — run it or say why not";
@@ -587,7 +597,7 @@ impl Bg {
             .kill_on_drop(true);
         let mut child = command
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
+            .unwrap_or_else(|e| panic!("cannot start {what}: {e}; {SETUP}"));
         let pgid = child.id().expect("a pid") as i32;
         let out = pump(child.stdout.take());
         let err = pump(child.stderr.take());
@@ -1034,7 +1044,9 @@ impl Session {
             self.start_gateway().await;
         }
         if is_background(&cmds) {
-            let bg = Bg::spawn(block.at(), self.shell(&self.script(block, &cmds, false)));
+            let mut command = self.shell(&self.script(block, &cmds, false));
+            command.env("README_STREAM_SECS", BACKGROUND_STREAM_SECS.to_string());
+            let bg = Bg::spawn(block.at(), command);
             if kinds.contains(&&Kind::Static) {
                 self.check_static_server(block, &bg).await;
             } else {
@@ -1593,7 +1605,9 @@ impl Nginx {
             .into_iter()
             .map(PathBuf::from)
             .find(|p| p.is_file())
-            .unwrap_or_else(|| require("nginx"));
+            .unwrap_or_else(|| {
+                panic!("nginx is not installed: the README test runs its nginx blocks; {SETUP}")
+            });
         let port = free_port();
         let mut http = String::new();
         let mut listens = 0;
