@@ -72,7 +72,7 @@ pub(super) enum Kind {
     Cd,
     /// Runs to completion (`curl`, `sse-gateway publish|tail|token`, `echo`).
     Run { needs_gateway: bool },
-    /// `inspect|check|export|import`: offline, the gateway stopped first.
+    /// `inspect|check|repair|export|import`: offline, the gateway stopped first.
     Offline,
     /// Not executed, with the reason.
     NotRun(&'static str),
@@ -197,9 +197,10 @@ pub(super) fn kind_of(text: &str) -> Kind {
             ("sse-gateway" | "cargo", Some("token")) => Kind::Run {
                 needs_gateway: false,
             },
-            ("sse-gateway" | "cargo", Some("inspect" | "check" | "export" | "import")) => {
-                Kind::Offline
-            }
+            (
+                "sse-gateway" | "cargo",
+                Some("inspect" | "check" | "repair" | "export" | "import"),
+            ) => Kind::Offline,
             ("cd", _) => Kind::Cd,
             ("echo", _) => Kind::Run {
                 needs_gateway: false,
