@@ -31,7 +31,7 @@ command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
 command -v fusermount3 >/dev/null 2>&1 || missing+=(fuse3)
 # The fuzz targets link libFuzzer, which is C++ (built by libfuzzer-sys).
 command -v g++ >/dev/null 2>&1 || missing+=(g++)
-# The README test (tests/gateway/readme.rs) runs its nginx and Python examples.
+# The README test (tests/gateway/readme/) runs its nginx and Python examples.
 [[ -x /usr/sbin/nginx ]] || command -v nginx >/dev/null 2>&1 || missing+=(nginx)
 python3 -c 'import requests' >/dev/null 2>&1 || missing+=(python3-requests)
 
