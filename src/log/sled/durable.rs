@@ -14,6 +14,11 @@
 //! - the data directory is created durably (every new directory and its
 //!   parent fsynced: [`create_data_dir`]), and after sled opened it `conf`,
 //!   `db`, the directory and its parent are fsynced ([`DiskSync::open`]);
+//! - sled's own log writes are fsynced too ([`fsync_every_log_write`], which
+//!   the binary calls at start): sled treats what `sync_file_range` wrote as
+//!   durable, frees and overwrites segments on that basis, and a drive cache
+//!   that reorders writes can then keep the overwrite and lose what it
+//!   replaced (torn writes by offset, README "Power loss");
 //! - **no blob files**: sled writes a tree node larger than a quarter of a
 //!   segment (~128 KiB) to `blobs/<lsn>`, never syncs it, and trusts it at
 //!   recovery. Format 2 keeps every value at most 4 KiB (`codec.rs`), so no

@@ -2,7 +2,8 @@
 //! torn writes do to it (issue 15), without the gateway.
 //!
 //! ```text
-//! cargo run -p powercut --example sled_cuts -- [strict|journal] [torn|torn-by-offset] CYCLES SEED
+//! cargo run -p powercut --example sled_cuts -- [strict|journal] [torn|torn-by-offset] \
+//!     [fsync-log-writes] CYCLES SEED
 //! ```
 //! A child process (this program, `work` subcommand) writes keys `0, 1, …`
 //! (values of 100 B … 4 KiB derived from the key) in batches of 8 keys, and
@@ -19,7 +20,10 @@
 //! Findings (README, "Power loss"): with `torn` (in order) nothing is lost;
 //! with `torn-by-offset` sled's recovery sometimes panics (`index out of
 //! bounds` in `SegmentAccountant::initial_segments`) or loses keys, because
-//! it treats data written with `sync_file_range` as durable.
+//! it treats data written with `sync_file_range` as durable. With
+//! `fsync-log-writes` the child first installs the gateway's fix (a seccomp
+//! filter that makes `sync_file_range` fail with `ENOSYS`, so sled `fsync`s
+//! each log buffer instead).
 #![forbid(unsafe_code)]
 
 use std::io::{BufRead, BufReader, Write};
@@ -75,8 +79,26 @@ fn open(dir: &std::path::Path) -> sled::Db {
     db
 }
 
+/// The gateway's fix (`src/log/sled/durable.rs`): `sync_file_range` fails
+/// with `ENOSYS` in this process, and sled falls back to `fsync`.
+fn fsync_log_writes() {
+    use seccompiler::{SeccompAction, SeccompFilter, TargetArch};
+    let filter = SeccompFilter::new(
+        std::collections::BTreeMap::from([(libc::SYS_sync_file_range, Vec::new())]),
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::ENOSYS as u32),
+        TargetArch::try_from(std::env::consts::ARCH).expect("arch"),
+    )
+    .expect("filter");
+    let program: seccompiler::BpfProgram = filter.try_into().expect("compile");
+    seccompiler::apply_filter_all_threads(&program).expect("install the filter");
+}
+
 /// `work DIR ACKED`: check, then write until killed.
 fn work(dir: &std::path::Path, acked: Option<u64>) {
+    if std::env::var("FSYNC_LOG_WRITES").is_ok_and(|v| v == "1") {
+        fsync_log_writes();
+    }
     let db = open(dir);
     let mut lost = 0u64;
     let mut detail = String::new();
@@ -185,6 +207,7 @@ fn main() {
         .expect("mode");
     let by_offset = args.iter().any(|a| a == "torn-by-offset");
     let torn = by_offset || args.iter().any(|a| a == "torn");
+    let fsync = args.iter().any(|a| a == "fsync-log-writes");
     let nums: Vec<u64> = args.iter().filter_map(|a| a.parse().ok()).collect();
     let cycles = nums.first().copied().unwrap_or(20);
     let seed = nums.get(1).copied().unwrap_or(1);
@@ -222,6 +245,7 @@ fn main() {
         let mut child = Command::new(std::env::current_exe().expect("exe"))
             .arg("work")
             .arg(&dir)
+            .env("FSYNC_LOG_WRITES", if fsync { "1" } else { "0" })
             .args(acked.map(|a| a.to_string()))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -302,11 +326,13 @@ fn main() {
         println!("cycle {cycle}: {report}; acked up to {acked:?}");
     }
     println!(
-        "[{mode}{}] cycles {cycles}, acked {total_acked}, lost {total_lost}, failed opens {failed} (seed {seed})",
+        "[{mode}{}{}] cycles {cycles}, acked {total_acked}, lost {total_lost}, failed opens {failed} \
+         (seed {seed})",
         match (torn, by_offset) {
             (true, true) => "+torn-by-offset",
             (true, false) => "+torn",
             _ => "",
-        }
+        },
+        if fsync { ", fsync-log-writes" } else { "" }
     );
 }
