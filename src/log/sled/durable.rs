@@ -140,8 +140,11 @@ impl DiskSync {
 /// `tools/powercut`'s `Torn::ByOffset` shows it (README, "Power loss").
 ///
 /// Call once, early (the binary does, before its runtime starts). Nothing
-/// else in the gateway uses `sync_file_range`. Fails where seccomp is not
-/// available; the caller decides whether to go on.
+/// else in the gateway uses `sync_file_range`. Installing a filter without
+/// privileges sets the process's `no_new_privs` (no privileges gained
+/// through `exec`, which the gateway never does); both are inherited by
+/// child processes. Fails where seccomp is not available; the caller
+/// decides whether to go on.
 #[cfg(target_os = "linux")]
 pub fn fsync_every_log_write() -> Result<(), seccompiler::Error> {
     use seccompiler::{SeccompAction, SeccompFilter, TargetArch};
