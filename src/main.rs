@@ -187,6 +187,18 @@ fn load_config(args: &ServeArgs) -> anyhow::Result<Config> {
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = load_config(&args)?;
+    // Before any thread starts: sled's own log writes fsynced (durable.rs).
+    #[cfg(target_os = "linux")]
+    if config.storage.backend == Backend::Sled {
+        if let Err(e) = sse_gateway::log::sled::fsync_every_log_write() {
+            tracing::warn!(
+                error = %e,
+                "cannot install the seccomp filter that makes sled fsync its own log writes: \
+                 on a drive with a volatile write cache and no power-loss protection, a power \
+                 cut may lose acknowledged events (README, \"Power loss\")"
+            );
+        }
+    }
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async move {
         let addr = config.listen_addr()?;

@@ -14,6 +14,11 @@
 //! - the data directory is created durably (every new directory and its
 //!   parent fsynced: [`create_data_dir`]), and after sled opened it `conf`,
 //!   `db`, the directory and its parent are fsynced ([`DiskSync::open`]);
+//! - sled's own log writes are fsynced too ([`fsync_every_log_write`], which
+//!   the binary calls at start): sled treats what `sync_file_range` wrote as
+//!   durable, frees and overwrites segments on that basis, and a drive cache
+//!   that reorders writes can then keep the overwrite and lose what it
+//!   replaced (torn writes by offset, README "Power loss");
 //! - **no blob files**: sled writes a tree node larger than a quarter of a
 //!   segment (~128 KiB) to `blobs/<lsn>`, never syncs it, and trusts it at
 //!   recovery. Format 2 keeps every value at most 4 KiB (`codec.rs`), so no
@@ -117,6 +122,42 @@ impl DiskSync {
         }
         self.db_file.sync_data()
     }
+}
+
+/// Makes every log write of sled durable before sled relies on it, for the
+/// whole process: `sync_file_range(2)` fails with `ENOSYS` from now on (a
+/// seccomp filter on every thread, inherited by threads started later), so
+/// sled 0.34.7 takes its own fallback and `fsync`s after each log buffer it
+/// writes (`pagecache/iobuf.rs`, `write_to_log`).
+///
+/// Why: sled counts a buffer as stable once `sync_file_range` returned, and
+/// acts on it — it frees the segments whose pages moved, writes new data
+/// over them, and records that "stable" point in the next segment header,
+/// where recovery trusts it. `sync_file_range` does not flush a drive's
+/// volatile write cache, which may then keep the overwrite and lose the
+/// moved pages at a power cut: acknowledged events lost, or a log that no
+/// longer opens ("Read corrupted data at file offset", panics in recovery).
+/// `tools/powercut`'s `Torn::ByOffset` shows it (README, "Power loss").
+///
+/// Call once, early (the binary does, before its runtime starts). Nothing
+/// else in the gateway uses `sync_file_range`. Installing a filter without
+/// privileges sets the process's `no_new_privs` (no privileges gained
+/// through `exec`, which the gateway never does); both are inherited by
+/// child processes. Fails where seccomp is not available; the caller
+/// decides whether to go on.
+#[cfg(target_os = "linux")]
+pub fn fsync_every_log_write() -> Result<(), seccompiler::Error> {
+    use seccompiler::{SeccompAction, SeccompFilter, TargetArch};
+    use std::collections::BTreeMap;
+    let arch = TargetArch::try_from(std::env::consts::ARCH)?;
+    let filter = SeccompFilter::new(
+        BTreeMap::from([(libc::SYS_sync_file_range, Vec::new())]),
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::ENOSYS as u32),
+        arch,
+    )?;
+    let program: seccompiler::BpfProgram = filter.try_into()?;
+    seccompiler::apply_filter_all_threads(&program)
 }
 
 /// The files in sled's `blobs` directory (none when it does not exist).

@@ -11,6 +11,8 @@
 
 pub mod codec;
 mod durable;
+#[cfg(target_os = "linux")]
+pub use durable::fsync_every_log_write;
 pub mod format;
 pub mod mark;
 pub mod offline;

@@ -9,7 +9,7 @@ use std::path::{Component, Path, PathBuf};
 use crate::data::FileData;
 use crate::mount::Mount;
 use crate::state::{Body, Meta, ROOT};
-use crate::{Error, Mode, PowerCutFs};
+use crate::{Error, Mode, PowerCutFs, Torn};
 
 /// The durable contents of a filesystem at a power cut: only what was
 /// reachable from the root through synced directory entries, with the data
@@ -155,7 +155,7 @@ impl Image {
     pub fn mount(
         &self,
         mode: Mode,
-        torn: Option<u64>,
+        torn: Option<Torn>,
         mountpoint: impl AsRef<Path>,
     ) -> Result<Mount, Error> {
         PowerCutFs::from_image(self, mode, torn).mount(mountpoint)

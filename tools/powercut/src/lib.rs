@@ -23,8 +23,13 @@
 //! - names (create, mkdir, rename, unlink, rmdir, link) only by `fsync` of
 //!   the directory holding them ([`Mode::Strict`]), or by any `fsync` at all
 //!   ([`Mode::Journal`], like ext4's journal);
-//! - with torn writes, a cut keeps of each file's unsynced changes a random
-//!   4 KiB-aligned prefix (seeded, deterministic).
+//! - with torn writes ([`Torn`], seeded, deterministic), a cut keeps part of
+//!   the unsynced changes too: [`Torn::InOrder`], those made before a random
+//!   point in time and a 4 KiB-aligned part of the one in flight (a disk that
+//!   stores writes in the order it is given them);
+//!   [`Torn::ByOffset`], of each file a random 4 KiB-aligned prefix *by
+//!   offset* of its unsynced pages (a drive whose volatile cache reorders
+//!   writes between flushes: a later write may survive an earlier one).
 //!
 //! The kernel handles `flock`/`fcntl` locks on the mount itself (the
 //! filesystem asks for no lock capability), so a second opener is refused
@@ -82,6 +87,39 @@ impl FromStr for Mode {
     }
 }
 
+/// Torn writes at a power cut: which of the changes made since a file's last
+/// `fsync`/`fdatasync` the disk kept anyway. Each carries the seed of the
+/// cut's random choices.
+///
+/// `sync_file_range(2)` never reaches a FUSE filesystem (see `fs.rs`), so
+/// neither model can tell data a process asked the kernel to write back
+/// from data it merely wrote.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Torn {
+    /// The disk stores writes in the order the kernel issues them, and the
+    /// power failed in the middle of one: every change made before a random
+    /// point survives, of the change in flight a random number of its 4 KiB
+    /// pages (in offset order), nothing after it. Across all files, in the
+    /// order the requests reached the filesystem. What a disk without a
+    /// volatile write cache (or with power-loss protection) does, and what
+    /// every write-ahead log's recovery is built for.
+    InOrder(u64),
+    /// Of each file's unsynced pages, those below a random 4 KiB-aligned
+    /// offset survive, whenever they were written: a later write can
+    /// survive an earlier one. What a drive with a volatile write cache may
+    /// do between two cache flushes.
+    ByOffset(u64),
+}
+
+impl Torn {
+    /// The seed of the cut's random choices.
+    pub fn seed(self) -> u64 {
+        match self {
+            Torn::InOrder(seed) | Torn::ByOffset(seed) => seed,
+        }
+    }
+}
+
 /// Counts of the requests the kernel sent to the filesystem (to check what
 /// a syscall turns into, and that a workload synced at all).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -128,8 +166,8 @@ pub struct PowerCutFs {
 
 impl PowerCutFs {
     /// An empty filesystem (its root owned by the calling user). `torn`:
-    /// the seed for torn writes at the cut, `None` for no torn writes.
-    pub fn new(mode: Mode, torn: Option<u64>) -> Self {
+    /// torn writes at the cut, `None` for none.
+    pub fn new(mode: Mode, torn: Option<Torn>) -> Self {
         let uid = nix::unistd::geteuid().as_raw();
         let gid = nix::unistd::getegid().as_raw();
         Self::with_state(State::new(mode, torn, uid, gid))
@@ -137,7 +175,7 @@ impl PowerCutFs {
 
     /// A filesystem whose durable and current contents are `image` (the
     /// boot after a cut).
-    pub fn from_image(image: &Image, mode: Mode, torn: Option<u64>) -> Self {
+    pub fn from_image(image: &Image, mode: Mode, torn: Option<Torn>) -> Self {
         Self::with_state(State::from_image(image, mode, torn))
     }
 

@@ -2,7 +2,7 @@
 //! the keyboard.
 //!
 //! ```text
-//! powercut MOUNTPOINT [--mode strict|journal] [--torn SEED]
+//! powercut MOUNTPOINT [--mode strict|journal] [--torn SEED | --torn-by-offset SEED]
 //! ```
 //! Then type on standard input:
 //! - `cut`: cut the power, print what survived, and mount that again;
@@ -16,14 +16,15 @@ use std::io::BufRead;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use powercut::{Mode, PowerCutFs};
+use powercut::{Mode, PowerCutFs, Torn};
 
-const USAGE: &str = "usage: powercut MOUNTPOINT [--mode strict|journal] [--torn SEED]";
+const USAGE: &str =
+    "usage: powercut MOUNTPOINT [--mode strict|journal] [--torn SEED | --torn-by-offset SEED]";
 
 struct Args {
     mountpoint: PathBuf,
     mode: Mode,
-    torn: Option<u64>,
+    torn: Option<Torn>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -40,14 +41,16 @@ fn parse_args() -> Result<Args, String> {
                     .parse()
                     .map_err(|e: powercut::Error| e.to_string())?;
             }
-            Some("--torn") => {
-                let value = args.next().ok_or("--torn needs a seed")?;
-                torn = Some(
-                    value
-                        .to_string_lossy()
-                        .parse()
-                        .map_err(|e| format!("--torn: {e}"))?,
-                );
+            Some(flag @ ("--torn" | "--torn-by-offset")) => {
+                let value = args.next().ok_or(format!("{flag} needs a seed"))?;
+                let seed = value
+                    .to_string_lossy()
+                    .parse()
+                    .map_err(|e| format!("{flag}: {e}"))?;
+                torn = Some(match flag {
+                    "--torn" => Torn::InOrder(seed),
+                    _ => Torn::ByOffset(seed),
+                });
             }
             Some("-h" | "--help") => return Err(USAGE.into()),
             _ if mountpoint.is_none() => mountpoint = Some(PathBuf::from(arg)),
@@ -68,7 +71,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         args.mountpoint.display(),
         args.mode,
         args.torn
-            .map_or("off".to_owned(), |seed| format!("seed {seed}"))
+            .map_or("off".to_owned(), |torn| format!("{torn:?}"))
     );
     for line in std::io::stdin().lock().lines() {
         let line = line?;

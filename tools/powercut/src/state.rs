@@ -21,11 +21,12 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::{OsStr, OsString};
+use std::sync::Arc;
 use std::time::SystemTime;
 
-use crate::data::{FileData, PAGE};
+use crate::data::{FileData, Page, PAGE};
 use crate::image::{Image, ImageNode};
-use crate::{Mode, Stats};
+use crate::{Mode, Stats, Torn};
 
 /// The root directory's inode number (FUSE's `FUSE_ROOT_ID`).
 pub(crate) const ROOT: u64 = 1;
@@ -102,6 +103,18 @@ struct Durable {
     refs: u32,
 }
 
+/// One change to a file's data since its last sync, as the disk would be
+/// asked to store it (kept only for [`Torn::InOrder`]).
+#[derive(Debug)]
+struct Write {
+    ino: u64,
+    /// Page index → the page's contents right after this change (`None`:
+    /// a hole), in offset order.
+    pages: Vec<(u64, Option<Page>)>,
+    /// The file's size right after this change.
+    size: u64,
+}
+
 /// Attributes handed to the FUSE layer.
 #[derive(Clone, Debug)]
 pub(crate) struct Attr {
@@ -127,8 +140,11 @@ pub(crate) struct SetAttr {
 /// them, and the counters of what the kernel sent.
 pub(crate) struct State {
     mode: Mode,
-    /// Seed of the torn-write RNG; `None`: a cut keeps exactly the durable layer.
-    torn: Option<u64>,
+    /// Torn writes and their seed; `None`: a cut keeps exactly the durable layer.
+    torn: Option<Torn>,
+    /// Every change to file data not yet synced, in the order it was made
+    /// (only with [`Torn::InOrder`]).
+    writes: Vec<Write>,
     live: HashMap<u64, Live>,
     durable: HashMap<u64, Durable>,
     /// Directories whose live entries changed since they were last persisted
@@ -142,7 +158,7 @@ pub(crate) struct State {
 
 impl State {
     /// An empty filesystem whose root is owned by `uid:gid`.
-    pub fn new(mode: Mode, torn: Option<u64>, uid: u32, gid: u32) -> Self {
+    pub fn new(mode: Mode, torn: Option<Torn>, uid: u32, gid: u32) -> Self {
         let root = ImageNode {
             body: Body::Dir(BTreeMap::new()),
             meta: Meta::new(0o755, uid, gid),
@@ -154,7 +170,7 @@ impl State {
     }
 
     /// A filesystem whose durable and volatile layers both equal `image`.
-    pub fn from_image(image: &Image, mode: Mode, torn: Option<u64>) -> Self {
+    pub fn from_image(image: &Image, mode: Mode, torn: Option<Torn>) -> Self {
         let mut refs: HashMap<u64, u32> = HashMap::new();
         let mut parents: HashMap<u64, u64> = HashMap::from([(ROOT, ROOT)]);
         let mut subdirs: HashMap<u64, u32> = HashMap::new();
@@ -200,6 +216,7 @@ impl State {
         State {
             mode,
             torn,
+            writes: Vec::new(),
             live,
             durable,
             dirty_dirs: BTreeSet::new(),
@@ -470,10 +487,11 @@ impl State {
             return Err(libc::EISDIR);
         };
         let pages = data.write(offset, bytes);
-        node.dirty.extend(pages);
+        node.dirty.extend(pages.clone());
         let now = SystemTime::now();
         node.meta.mtime = now;
         node.meta.ctime = now;
+        self.record(ino, pages);
         self.stats.writes += 1;
         self.stats.bytes_written += bytes.len() as u64;
         Ok(written)
@@ -486,8 +504,9 @@ impl State {
                 return Err(libc::EISDIR);
             };
             let pages = data.set_len(size);
-            node.dirty.extend(pages);
+            node.dirty.extend(pages.iter().copied());
             node.meta.mtime = SystemTime::now();
+            self.record(ino, pages);
             self.stats.truncates += 1;
         }
         let node = self.node_mut(ino)?;
@@ -534,9 +553,36 @@ impl State {
         if !keep_size && end > data.size {
             changed.extend(data.set_len(end));
         }
-        node.dirty.extend(changed);
+        node.dirty.extend(changed.iter().copied());
+        self.record(ino, changed);
         self.stats.fallocates += 1;
         Ok(())
+    }
+
+    /// Remembers a change to `pages` of file `ino` (as they are now) for
+    /// in-order torn writes.
+    fn record(&mut self, ino: u64, pages: impl IntoIterator<Item = u64>) {
+        if !matches!(self.torn, Some(Torn::InOrder(_))) {
+            return;
+        }
+        let Some(Live {
+            body: Body::File(data),
+            ..
+        }) = self.live.get(&ino)
+        else {
+            return;
+        };
+        let mut pages: Vec<(u64, Option<Page>)> = pages
+            .into_iter()
+            .map(|index| (index, data.pages.get(&index).cloned()))
+            .collect();
+        pages.sort_by_key(|(index, _)| *index);
+        pages.dedup_by_key(|(index, _)| *index);
+        self.writes.push(Write {
+            ino,
+            pages,
+            size: data.size,
+        });
     }
 
     /// `fsync` (`datasync == false`) or `fdatasync` of a file: its pages and
@@ -566,6 +612,7 @@ impl State {
                 durable.meta = live.meta.clone();
             }
             live.dirty.clear();
+            self.writes.retain(|w| w.ino != ino);
         }
         if self.mode == Mode::Journal {
             self.persist_all_dirs();
@@ -747,16 +794,23 @@ impl State {
                 entries.retain(|_, child| present.contains(child));
             }
         }
-        if let (true, Some(seed)) = (tear, self.torn) {
-            let mut rng = SplitMix64(seed);
-            for (ino, node) in nodes.iter_mut() {
-                let (Body::File(kept), Some(live)) = (&mut node.body, self.live.get(ino)) else {
-                    continue;
-                };
-                if let Body::File(current) = &live.body {
-                    tear_file(kept, current, &live.dirty, &mut rng);
+        match (tear, self.torn) {
+            (true, Some(Torn::InOrder(seed))) => {
+                tear_in_order(&mut nodes, &self.writes, &mut SplitMix64(seed));
+            }
+            (true, Some(Torn::ByOffset(seed))) => {
+                let mut rng = SplitMix64(seed);
+                for (ino, node) in nodes.iter_mut() {
+                    let (Body::File(kept), Some(live)) = (&mut node.body, self.live.get(ino))
+                    else {
+                        continue;
+                    };
+                    if let Body::File(current) = &live.body {
+                        tear_file(kept, current, &live.dirty, &mut rng);
+                    }
                 }
             }
+            _ => {}
         }
         Image { nodes }
     }
@@ -769,8 +823,63 @@ fn touch(meta: &mut Meta) {
     meta.ctime = now;
 }
 
-/// A torn write: of the unsynced changes of one file, a 4 KiB-aligned
-/// prefix (in file order) reaches the disk. `kept` is the durable data,
+/// In-order torn writes: the disk stored the unsynced changes (of every
+/// file, in the order they were made) up to a random one, which is torn: a
+/// random number of its pages, in offset order, made it. `writes` are
+/// applied to the durable `nodes` they name (files no durable name reaches
+/// are not in `nodes` and stay lost).
+///
+/// A change that grew the file and is torn grows it up to its first page
+/// that did not make it; a torn change that shrank it leaves the size as it
+/// was.
+fn tear_in_order(nodes: &mut BTreeMap<u64, ImageNode>, writes: &[Write], rng: &mut SplitMix64) {
+    let kept = rng.below(writes.len() as u64 + 1) as usize;
+    let mut touched = BTreeSet::new();
+    for (i, write) in writes.iter().enumerate().take(kept + 1) {
+        let Some(ImageNode {
+            body: Body::File(data),
+            ..
+        }) = nodes.get_mut(&write.ino)
+        else {
+            continue;
+        };
+        let applied = if i < kept {
+            write.pages.len()
+        } else {
+            rng.below(write.pages.len() as u64 + 1) as usize
+        };
+        for (index, page) in &write.pages[..applied] {
+            match page {
+                Some(page) => {
+                    data.pages.insert(*index, Arc::clone(page));
+                }
+                None => {
+                    data.pages.remove(index);
+                }
+            }
+        }
+        data.size = match write.pages.get(applied) {
+            None => write.size,
+            Some(&(missing, _)) if write.size > data.size => {
+                data.size.max(write.size.min(missing * PAGE))
+            }
+            Some(_) => data.size,
+        };
+        touched.insert(write.ino);
+    }
+    for ino in touched {
+        if let Some(ImageNode {
+            body: Body::File(data),
+            ..
+        }) = nodes.get_mut(&ino)
+        {
+            data.clip();
+        }
+    }
+}
+
+/// Torn writes by offset (a drive that reorders): of the unsynced changes
+/// of one file, a 4 KiB-aligned prefix (in file order) reaches the disk. `kept` is the durable data,
 /// `current` the volatile one, `dirty` the pages that differ. A cut offset
 /// `c` is drawn among the page boundaries from the first change to the end;
 /// the file keeps the volatile bytes before `c` and the durable ones from

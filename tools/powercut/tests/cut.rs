@@ -12,12 +12,12 @@ use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use powercut::{EntryKind, Image, Mode, Mount, PowerCutFs, PAGE};
+use powercut::{EntryKind, Image, Mode, Mount, PowerCutFs, Torn, PAGE};
 use tempfile::TempDir;
 
 /// A fresh mount on a temp dir. Keep the `TempDir` alive longer than the
 /// mount (declare it first).
-fn mounted(mode: Mode, torn: Option<u64>) -> (TempDir, Mount) {
+fn mounted(mode: Mode, torn: Option<Torn>) -> (TempDir, Mount) {
     let dir = TempDir::new().expect("temp dir");
     let mount = PowerCutFs::new(mode, torn)
         .mount(dir.path())
@@ -293,8 +293,8 @@ fn fallocate_grows_the_file_durably_only_after_fsync() {
     assert_eq!(image.read("b").as_deref(), Some(&b"b"[..]));
 }
 
-/// What `torn_file` in the model must produce for a cut offset `c`.
-fn torn(durable: &[u8], live: &[u8], cut: usize) -> Vec<u8> {
+/// What [`Torn::ByOffset`] must produce for a cut offset `cut`.
+fn torn_by_offset(durable: &[u8], live: &[u8], cut: usize) -> Vec<u8> {
     let size = if cut >= live.len() {
         live.len()
     } else {
@@ -311,10 +311,11 @@ fn torn(durable: &[u8], live: &[u8], cut: usize) -> Vec<u8> {
         .collect()
 }
 
-/// Two durable pages of `a`; then, unsynced, page 0 overwritten with `c` and
-/// ten pages of `b` appended. Returns (durable, volatile, image).
-fn torn_scenario(torn_seed: Option<u64>) -> (Vec<u8>, Vec<u8>, Image) {
-    let (dir, mount) = mounted(Mode::Strict, torn_seed);
+/// Two durable pages of `a`; then, unsynced, ten pages and 100 bytes of `b`
+/// appended, and *after that* page 0 overwritten with `c`. Returns
+/// (durable, volatile, image).
+fn torn_scenario(torn: Option<Torn>) -> (Vec<u8>, Vec<u8>, Image) {
+    let (dir, mount) = mounted(Mode::Strict, torn);
     let root = dir.path();
     let page = PAGE as usize;
     let durable = vec![b'a'; 2 * page];
@@ -324,9 +325,9 @@ fn torn_scenario(torn_seed: Option<u64>) -> (Vec<u8>, Vec<u8>, Image) {
         .write(true)
         .open(root.join("log"))
         .expect("open");
-    file.write_all_at(&vec![b'c'; page], 0).expect("overwrite");
     file.write_all_at(&vec![b'b'; 10 * page + 100], 2 * page as u64)
         .expect("append");
+    file.write_all_at(&vec![b'c'; page], 0).expect("overwrite");
     drop(file);
     let live = std::fs::read(root.join("log")).expect("read");
     let image = mount.power_cut().expect("cut");
@@ -335,21 +336,58 @@ fn torn_scenario(torn_seed: Option<u64>) -> (Vec<u8>, Vec<u8>, Image) {
 }
 
 #[test]
-fn torn_writes_keep_a_4k_aligned_prefix_of_the_unsynced_changes() {
+fn no_seed_no_tearing() {
     let (durable, _, image) = torn_scenario(None);
-    assert_eq!(
-        image.read("log"),
-        Some(durable),
-        "no tearing without a seed"
-    );
+    assert_eq!(image.read("log"), Some(durable));
+}
 
+/// In order: the append survives in part (whole pages, the size following
+/// them) or whole, and the later overwrite of page 0 only with all of it.
+#[test]
+fn torn_in_order_keeps_the_writes_before_a_point_and_part_of_the_one_in_flight() {
+    let page = PAGE as usize;
+    let mut outcomes = std::collections::BTreeSet::new();
+    for seed in 0..24 {
+        let (durable, live, image) = torn_scenario(Some(Torn::InOrder(seed)));
+        let kept = image.read("log").expect("log survives");
+        let appended = (0..=11)
+            .map(|pages| {
+                let mut bytes = durable.clone();
+                bytes.resize(2 * page + (pages * page).min(10 * page + 100), b'b');
+                bytes
+            })
+            .position(|state| state == kept);
+        let outcome = match appended {
+            Some(pages) => pages,
+            None if kept == live => 12,
+            None => panic!(
+                "seed {seed}: {} bytes kept, starting {:?}: not a prefix in time \
+                 of the writes",
+                kept.len(),
+                &kept[..8]
+            ),
+        };
+        outcomes.insert(outcome);
+        let (_, _, again) = torn_scenario(Some(Torn::InOrder(seed)));
+        assert_eq!(again, image, "seed {seed} tears the same way every time");
+    }
+    assert!(
+        outcomes.len() >= 3,
+        "the seeds tear at different places: {outcomes:?}"
+    );
+}
+
+/// By offset: a prefix of the file's changed pages, whenever written: the
+/// overwrite of page 0 can survive without the earlier append.
+#[test]
+fn torn_by_offset_keeps_a_4k_aligned_prefix_of_the_unsynced_changes() {
     let mut outcomes = std::collections::BTreeSet::new();
     for seed in 0..12 {
-        let (durable, live, image) = torn_scenario(Some(seed));
+        let (durable, live, image) = torn_scenario(Some(Torn::ByOffset(seed)));
         let kept = image.read("log").expect("log survives");
         let cut = (0..=live.len().div_ceil(PAGE as usize))
             .map(|pages| pages * PAGE as usize)
-            .find(|&cut| torn(&durable, &live, cut) == kept);
+            .find(|&cut| torn_by_offset(&durable, &live, cut) == kept);
         let cut = cut.unwrap_or_else(|| {
             panic!(
                 "seed {seed}: {} bytes kept are no aligned prefix of the changes",
@@ -357,12 +395,18 @@ fn torn_writes_keep_a_4k_aligned_prefix_of_the_unsynced_changes() {
             )
         });
         outcomes.insert(cut);
-        let (_, _, again) = torn_scenario(Some(seed));
+        let (_, _, again) = torn_scenario(Some(Torn::ByOffset(seed)));
         assert_eq!(again, image, "seed {seed} tears the same way every time");
     }
     assert!(
         outcomes.len() >= 3,
         "the seeds tear at different places: {outcomes:?}"
+    );
+    assert!(
+        outcomes
+            .iter()
+            .any(|&cut| cut > 0 && cut <= 2 * PAGE as usize),
+        "some seed keeps the later overwrite without the earlier append: {outcomes:?}"
     );
 }
 
