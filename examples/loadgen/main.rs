@@ -256,7 +256,11 @@ async fn batch(args: &Args, target: &Target, topic: &str) -> Result<String> {
     let mut publisher = Publisher::new(Arc::clone(&singles_target));
     let started = Instant::now();
     for seq in 0..events {
-        check(publisher.post(&singles_target.body(&payload(seq), size)).await?)?;
+        check(
+            publisher
+                .post(&singles_target.body(&payload(seq), size))
+                .await?,
+        )?;
     }
     let singles = events as f64 / started.elapsed().as_secs_f64();
 
