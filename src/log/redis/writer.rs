@@ -260,3 +260,48 @@ fn outcomes(
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::EventName;
+    use tokio::sync::oneshot;
+
+    fn append(events: usize) -> Pending {
+        let event = crate::log::NewEvent {
+            topics: Vec::new(),
+            name: EventName::default_name(),
+            data: "1".into(),
+            key: None,
+        };
+        (vec![event; events], oneshot::channel().0)
+    }
+
+    #[test]
+    fn script_answers_split_into_each_appends_outcome() {
+        let chunk = [append(2), append(1), append(3)];
+        let answers: Vec<String> = ["7", "r3", "c0", "c1", "c1", "c1"]
+            .map(String::from)
+            .to_vec();
+        let out = outcomes(&chunk, &answers).unwrap();
+        assert_eq!(
+            out[0].as_ref().unwrap(),
+            &[
+                Appended {
+                    seq: 7,
+                    replayed: false
+                },
+                Appended {
+                    seq: 3,
+                    replayed: true
+                }
+            ]
+        );
+        assert!(matches!(out[1], Err(LogError::KeyReused { index: 0 })));
+        assert!(matches!(out[2], Err(LogError::KeyReused { index: 1 })));
+        // A count or a number that does not fit is a broken script, never a panic.
+        assert!(outcomes(&chunk, &answers[..5]).is_err());
+        let bad: Vec<String> = ["x", "1", "2", "3", "4", "5"].map(String::from).to_vec();
+        assert!(outcomes(&chunk, &bad).is_err());
+    }
+}
