@@ -694,6 +694,33 @@ mod tests {
     }
 
     #[test]
+    fn publish_settings_are_bounded() {
+        let defaults = Config::from_toml("").unwrap().publish;
+        assert_eq!(
+            (defaults.idempotency_window_s, defaults.max_batch_events),
+            (86_400, 1_000)
+        );
+        for (text, names) in [
+            ("idempotency_window_s = 0", "publish.idempotency_window_s"),
+            (
+                "idempotency_window_s = 31622401",
+                "publish.idempotency_window_s",
+            ),
+            ("max_batch_events = 0", "publish.max_batch_events"),
+            ("max_batch_events = 100001", "publish.max_batch_events"),
+            ("idempotency_window = 5", "idempotency_window"),
+        ] {
+            let err = Config::from_toml(&format!("[publish]\n{text}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(names), "{text}: {err}");
+        }
+        let set =
+            Config::from_toml("[publish]\nidempotency_window_s = 1\nmax_batch_events = 100000\n");
+        assert!(set.is_ok());
+    }
+
+    #[test]
     fn the_example_secrets_of_the_docs_are_refused() {
         for secret in PLACEHOLDER_SECRETS {
             let err = Config::from_toml(&format!("[auth]\nhs256_secret = {secret:?}\n"))
