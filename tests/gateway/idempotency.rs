@@ -351,6 +351,19 @@ async fn export_and_import_carry_the_keys() {
     assert!(again.replayed, "{}", again.body);
     assert_eq!(again.body, first.body);
     assert_eq!(count(&server.client, &server.base, "a").await, 1);
+
+    // `check` reads the key entries too: a damaged one is reported.
+    {
+        let db = sled::Config::new().path(&imported).open().unwrap();
+        db.insert(b"y/:damaged", &[0u8; 3]).unwrap();
+        db.flush().unwrap();
+    }
+    let (status, stdout, _) = run_binary(&["check", "--data-dir", imported.to_str().unwrap()]);
+    assert!(!status.success(), "{stdout}");
+    assert!(
+        stdout.contains("malformed idempotency key entry"),
+        "{stdout}"
+    );
 }
 
 #[tokio::test]
