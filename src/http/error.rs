@@ -97,13 +97,16 @@ impl From<AuthError> for ApiError {
 impl From<RateLimited> for ApiError {
     fn from(e: RateLimited) -> Self {
         let seconds = e.retry_after.as_secs_f64().ceil().max(1.0) as u64;
+        let message = match e.over_burst {
+            Some((events, burst)) => format!(
+                "a batch of {events} events is more than the publish rate limit allows at once \
+                 (limits.publish_burst = {burst}); send smaller batches"
+            ),
+            None => format!("too many publishes; retry after {seconds} s"),
+        };
         Self {
             retry_after: Some(seconds),
-            ..Self::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
-                format!("too many publishes; retry after {seconds} s"),
-            )
+            ..Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message)
         }
     }
 }

@@ -201,6 +201,12 @@ pub async fn publish_batch(
             request.events.len()
         )));
     }
+    // `admit` counted the request as one publish; every event counts.
+    app.limits.publish_more(
+        access.ip,
+        access.caller.principal().map(|p| p.rate_key),
+        (request.events.len() - 1) as u32,
+    )?;
     let mut prepared = Vec::with_capacity(request.events.len());
     for (index, item) in request.events.iter().enumerate() {
         let item = item

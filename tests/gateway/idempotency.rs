@@ -636,3 +636,32 @@ async fn a_batch_replays_stored_items_and_stores_the_rest_in_one_commit() {
     assert_eq!(item_alone.id(), sent.ids()[1]);
     assert_eq!(count(&server.client, &server.base, "e").await, 2);
 }
+
+#[tokio::test]
+async fn every_event_of_a_batch_counts_against_the_publish_rate() {
+    let server = TestServer::start(|c| {
+        c.limits.publish_rate_per_ip = 1;
+        c.limits.publish_burst = 5;
+    })
+    .await;
+    let batch = |n: usize| json!({"events": vec![json!({"topics": ["a"], "data": 1}); n]});
+    let too_big = keyed(&server, "/publish/batch", None, batch(7)).await;
+    assert_eq!(
+        too_big.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "{}",
+        too_big.body
+    );
+    assert_eq!(too_big.code(), "rate_limited");
+    assert!(
+        too_big.message().contains("smaller batches"),
+        "{}",
+        too_big.message()
+    );
+    // The refused request counted one; four are left, and a batch of 4 spends them.
+    let fits = keyed(&server, "/publish/batch", None, batch(4)).await;
+    assert_eq!(fits.status, StatusCode::CREATED, "{}", fits.body);
+    let over = keyed(&server, "/publish/batch", None, batch(2)).await;
+    assert_eq!(over.status, StatusCode::TOO_MANY_REQUESTS, "{}", over.body);
+    assert_eq!(count(&server.client, &server.base, "a").await, 4);
+}
