@@ -549,7 +549,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("log");
         let text = [
-            format!(r#"{{"format":"{EXPORT_FORMAT}","version":1,"epoch":"{EPOCH}","head":9,"trimmed":{{"x":5}}}}"#),
+            format!(r#"{{"format":"{EXPORT_FORMAT}","version":2,"epoch":"{EPOCH}","head":9,"trimmed":{{"x":5}}}}"#),
             line(3, &["x", "y"], r#"{"b":1,"a":1.0}"#),
             line(6, &["x"], "[]"),
         ]
@@ -628,8 +628,8 @@ mod tests {
             ("", "the input is empty"),
             ("[]", "not an export header"),
             (
-                r#"{"format":"sse-gateway-export","version":2,"epoch":"a","head":1}"#,
-                "version 2 is newer",
+                r#"{"format":"sse-gateway-export","version":3,"epoch":"a","head":1}"#,
+                "version 3 is newer",
             ),
             (
                 r#"{"format":"sse-gateway-export","version":1,"epoch":"a-b","head":1}"#,
@@ -659,5 +659,46 @@ mod tests {
         .unwrap();
         let log = OfflineLog::open(&dir).unwrap();
         assert_eq!((log.epoch().as_str(), log.head()), ("a", 7));
+    }
+
+    #[test]
+    fn key_lines_are_validated_and_follow_the_events() {
+        let header =
+            format!(r#"{{"format":"{EXPORT_FORMAT}","version":2,"epoch":"{EPOCH}","head":9}}"#);
+        let digest = "ab".repeat(32);
+        let key = |scoped: &str, id: &str, digest: &str| {
+            format!(
+                r#"{{"idempotency_key":"{scoped}","id":"{id}","expires_ms":99,"digest":"{digest}"}}"#
+            )
+        };
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("log");
+        let good = [
+            header.clone(),
+            line(3, &["x"], "1"),
+            key("org1:k-1", "abc-3", &digest),
+        ]
+        .join("\n");
+        assert_eq!(import_text(&dir, &good).unwrap().keys, 1);
+        for (bad, expected) in [
+            (key("org1:k 1", "abc-3", &digest), "invalid idempotency key"),
+            (key("o/x:k", "abc-3", &digest), "invalid idempotency key"),
+            (key(":k", "abc-10", &digest), "beyond the head"),
+            (key(":k", "zzz-3", &digest), "not of the header's epoch"),
+            (key(":k", "abc-3", "12"), "digest"),
+        ] {
+            let dir = tmp.path().join("bad");
+            let text = [header.clone(), line(3, &["x"], "1"), bad.clone()].join("\n");
+            let error = import_text(&dir, &text).unwrap_err().to_string();
+            assert!(
+                error.starts_with("line 3: ") && error.contains(expected),
+                "{bad}: {error}"
+            );
+            assert!(!dir.exists());
+        }
+        let dir = tmp.path().join("order");
+        let text = [header, key(":k", "abc-3", &digest), line(3, &["x"], "1")].join("\n");
+        let error = import_text(&dir, &text).unwrap_err().to_string();
+        assert!(error.contains("after the idempotency key lines"), "{error}");
     }
 }
