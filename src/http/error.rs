@@ -153,7 +153,7 @@ impl From<LogError> for ApiError {
             ),
             // Refused before anything was written: the log failed earlier.
             LogError::Failed(_) => Self::unavailable(
-                "storage failed earlier and refuses writes until the gateway is restarted; nothing was stored",
+                "storage failed earlier and refuses writes until the gateway is restarted; nothing was stored: retry later (or on another instance) with the same Idempotency-Key",
             ),
             // The write itself failed: sled may still persist a batch whose
             // sync failed, and Redis may have applied a command whose answer
