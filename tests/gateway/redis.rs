@@ -894,3 +894,31 @@ async fn redis_a_key_used_on_one_node_replays_on_another_and_stores_once_under_a
         .await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_keys_expire_with_the_window_and_then_store_anew() {
+    let redis = RedisServer::start();
+    let dir = TempDir::new().unwrap();
+    let config = redis_config(
+        dir.path(),
+        &single(&redis.url()),
+        "[publish]\nidempotency_window_s = 1\n",
+    );
+    let nodes = gateways(dir.path(), &config, 1);
+    let client = reqwest::Client::new();
+    let url = nodes[0].url("/topics/t");
+    let (status, _, first) = post_keyed(&client, &url, "short", json!({"data": 1})).await;
+    assert_eq!(status, StatusCode::CREATED, "{first}");
+    let (_, replayed, _) = post_keyed(&client, &url, "short", json!({"data": 1})).await;
+    assert!(replayed, "within the window");
+    tokio::time::sleep(Duration::from_millis(1_300)).await;
+    assert_eq!(
+        redis_cli(redis.port, &["EXISTS", "{sse}:i::short"]),
+        "0",
+        "expired by its TTL"
+    );
+    let (status, replayed, later) = post_keyed(&client, &url, "short", json!({"data": 2})).await;
+    assert_eq!(status, StatusCode::CREATED, "{later}");
+    assert!(!replayed);
+    assert_ne!(later["id"], first["id"]);
+}
