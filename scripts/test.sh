@@ -29,6 +29,11 @@ command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
 # The power-cut filesystem (tools/powercut) mounts through FUSE: /dev/fuse and,
 # when not root, the fusermount3 helper. No libfuse is linked.
 command -v fusermount3 >/dev/null 2>&1 || missing+=(fuse3)
+# The fuzz targets link libFuzzer, which is C++ (built by libfuzzer-sys).
+command -v g++ >/dev/null 2>&1 || missing+=(g++)
+# The README test (tests/gateway/readme/) runs its nginx and Python examples.
+[[ -x /usr/sbin/nginx ]] || command -v nginx >/dev/null 2>&1 || missing+=(nginx)
+python3 -c 'import requests' >/dev/null 2>&1 || missing+=(python3-requests)
 
 if ((${#missing[@]})); then
     step "installing system packages: ${missing[*]}"
@@ -71,5 +76,9 @@ cargo test --locked --workspace --all-targets
 # --- the OpenAPI contract against a live gateway -------------------------------
 step "schemathesis (openapi.yaml against the debug binary)"
 bash scripts/schemathesis.sh
+
+# --- the fuzz targets: built with libFuzzer's instrumentation, each run briefly --
+step "fuzz targets (scripts/fuzz.sh, ${FUZZ_SECONDS:-15} s each)"
+FUZZ_SECONDS=${FUZZ_SECONDS:-15} bash scripts/fuzz.sh
 
 step "all checks passed"

@@ -10,6 +10,7 @@ pub mod check;
 pub mod inspect;
 pub mod pretty;
 pub mod publish;
+pub mod repair;
 pub mod tail;
 pub mod token;
 pub mod transfer;

@@ -73,6 +73,15 @@ pub enum LogError {
         "stored on the Redis primary but only {acked} of {wanted} replicas confirmed it in time"
     )]
     Replication { acked: u64, wanted: u32 },
+    /// The data directory holds less than it acknowledged (its
+    /// `acked-head` mark, `sled/mark.rs`): sled recovered a damaged log
+    /// to what precedes the damage, or lost its state.
+    #[error("the data directory {} has lost acknowledged events: events through {acked} were acknowledged, but its log now ends at {found}. The gateway does not serve a log with acknowledged events missing (nor hand their ids out again). `sse-gateway check --data-dir {}` reports what is readable; `sse-gateway repair --data-dir {}` first saves a copy of the directory, then starts the log again from what is left, with new ids after {acked}", .dir.display(), .dir.display(), .dir.display())]
+    AcknowledgedLost {
+        dir: std::path::PathBuf,
+        acked: String,
+        found: String,
+    },
     #[error("the Redis log layout version {found} is newer than this build supports ({supported}); upgrade sse-gateway")]
     LayoutTooNew { found: u32, supported: u32 },
     /// Event `index` of an append carries an idempotency key stored (and

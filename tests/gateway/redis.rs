@@ -20,14 +20,14 @@ use crate::common::*;
 
 const SECRET: &str = "redis-tests-secret-0123456789abcdefghijkl";
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     StdListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free loopback port")
 }
 
-fn require(binary: &str) -> PathBuf {
+pub(crate) fn require(binary: &str) -> PathBuf {
     for dir in std::env::var("PATH").unwrap_or_default().split(':') {
         let path = Path::new(dir).join(binary);
         if path.is_file() {
@@ -47,9 +47,9 @@ fn require(binary: &str) -> PathBuf {
 }
 
 /// One `redis-server` process on a loopback port, data in a temp dir.
-struct RedisServer {
+pub(crate) struct RedisServer {
     child: Option<Child>,
-    port: u16,
+    pub(crate) port: u16,
     dir: TempDir,
     args: Vec<String>,
 }
@@ -68,31 +68,37 @@ impl RedisServer {
             dir,
             args: extra.iter().map(|s| s.to_string()).collect(),
         };
-        server.spawn();
+        server.spawn(true);
         server
     }
 
-    fn spawn(&mut self) {
-        let child = Command::new(require("redis-server"))
-            .arg("--port")
-            .arg(self.port.to_string())
-            .args([
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--protected-mode",
-                "no",
-            ])
-            .arg("--dir")
-            .arg(self.dir.path())
-            .args(&self.args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn redis-server");
-        self.child = Some(child);
-        wait_for_ping(self.port);
+    /// Starts `redis-server` on `self.port`. The port was free when picked
+    /// but released since, so another process may have taken it (or, in
+    /// cluster mode, its bus port +10000): a first start then moves to
+    /// another port (`may_move`); a restart must keep its port and waits
+    /// for it.
+    fn spawn(&mut self, may_move: bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            match spawn_redis(self.port, self.dir.path(), &self.args) {
+                Ok(child) => {
+                    self.child = Some(child);
+                    return;
+                }
+                Err(why) => {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "redis-server did not start on port {}: {why}",
+                        self.port
+                    );
+                    if may_move {
+                        self.port = free_port();
+                    } else {
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                }
+            }
+        }
     }
 
     fn url(&self) -> String {
@@ -110,7 +116,7 @@ impl RedisServer {
     /// Starts again on the same port and directory.
     fn restart(&mut self) {
         self.kill();
-        self.spawn();
+        self.spawn(false);
     }
 }
 
@@ -120,7 +126,7 @@ impl Drop for RedisServer {
     }
 }
 
-fn redis_cli(port: u16, args: &[&str]) -> String {
+pub(crate) fn redis_cli(port: u16, args: &[&str]) -> String {
     let output = Command::new(require("redis-cli"))
         .args(["-h", "127.0.0.1", "-p", &port.to_string()])
         .args(args)
@@ -131,22 +137,52 @@ fn redis_cli(port: u16, args: &[&str]) -> String {
     text.trim().to_owned()
 }
 
-fn wait_for_ping(port: u16) {
+/// Spawns `redis-server` on `port` with its data in `dir` (plus `args`) and
+/// waits until it answers: it, not another server that took the port since
+/// it was picked (`CONFIG GET dir` must be `dir`). `Err` when it exited (its
+/// port, or its cluster bus port, was taken) or did not answer in 10 s.
+pub(crate) fn spawn_redis(port: u16, dir: &Path, args: &[String]) -> Result<Child, String> {
+    let mut child = Command::new(require("redis-server"))
+        .arg("--port")
+        .arg(port.to_string())
+        .args([
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--protected-mode",
+            "no",
+        ])
+        .arg("--dir")
+        .arg(dir)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("spawn redis-server: {e}"))?;
+    let own_dir = std::fs::canonicalize(dir).map_err(|e| e.to_string())?;
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        if redis_cli(port, &["ping"]) == "PONG" {
-            return;
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("redis-server exited ({status}): its port is taken"));
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "redis-server on port {port} did not answer PING"
-        );
+        let answer = redis_cli(port, &["config", "get", "dir"]);
+        if answer.lines().any(|line| Path::new(line.trim()) == own_dir) {
+            return Ok(child);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!(
+                "no answer from our redis-server in 10 s (last: {answer})"
+            ));
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
 }
 
 /// Writes a gateway config for the Redis backend.
-fn redis_config(dir: &Path, storage: &str, extra: &str) -> PathBuf {
+pub(crate) fn redis_config(dir: &Path, storage: &str, extra: &str) -> PathBuf {
     let path = dir.join(format!("config-{}.toml", free_port()));
     let text =
         format!("[storage]\n{storage}\n[stream]\nretry_ms = 250\nheartbeat_ms = 1000\n{extra}");
@@ -154,12 +190,12 @@ fn redis_config(dir: &Path, storage: &str, extra: &str) -> PathBuf {
     path
 }
 
-fn single(url: &str) -> String {
+pub(crate) fn single(url: &str) -> String {
     format!("backend = \"redis\"\nurl = \"{url}\"\ncommand_timeout_ms = 2000")
 }
 
 /// `n` gateway processes sharing `config`.
-fn gateways(dir: &Path, config: &Path, n: usize) -> Vec<GatewayProcess> {
+pub(crate) fn gateways(dir: &Path, config: &Path, n: usize) -> Vec<GatewayProcess> {
     (0..n)
         .map(|i| {
             let data = dir.join(format!("unused-data-{i}"));
@@ -446,12 +482,12 @@ async fn redis_kill_9_of_a_gateway_under_load_loses_no_acknowledged_event() {
 }
 
 /// A 3-primary Redis Cluster on loopback.
-struct Cluster {
-    nodes: Vec<RedisServer>,
+pub(crate) struct Cluster {
+    pub(crate) nodes: Vec<RedisServer>,
 }
 
 impl Cluster {
-    fn start() -> Self {
+    pub(crate) fn start() -> Self {
         let nodes: Vec<RedisServer> = (0..3)
             .map(|_| {
                 RedisServer::start_with(&[
@@ -921,4 +957,24 @@ async fn redis_keys_expire_with_the_window_and_then_store_anew() {
     assert_eq!(status, StatusCode::CREATED, "{later}");
     assert!(!replayed);
     assert_ne!(later["id"], first["id"]);
+}
+
+/// The harness itself: a port picked free but taken since by another
+/// server is noticed (the test would otherwise talk to the wrong Redis).
+#[test]
+fn a_redis_port_taken_by_another_server_is_not_mistaken_for_ours() {
+    let other = RedisServer::start();
+    let dir = TempDir::new().expect("tempdir");
+    let refused = spawn_redis(other.port, dir.path(), &[]).expect_err("the port is taken");
+    assert!(refused.contains("exited"), "{refused}");
+    // A first start moves to another port instead.
+    let mut moved = RedisServer {
+        child: None,
+        port: other.port,
+        dir,
+        args: Vec::new(),
+    };
+    moved.spawn(true);
+    assert_ne!(moved.port, other.port);
+    assert_eq!(redis_cli(moved.port, &["ping"]), "PONG");
 }

@@ -12,6 +12,7 @@
 pub mod codec;
 mod durable;
 pub mod format;
+pub mod mark;
 pub mod offline;
 mod reads;
 mod shared;
@@ -29,6 +30,7 @@ use parking_lot::Mutex;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use self::mark::AckMark;
 pub(crate) use self::shared::now_ms;
 use self::shared::Shared;
 use self::writer::Writer;
@@ -65,6 +67,9 @@ pub struct SledLog {
     closing: AtomicBool,
     trimmer_stop: CancellationToken,
     trimmer: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Keeps the `acked-head` mark (`mark.rs`) about a second behind the
+    /// durable head; returns it for the last write at close.
+    marker: Mutex<Option<tokio::task::JoinHandle<AckMark>>>,
     writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -80,6 +85,9 @@ impl SledLog {
         let (shared, disk) = Shared::open(dir, options.cache_capacity_bytes)?;
         let shared = Arc::new(shared);
         let head = shared.durable_head.load(Ordering::Acquire);
+        let marked = mark::read(dir).map_err(LogError::Sync)?;
+        mark::verify(marked.as_ref(), dir, &shared.epoch, head)?;
+        let ack_mark = AckMark::open(dir, marked, &shared.epoch, head).map_err(LogError::Sync)?;
 
         let (writer_tx, writer_rx) = mpsc::channel(options.publish_queue);
         let writer = Writer {
@@ -103,6 +111,11 @@ impl SledLog {
             options.trim_interval,
             trimmer_stop.clone(),
         ));
+        let marker = tokio::spawn(run_marker(
+            Arc::clone(&shared),
+            ack_mark,
+            trimmer_stop.clone(),
+        ));
 
         Ok(Self {
             shared,
@@ -110,8 +123,59 @@ impl SledLog {
             closing: AtomicBool::new(false),
             trimmer_stop,
             trimmer: Mutex::new(Some(trimmer)),
+            marker: Mutex::new(Some(marker)),
             writer_thread: Mutex::new(Some(writer_thread)),
         })
+    }
+}
+
+/// How far the `acked-head` mark may trail the durable head. A loss of
+/// acknowledged events newer than the mark goes unnoticed at the next open,
+/// so this is short; each write is one small fdatasync.
+const MARK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Writes the durable head into the mark every [`MARK_INTERVAL`] while it
+/// moves, until `stop`; hands the mark back for the last write at close.
+async fn run_marker(
+    shared: Arc<Shared>,
+    mut ack_mark: AckMark,
+    stop: CancellationToken,
+) -> AckMark {
+    let mut tick = tokio::time::interval(MARK_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return ack_mark,
+            _ = tick.tick() => {}
+        }
+        if shared.durable_head.load(Ordering::Acquire) == ack_mark.written() {
+            continue;
+        }
+        let task_shared = Arc::clone(&shared);
+        match tokio::task::spawn_blocking(move || {
+            mark_durable_head(&task_shared, &mut ack_mark);
+            ack_mark
+        })
+        .await
+        {
+            Ok(back) => ack_mark = back,
+            // The blocking pool is shutting down: nothing left to mark.
+            Err(_) => return std::future::pending().await,
+        }
+    }
+}
+
+/// One mark write of the current durable head (never more than is durable:
+/// the writer raises `durable_head` only after its fsync). A failure is
+/// logged, not fatal: the mark detects damage, it does not make anything
+/// durable, and a failing disk fails the commits themselves.
+fn mark_durable_head(shared: &Shared, ack_mark: &mut AckMark) {
+    let head = shared.durable_head.load(Ordering::Acquire);
+    if head == ack_mark.written() {
+        return;
+    }
+    if let Err(e) = ack_mark.write(&shared.epoch, head) {
+        tracing::error!(error = %e, "cannot write the acked-head mark");
     }
 }
 
@@ -192,6 +256,14 @@ impl Log for SledLog {
                     .map_err(|_| LogError::WriterPanicked)?;
             }
             self.shared.db.flush_async().await?;
+            // The writer is gone: the mark gets the final durable head.
+            let marker = self.marker.lock().take();
+            if let Some(marker) = marker {
+                let mut ack_mark = marker.await?;
+                let shared = Arc::clone(&self.shared);
+                tokio::task::spawn_blocking(move || mark_durable_head(&shared, &mut ack_mark))
+                    .await?;
+            }
             Ok(())
         }
         .boxed()

@@ -8,6 +8,7 @@ use crate::log::sled::codec::{
     self, EPOCH_KEY, EVENT_PREFIX, FORMAT_KEY, HEAD_KEY, INDEX_PREFIX, PIECE_PREFIX, TRIMMED_PREFIX,
 };
 use crate::log::sled::format::{self, CURRENT_FORMAT};
+use crate::log::sled::mark;
 use crate::log::LogError;
 use crate::model::{Epoch, Topic};
 
@@ -63,6 +64,37 @@ impl CheckReport {
             Some(epoch) => epoch.id(seq),
             None => format!("#{seq}"),
         }
+    }
+}
+
+/// The `acked-head` mark (`mark.rs`) against the head: a log that ends
+/// before what the directory acknowledged has lost acknowledged events, even
+/// when what is left is consistent in itself.
+fn check_mark(dir: &Path, r: &mut CheckReport) {
+    let (Some(epoch), Some(head)) = (r.epoch.clone(), r.head) else {
+        return;
+    };
+    match mark::read(dir) {
+        Ok(marked) => {
+            if let Err(e) = mark::verify(marked.as_ref(), dir, &epoch, head) {
+                if let (LogError::AcknowledgedLost { acked, found, .. }, Some(marked)) = (e, marked)
+                {
+                    let what = if marked.epoch == epoch.as_str() {
+                        format!(
+                            "events through {acked} were acknowledged, but the log ends at {found}: {} acknowledged events are missing",
+                            marked.seq - head
+                        )
+                    } else {
+                        format!(
+                            "events through {acked} were acknowledged, but the log is now epoch {}: all of them are missing",
+                            epoch.as_str()
+                        )
+                    };
+                    r.problem(mark::MARK_FILE, what);
+                }
+            }
+        }
+        Err(e) => r.problem(mark::MARK_FILE, format!("unreadable: {e}")),
     }
 }
 
@@ -145,6 +177,8 @@ pub fn check(dir: &Path, progress: &mut dyn Progress) -> Result<CheckReport, Off
             Err(e) => r.problem("m/head", what_of(e)),
         },
     }
+
+    check_mark(dir, &mut r);
 
     let mut topics: HashSet<Topic> = HashSet::new();
     let mut trimmed: HashMap<Topic, u64> = HashMap::new();

@@ -20,6 +20,7 @@ mod check;
 mod export;
 mod import;
 mod inspect;
+mod repair;
 
 use std::collections::BTreeMap;
 use std::io;
@@ -36,6 +37,7 @@ pub use check::{check, describe_key, CheckReport, Problem};
 pub use export::{ExportStats, EXPORT_FORMAT, EXPORT_VERSION};
 pub use import::{import, ImportStats};
 pub use inspect::{Summary, TopicSummary};
+pub use repair::{repair, RepairReport};
 
 /// sled page cache for offline runs: they scan once, a big cache buys nothing.
 const OFFLINE_CACHE_BYTES: u64 = 64 * 1024 * 1024;
@@ -132,31 +134,10 @@ pub(crate) struct Snapshot {
 /// [`Snapshot`]): no background flush, a small cache. A held lock is
 /// [`OfflineError::Locked`].
 fn open_db(dir: &Path) -> Result<Snapshot, OfflineError> {
-    let db_file = dir.join("db");
-    if !db_file.is_file() {
-        return Err(OfflineError::NotADataDir(dir.to_path_buf()));
-    }
     let copy = {
-        // sled's lock (flock on `db`): held while copying, so no gateway
-        // writes the directory under our feet.
-        let lock = std::fs::File::open(&db_file).map_err(io_error("cannot open db"))?;
-        // A little patience: a sled database closed a moment ago (a gateway
-        // that is stopping, or an import in this process) releases its lock
-        // from a background thread.
-        let mut attempts = 0;
-        loop {
-            match lock.try_lock() {
-                Ok(()) => break,
-                Err(std::fs::TryLockError::WouldBlock) if attempts < LOCK_ATTEMPTS => {
-                    attempts += 1;
-                    std::thread::sleep(LOCK_RETRY);
-                }
-                Err(std::fs::TryLockError::WouldBlock) => {
-                    return Err(OfflineError::Locked(dir.to_path_buf()))
-                }
-                Err(std::fs::TryLockError::Error(e)) => return Err(io_error("cannot lock db")(e)),
-            }
-        }
+        // sled's lock, held while copying: no gateway writes the directory
+        // under our feet.
+        let _lock = lock_db(dir)?;
         let copy = copy_target(dir).map_err(io_error("cannot make a private copy"))?;
         copy_files(dir, copy.path()).map_err(io_error("cannot copy the data directory"))?;
         copy
@@ -167,6 +148,34 @@ fn open_db(dir: &Path) -> Result<Snapshot, OfflineError> {
         .flush_every_ms(None)
         .open()?;
     Ok(Snapshot { db, copy })
+}
+
+/// Takes sled's own lock on the database in `dir` (an flock on `db`), so
+/// no gateway can open it while held. A lock still held after about a
+/// second is [`OfflineError::Locked`].
+pub(super) fn lock_db(dir: &Path) -> Result<std::fs::File, OfflineError> {
+    let db_file = dir.join("db");
+    if !db_file.is_file() {
+        return Err(OfflineError::NotADataDir(dir.to_path_buf()));
+    }
+    let lock = std::fs::File::open(&db_file).map_err(io_error("cannot open db"))?;
+    // A little patience: a sled database closed a moment ago (a gateway
+    // that is stopping, or an import in this process) releases its lock
+    // from a background thread.
+    let mut attempts = 0;
+    loop {
+        match lock.try_lock() {
+            Ok(()) => return Ok(lock),
+            Err(std::fs::TryLockError::WouldBlock) if attempts < LOCK_ATTEMPTS => {
+                attempts += 1;
+                std::thread::sleep(LOCK_RETRY);
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(OfflineError::Locked(dir.to_path_buf()))
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io_error("cannot lock db")(e)),
+        }
+    }
 }
 
 /// A temporary directory beside `dir` (same filesystem: a fast copy), or in
