@@ -117,6 +117,8 @@ status=0
 # From the temp dir: schemathesis keeps its example database in the working directory.
 (
     cd "$WORK"
+    # Valid idempotency keys made unique per request (why: the hooks file).
+    SCHEMATHESIS_HOOKS="$ROOT/scripts/schemathesis_hooks.py" \
     "$VENV/bin/schemathesis" --no-color run "$ROOT/openapi.yaml" \
         --url "http://$ADDR" \
         --checks all \

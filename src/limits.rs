@@ -34,6 +34,9 @@ pub struct ClientLimits {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RateLimited {
     pub retry_after: Duration,
+    /// `(events, burst)` when a batch holds more events than the burst
+    /// allows at once: it can never pass, whatever the wait.
+    pub over_burst: Option<(u32, u32)>,
 }
 
 impl ClientLimits {
@@ -73,12 +76,44 @@ impl ClientLimits {
     pub fn publish(&self, ip: IpAddr, token: Option<u64>) -> Result<(), RateLimited> {
         let wait = |not_until: governor::NotUntil<_>| RateLimited {
             retry_after: not_until.wait_time_from(self.clock.now()),
+            over_burst: None,
         };
         if let Some(by_ip) = &self.by_ip {
             by_ip.check_key(&ip).map_err(wait)?;
         }
         if let (Some(by_token), Some(token)) = (&self.by_token, token) {
             by_token.check_key(&token).map_err(wait)?;
+        }
+        Ok(())
+    }
+
+    /// Counts `n` more publishes against the IP and (if any) the token: the
+    /// events of a batch beyond the one [`publish`](Self::publish) counted
+    /// for its request, so a batch of 100 costs what 100 publishes cost.
+    pub fn publish_more(&self, ip: IpAddr, token: Option<u64>, n: u32) -> Result<(), RateLimited> {
+        let Some(more) = NonZeroU32::new(n) else {
+            return Ok(());
+        };
+        let refused = |outcome: Result<Result<(), governor::NotUntil<_>>, _>| match outcome {
+            Ok(Ok(())) => None,
+            Ok(Err(not_until)) => Some(RateLimited {
+                retry_after: not_until.wait_time_from(self.clock.now()),
+                over_burst: None,
+            }),
+            Err(governor::InsufficientCapacity(burst)) => Some(RateLimited {
+                retry_after: Duration::from_secs(1),
+                over_burst: Some((n.saturating_add(1), burst)),
+            }),
+        };
+        if let Some(by_ip) = &self.by_ip {
+            if let Some(limited) = refused(by_ip.check_key_n(&ip, more)) {
+                return Err(limited);
+            }
+        }
+        if let (Some(by_token), Some(token)) = (&self.by_token, token) {
+            if let Some(limited) = refused(by_token.check_key_n(&token, more)) {
+                return Err(limited);
+            }
         }
         Ok(())
     }

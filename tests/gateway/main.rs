@@ -10,6 +10,7 @@ mod connections;
 mod damage;
 mod durability;
 mod guarantees;
+mod idempotency;
 mod limits;
 mod loadgen;
 mod memory;

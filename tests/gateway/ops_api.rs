@@ -397,6 +397,7 @@ async fn cors_preflight_from_an_allowed_origin_is_allowed_with_credentials() {
     for path in [
         "/topics/x",
         "/publish",
+        "/publish/batch",
         "/projects/broadcast/task",
         "/events?topic=x",
     ] {
@@ -415,7 +416,12 @@ async fn cors_preflight_from_an_allowed_origin_is_allowed_with_credentials() {
         let methods = header_list(&headers, "access-control-allow-methods");
         assert!(methods.iter().any(|m| m == "post"), "{path}: {methods:?}");
         let allowed = header_list(&headers, "access-control-allow-headers");
-        for want in ["content-type", "last-event-id", "authorization"] {
+        for want in [
+            "content-type",
+            "last-event-id",
+            "authorization",
+            "idempotency-key",
+        ] {
             assert!(
                 allowed.iter().any(|h| h == want),
                 "{path}: {want} in {allowed:?}"
@@ -450,6 +456,12 @@ async fn cors_preflight_from_an_allowed_origin_is_allowed_with_credentials() {
     assert_eq!(
         header(response.headers(), "access-control-allow-credentials"),
         Some("true")
+    );
+    // A script may read whether an answer was replayed from its key.
+    let exposed = header_list(response.headers(), "access-control-expose-headers");
+    assert!(
+        exposed.iter().any(|h| h == "idempotent-replayed"),
+        "{exposed:?}"
     );
     let response = server
         .client
@@ -532,7 +544,12 @@ async fn cors_wildcard_allows_any_origin_with_star_and_no_credentials() {
             .iter()
             .any(|m| m == "post"));
         let allowed = header_list(&headers, "access-control-allow-headers");
-        for want in ["content-type", "last-event-id", "authorization"] {
+        for want in [
+            "content-type",
+            "last-event-id",
+            "authorization",
+            "idempotency-key",
+        ] {
             assert!(allowed.iter().any(|h| h == want), "{want} in {allowed:?}");
         }
         let response = server

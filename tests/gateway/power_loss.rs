@@ -7,6 +7,9 @@
 //! mounted again and the gateway restarted. Every acknowledged (`201`) event
 //! that retention did not legitimately trim must replay byte-exact, and a
 //! publish after the restart must get an id above every acknowledged one.
+//! The small events are published with an `Idempotency-Key`: after the
+//! restart, the newest acknowledged ones are sent again with their keys and
+//! must be answered with their original ids (replayed), never stored anew.
 //!
 //! Each mode runs as its own test: strict (names durable only by `fsync` of
 //! their directory, POSIX) and journal (any fsync commits earlier names, like
@@ -107,6 +110,8 @@ struct Figures {
     lost: u64,
     failed_restarts: u64,
     reused_ids: u64,
+    /// Acknowledged keyed publishes whose retry after the cut was not replayed with the original id.
+    keys_not_replayed: u64,
     /// One line per problem, in order.
     failures: Vec<String>,
 }
@@ -119,11 +124,22 @@ struct History {
     topics: BTreeMap<String, BTreeMap<u64, (String, String)>>,
     /// Highest sequence ever acknowledged in this epoch (a later id must be higher).
     max_seq: u64,
+    /// The last cycle's acknowledged keyed publishes: (topic, key, data, id).
+    keyed: Vec<(String, String, String, String)>,
 }
 
 impl History {
     fn add(&mut self, acked: Vec<Acked>) {
+        self.keyed.clear();
         for event in acked {
+            if let Some(key) = &event.key {
+                self.keyed.push((
+                    event.topic.clone(),
+                    key.clone(),
+                    event.data.clone(),
+                    event.id.clone(),
+                ));
+            }
             let seq = seq_of(&event.id);
             self.max_seq = self.max_seq.max(seq);
             self.epoch
@@ -232,7 +248,7 @@ async fn run_mode(mode: Mode, torn: bool) {
         }
 
         figures.cycles += 1;
-        let publishers = Publishers::start(&client, &gateway.base);
+        let publishers = Publishers::start(&client, &gateway.base, boot);
         let run_for = Duration::from_millis(rng.random_range(300..2500));
         let pause = rng.random_bool(1.0 / 3.0);
         tokio::time::sleep(run_for).await;
@@ -265,15 +281,24 @@ async fn run_mode(mode: Mode, torn: bool) {
         );
     }
     let summary = format!(
-        "[{label}] cycles {}, acked {}, lost {}, failed restarts {}, reused ids {} (seed {seed})",
-        figures.cycles, figures.acked, figures.lost, figures.failed_restarts, figures.reused_ids
+        "[{label}] cycles {}, acked {}, lost {}, failed restarts {}, reused ids {}, \
+         keys not replayed {} (seed {seed})",
+        figures.cycles,
+        figures.acked,
+        figures.lost,
+        figures.failed_restarts,
+        figures.reused_ids,
+        figures.keys_not_replayed
     );
     println!("{summary}");
     for failure in &figures.failures {
         println!("[{label}]   {failure}");
     }
     assert!(
-        figures.lost == 0 && figures.failed_restarts == 0 && figures.reused_ids == 0,
+        figures.lost == 0
+            && figures.failed_restarts == 0
+            && figures.reused_ids == 0
+            && figures.keys_not_replayed == 0,
         "{summary}\n{}",
         figures.failures.join("\n")
     );
@@ -309,8 +334,8 @@ async fn verify(
     figures: &mut Figures,
     boot: u64,
 ) {
-    let probe = match try_publish(client, base, PROBE_TOPIC, "{\"probe\":true}").await {
-        Ok(id) => id,
+    let probe = match try_publish(client, base, PROBE_TOPIC, "{\"probe\":true}", None).await {
+        Ok((id, _)) => id,
         Err(why) => {
             figures.failures.push(format!(
                 "boot {boot}: publish after the restart failed: {why}"
@@ -379,6 +404,25 @@ async fn verify(
             history.max_seq
         ));
     }
+    // The newest acknowledged keyed publishes, retried with their keys: the
+    // key was stored with the event, so each is replayed, not stored again.
+    let keyed = std::mem::take(&mut history.keyed);
+    let mut not_replayed = Vec::new();
+    for (topic, key, data, id) in keyed.iter().rev().take(20) {
+        match try_publish(client, base, topic, data, Some(key)).await {
+            Ok((again, true)) if &again == id => {}
+            Ok((again, replayed)) => {
+                not_replayed.push(format!("{key}: {id} -> {again} (replayed: {replayed})"))
+            }
+            Err(why) => not_replayed.push(format!("{key}: {why}")),
+        }
+    }
+    if !not_replayed.is_empty() {
+        figures.keys_not_replayed += not_replayed.len() as u64;
+        figures.failures.push(format!(
+            "boot {boot}: keyed publishes not replayed after the cut: {not_replayed:?}"
+        ));
+    }
     history.epoch = Some(epoch);
     history.max_seq = history.max_seq.max(probe_seq);
 }
@@ -430,27 +474,35 @@ async fn replay(
     Ok(stored)
 }
 
+/// Publishes `data` to `topic`, with `Idempotency-Key: key` when given:
+/// the id, and whether the answer was replayed.
 async fn try_publish(
     client: &reqwest::Client,
     base: &str,
     topic: &str,
     data: &str,
-) -> Result<String, String> {
-    let response = client
+    key: Option<&str>,
+) -> Result<(String, bool), String> {
+    let mut request = client
         .post(format!("{base}/topics/{topic}"))
         .header("content-type", "application/json")
-        .body(format!("{{\"data\":{data}}}"))
-        .send()
-        .await
-        .map_err(|e| e.to_string())?;
+        .body(format!("{{\"data\":{data}}}"));
+    if let Some(key) = key {
+        request = request.header("idempotency-key", key);
+    }
+    let response = request.send().await.map_err(|e| e.to_string())?;
     let status = response.status();
+    let replayed = response
+        .headers()
+        .get("idempotent-replayed")
+        .is_some_and(|v| v == "true");
     let answer: Value = response.json().await.map_err(|e| e.to_string())?;
     if status != StatusCode::CREATED {
         return Err(format!("{status}: {answer}"));
     }
     answer["id"]
         .as_str()
-        .map(str::to_owned)
+        .map(|id| (id.to_owned(), replayed))
         .ok_or_else(|| format!("no id in {answer}"))
 }
 
@@ -459,6 +511,7 @@ struct Acked {
     topic: String,
     id: String,
     data: String,
+    key: Option<String>,
 }
 
 /// The event data of publisher `p`'s `i`th event: compact JSON (stored and
@@ -488,7 +541,7 @@ struct Publishers {
 }
 
 impl Publishers {
-    fn start(client: &reqwest::Client, base: &str) -> Self {
+    fn start(client: &reqwest::Client, base: &str, boot: u64) -> Self {
         let running = Arc::new(AtomicBool::new(true));
         let acked: Arc<Mutex<Vec<Acked>>> = Default::default();
         let tasks = (0..=SMALL_PUBLISHERS)
@@ -505,12 +558,14 @@ impl Publishers {
                             TOPICS[p % TOPICS.len()]
                         };
                         let data = event_data(p, i, if large { LARGE_PAD } else { SMALL_PAD });
+                        let key = (!large).then(|| format!("boot{boot}-p{p}-i{i}"));
                         i += 1;
-                        match try_publish(&client, &base, topic, &data).await {
-                            Ok(id) => acked.lock().expect("acked lock").push(Acked {
+                        match try_publish(&client, &base, topic, &data, key.as_deref()).await {
+                            Ok((id, _)) => acked.lock().expect("acked lock").push(Acked {
                                 topic: topic.to_owned(),
                                 id,
                                 data,
+                                key,
                             }),
                             // The gateway was killed: expected, not counted.
                             Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
@@ -761,9 +816,11 @@ async fn power_cuts_during_the_format_upgrade_lose_nothing() {
         &gateway.base,
         PROBE_TOPIC,
         "{\"after\":\"upgrade\"}",
+        None,
     )
     .await
-    .expect("publish after the upgrade");
+    .expect("publish after the upgrade")
+    .0;
     assert_eq!(probe, format!("ucMMIYGv-{}", 5 + UPGRADE_EVENTS));
     gateway.kill9();
     mount.unmount().expect("unmount");
@@ -796,7 +853,7 @@ async fn readyz_turns_503_when_the_disk_fails_under_a_running_gateway() {
             .map(|r| r.status())
             .ok()
     };
-    try_publish(&client, &gateway.base, "disk", "{\"before\":1}")
+    try_publish(&client, &gateway.base, "disk", "{\"before\":1}", None)
         .await
         .expect("a publish on a working disk");
     assert_eq!(
@@ -806,7 +863,7 @@ async fn readyz_turns_503_when_the_disk_fails_under_a_running_gateway() {
 
     // From now on every filesystem request of the gateway fails (EIO).
     let _image = mount.power_cut().expect("cut");
-    let refused = try_publish(&client, &gateway.base, "disk", "{\"after\":1}").await;
+    let refused = try_publish(&client, &gateway.base, "disk", "{\"after\":1}", None).await;
     assert!(
         refused.as_ref().is_err_and(|why| why.contains("503")),
         "a publish on a failed disk is refused with 503: {refused:?}"

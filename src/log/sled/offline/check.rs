@@ -244,6 +244,16 @@ pub fn check(dir: &Path, progress: &mut dyn Progress) -> Result<CheckReport, Off
             }
         } else if key.starts_with(PIECE_PREFIX) {
             check_piece(&db, &key, &mut r)?;
+        } else if key.starts_with(codec::KEY_PREFIX) {
+            let entry =
+                codec::split_key_key(&key).and_then(|_| codec::KeyEntry::decode(&key, &value));
+            if entry.is_err() {
+                r.problem(describe_key(&key), "malformed idempotency key entry");
+            }
+        } else if key.starts_with(codec::EXPIRY_PREFIX) {
+            if codec::split_expiry_key(&key).is_err() {
+                r.problem(describe_key(&key), "malformed idempotency key expiry entry");
+            }
         } else if !(key.starts_with(TRIMMED_PREFIX)
             || key == FORMAT_KEY
             || key == EPOCH_KEY
