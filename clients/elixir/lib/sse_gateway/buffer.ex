@@ -126,7 +126,7 @@ defmodule SseGateway.Buffer do
        timer: nil,
        flushers: [],
        counters: counters,
-       drop_log: {0, 0}
+       drop_log: {nil, 0}
      }}
   end
 
@@ -204,7 +204,7 @@ defmodule SseGateway.Buffer do
     {last, n} = s.drop_log
     now = System.monotonic_time(:millisecond)
 
-    if now - last >= 1_000 do
+    if last == nil or now - last >= 1_000 do
       Logger.warning(
         "sse_gateway: buffer full (#{s.size} events): dropped event #{ev.event} to #{inspect(ev.topics || ev.route)}" <>
           if(n > 0, do: " and #{n} more since the last message", else: "")

@@ -119,7 +119,7 @@ defmodule SseGateway.Test do
   """
   def assert_published(topic, event \\ :any, data \\ :any, timeout \\ 100) do
     match = fn p -> topic in p.topics and same_event?(p, event) and same_data?(p, data) end
-    find!(match, timeout, "an event to #{inspect(topic)} #{describe(event, data)}")
+    find!(match, timeout, String.trim("an event to #{inspect(topic)} #{describe(event, data)}"))
   end
 
   @doc """
@@ -129,7 +129,7 @@ defmodule SseGateway.Test do
   def assert_broadcast(kind, event \\ :any, payload \\ :any, timeout \\ 100) do
     route = if String.contains?(kind, "/"), do: kind, else: "projects/" <> kind
     match = fn p -> p.route == route and same_event?(p, event) and same_data?(p, payload) end
-    find!(match, timeout, "a broadcast through #{route} #{describe(event, payload)}")
+    find!(match, timeout, String.trim("a broadcast through #{route} #{describe(event, payload)}"))
   end
 
   @doc "Asserts that nothing was published to `topic` (within `timeout` ms)."
