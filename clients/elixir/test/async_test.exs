@@ -42,7 +42,7 @@ defmodule SseGateway.AsyncTest do
       assert :ok = SseGateway.Projects.broadcast_task(:task_created, %{"i" => i}, opts)
     end
 
-    assert Buffer.flush(buffer, 60_000) == :ok
+    assert Buffer.flush(buffer, 40_000) == :ok
     faults = FaultProxy.stats(proxy)
     stats = Buffer.stats(buffer)
     assert faults.dropped + faults.delayed > 0, "the proxy injected no fault: #{inspect(faults)}"

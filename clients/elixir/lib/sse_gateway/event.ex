@@ -22,9 +22,17 @@ defmodule SseGateway.Event do
           key: String.t() | nil
         }
 
-  @topic ~r/\A[A-Za-z0-9._~:@-]{1,200}\z/
-  @event ~r/\A[A-Za-z0-9._:-]{1,100}\z/
-  @key ~r/\A[\x21-\x7e]{1,255}\z/
+  # Byte checks rather than regexes in module attributes (which OTP 28 can
+  # no longer compile into a module).
+  defp topic?(t), do: is_binary(t) and byte_size(t) in 1..200 and all?(t, &topic_byte?/1)
+  defp event?(e), do: byte_size(e) in 1..100 and all?(e, &event_byte?/1)
+  defp key?(k), do: byte_size(k) in 1..255 and all?(k, &(&1 in 0x21..0x7E))
+
+  defp all?(bin, fun), do: for(<<c <- bin>>, reduce: true, do: (acc -> acc and fun.(c)))
+
+  defp alnum?(c), do: c in ?A..?Z or c in ?a..?z or c in ?0..?9
+  defp topic_byte?(c), do: alnum?(c) or c in ~c"._~:@-"
+  defp event_byte?(c), do: alnum?(c) or c in ~c"._:-"
 
   @doc "A fresh idempotency key: 128 random bits, URL-safe base64 (22 characters)."
   @spec new_key() :: String.t()
@@ -85,7 +93,7 @@ defmodule SseGateway.Event do
         {:ok, new_key()}
 
       key when is_binary(key) ->
-        if key =~ @key,
+        if key?(key),
           do: {:ok, key},
           else:
             invalid(
@@ -108,7 +116,7 @@ defmodule SseGateway.Event do
     do: invalid("invalid_topic", "at most 64 topics per event, got #{length(topics)}")
 
   def check_topics(topics) do
-    case Enum.find(topics, &(not (is_binary(&1) and &1 =~ @topic))) do
+    case Enum.find(topics, &(not topic?(&1))) do
       nil ->
         :ok
 
@@ -127,7 +135,7 @@ defmodule SseGateway.Event do
     do: invalid("invalid_event", "the event name `reset` is reserved for the gateway")
 
   defp event_name(event) when is_binary(event) do
-    if event =~ @event,
+    if event?(event),
       do: {:ok, event},
       else:
         invalid(
