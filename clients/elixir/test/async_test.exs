@@ -31,6 +31,7 @@ defmodule SseGateway.AsyncTest do
     |> Enum.map(&SseGateway.JSON.decode!(&1.data)["i"])
   end
 
+  @tag :idempotency
   test "1,000 asynchronous broadcasts through a proxy that drops and delays answers store exactly 1,000 events",
        %{gw: gw, url: url} do
     proxy = start_supervised!({FaultProxy, Gateway.port(gw)})
@@ -159,6 +160,7 @@ defmodule SseGateway.AsyncTest do
     assert task_numbers(url, "ok:t", 2) == [1, 2]
   end
 
+  @tag :idempotency
   test "synchronous publishes retried through faults are stored once each", %{gw: gw, url: url} do
     proxy = start_supervised!({FaultProxy, Gateway.port(gw)})
     FaultProxy.set_mode(proxy, {:faults, drop: 0.2, delay: 0.2, delay_ms: 600})

@@ -34,6 +34,7 @@ defmodule SseGateway.Stream do
 
   @table __MODULE__
   @max_head 65_536
+  @max_line 64 * 1024 * 1024
 
   # ------------------------------------------------------------------ API
 
@@ -345,9 +346,22 @@ defmodule SseGateway.Stream do
         s =
           if s.status == 200,
             do: feed(bytes, s),
-            else: %{s | error_body: s.error_body <> IO.iodata_to_binary(bytes)}
+            else: %{
+              s
+              | error_body:
+                  binary_part(
+                    s.error_body <> IO.iodata_to_binary(bytes),
+                    0,
+                    min(byte_size(s.error_body) + IO.iodata_length(bytes), 65_536)
+                  )
+            }
 
-        if chunk == :done, do: {:noreply, ended(s, :end_of_body)}, else: {:noreply, s}
+        cond do
+          chunk == :done -> {:noreply, ended(s, :end_of_body)}
+          # A line longer than any event the gateway could send.
+          byte_size(s.parser.buf) > @max_line -> {:noreply, ended(s, :line_too_long)}
+          true -> {:noreply, s}
+        end
 
       :error ->
         {:noreply, ended(s, :bad_chunking)}
