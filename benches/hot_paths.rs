@@ -125,6 +125,7 @@ impl BenchLog {
         let dir = TempDir::new().expect("tempdir");
         let metrics = Arc::new(Metrics::new());
         let options = SledOptions {
+            key_window: std::time::Duration::from_secs(86_400),
             cache_capacity_bytes: 64 * 1024 * 1024,
             publish_queue: 8192,
             max_commit_batch: 4096,
@@ -163,6 +164,7 @@ impl BenchLog {
                     topics: vec![topics[i % topics.len()].clone()],
                     name: name.clone(),
                     data: data.to_owned(),
+                    key: None,
                 })
             }))
             .await;

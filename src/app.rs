@@ -108,6 +108,7 @@ impl App {
                     max_commit_batch: config.limits.max_commit_batch,
                     retention,
                     trim_interval,
+                    key_window: config.publish.idempotency_window(),
                 };
                 let log = SledLog::open(
                     &config.storage.data_dir,
@@ -130,6 +131,7 @@ impl App {
                     max_commit_batch: config.limits.max_commit_batch,
                     retention,
                     trim_interval,
+                    key_window: config.publish.idempotency_window(),
                     wait_replicas: storage.wait_replicas,
                     wait_timeout: Duration::from_millis(storage.wait_timeout_ms),
                 };

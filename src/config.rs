@@ -36,6 +36,7 @@ pub struct Config {
     pub stream: StreamConfig,
     pub retention: RetentionConfig,
     pub limits: LimitsConfig,
+    pub publish: PublishConfig,
     pub cors: CorsConfig,
     /// `[auth]`: absent means no auth.
     pub auth: Option<AuthConfig>,
@@ -403,6 +404,33 @@ const PLACEHOLDER_SECRETS: &[&str] = &[
     "change-me-to-at-least-32-random-bytes!!",
 ];
 
+/// `[publish]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PublishConfig {
+    /// How long an `Idempotency-Key` is remembered after its event was
+    /// stored; a repeat within it replays, after it stores anew.
+    pub idempotency_window_s: u64,
+    /// Most events in one `POST /publish/batch` (the body limit applies too).
+    pub max_batch_events: usize,
+}
+
+impl Default for PublishConfig {
+    fn default() -> Self {
+        Self {
+            idempotency_window_s: 86_400,
+            max_batch_events: 1_000,
+        }
+    }
+}
+
+impl PublishConfig {
+    /// `idempotency_window_s` as a duration.
+    pub fn idempotency_window(&self) -> Duration {
+        Duration::from_secs(self.idempotency_window_s)
+    }
+}
+
 /// `[tenancy]`
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -471,6 +499,14 @@ impl Config {
                 self.retention.trim_batch_events as u64,
             ),
             ("limits.max_body_bytes", self.limits.max_body_bytes as u64),
+            (
+                "publish.idempotency_window_s",
+                self.publish.idempotency_window_s,
+            ),
+            (
+                "publish.max_batch_events",
+                self.publish.max_batch_events as u64,
+            ),
             ("limits.max_connections", self.limits.max_connections as u64),
             ("limits.write_stall_ms", self.limits.write_stall_ms),
             ("limits.max_json_depth", self.limits.max_json_depth as u64),
@@ -527,6 +563,20 @@ impl Config {
                 30 * DAY_MS,
             ),
         ];
+        // A key outliving a year is a typo; a window is a retry horizon, not storage.
+        if self.publish.idempotency_window_s > 366 * 24 * 3600 {
+            return invalid(format!(
+                "publish.idempotency_window_s = {} is too long; the most is 31622400 (366 days)",
+                self.publish.idempotency_window_s
+            ));
+        }
+        // Each event of a batch is held in memory until the commit.
+        if self.publish.max_batch_events > 100_000 {
+            return invalid(format!(
+                "publish.max_batch_events = {} is too many; the most is 100000",
+                self.publish.max_batch_events
+            ));
+        }
         for (name, value, most) in bounded {
             if value > most {
                 return invalid(format!(

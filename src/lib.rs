@@ -11,6 +11,7 @@ pub mod auth;
 pub mod config;
 pub mod http;
 pub mod hub;
+pub mod idempotency;
 pub mod json;
 pub mod limits;
 pub mod log;

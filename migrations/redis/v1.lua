@@ -6,12 +6,24 @@
 -- of them share one hash tag and live in one Cluster slot.
 --
 --   init      ARGV: candidate_epoch             -> {version, epoch}
---   append    ARGV: epoch, max_events, max_age_ms, n, (name, topics, data)*n
---                                               -> first assigned seq
+--   append    ARGV: epoch, max_events, max_age_ms, window_ms, m,
+--                   m times: (k, (name, topics, data, key, digest)*k)
+--                                               -> one answer per event (below)
 --   read      ARGV: after, upto, limit, n, topic*n
 --                                               -> {through, {watermark*n}, entry...}
 --   snapshot  ARGV: -                           -> {epoch, head, last_id, {topic, count, first, last, wm}...}
 --   trim      ARGV: epoch, max_age_ms, limit    -> entries removed
+--
+-- An append holds m appends (publishes), each of k events, each with an
+-- idempotency key ('' = none) and the hex digest of its request. Each append
+-- is all or nothing: its keys are checked first, against "{tag}:i:<key>"
+-- ("<seq> <digest>", TTL window_ms) and the keys earlier events of this call
+-- stored; a key stored with another digest refuses that append (every one
+-- of its events answers "c<index of the event at fault>") and stores
+-- nothing of it. Otherwise each event answers "<seq>" (stored now, its key
+-- SET with the event) or "r<seq>" (its key was stored with the same digest:
+-- nothing stored). The check and the store are in this one atomic call, so
+-- of two gateways sending one key, exactly one stores.
 --
 -- Numbers cross the boundary as decimal strings: Lua numbers are doubles,
 -- exact up to 2^53, and are formatted with %.0f (tostring would give 1e+15).
@@ -110,15 +122,14 @@ elseif cmd == 'append' then
   if bad then return bad end
   local max_events = tonumber(ARGV[3])
   local max_age = tonumber(ARGV[4])
-  local n = tonumber(ARGV[5])
+  local window = ARGV[5]
+  local m = tonumber(ARGV[6])
   local now = now_ms()
-  local first
   local touched = {}
   age_trim(now - max_age, 64, touched)
-  for i = 0, n - 1 do
-    local name, topics, data = ARGV[6 + 3 * i], ARGV[7 + 3 * i], ARGV[8 + 3 * i]
+
+  local function store(name, topics, data)
     local seq = s(redis.call('INCR', K_head))
-    first = first or seq
     local count = 0
     for t in string.gmatch(topics, '%S+') do
       local tk = tkey(t)
@@ -143,8 +154,59 @@ elseif cmd == 'append' then
     redis.call('XADD', log, seq .. '-0', 'n', name, 'ms', s(now), 't', topics, 'd', data,
       'x', trim_state(touched))
     touched = {}
+    return seq
   end
-  return first
+
+  local out = {}
+  local pos = 7
+  for _ = 1, m do
+    local k = tonumber(ARGV[pos])
+    pos = pos + 1
+    -- Check every key of this append before storing any of it.
+    local plan, own, conflict = {}, {}, nil
+    for i = 0, k - 1 do
+      local key, digest = ARGV[pos + 5 * i + 3], ARGV[pos + 5 * i + 4]
+      plan[i] = false
+      if key ~= '' then
+        if own[key] then
+          if own[key] ~= digest then conflict = i break end
+          plan[i] = 'own'
+        else
+          local v = redis.call('GET', p .. 'i:' .. key)
+          if v then
+            local sp = string.find(v, ' ', 1, true) or 0
+            if string.sub(v, sp + 1) ~= digest then conflict = i break end
+            plan[i] = string.sub(v, 1, sp - 1)
+          else
+            own[key] = digest
+          end
+        end
+      end
+    end
+    if conflict then
+      for _ = 1, k do out[#out + 1] = 'c' .. conflict end
+    else
+      local seqs = {}
+      for i = 0, k - 1 do
+        local b = pos + 5 * i
+        local key = ARGV[b + 3]
+        if plan[i] == 'own' then
+          out[#out + 1] = 'r' .. seqs[key]
+        elseif plan[i] then
+          out[#out + 1] = 'r' .. plan[i]
+        else
+          local seq = store(ARGV[b], ARGV[b + 1], ARGV[b + 2])
+          if key ~= '' then
+            redis.call('SET', p .. 'i:' .. key, seq .. ' ' .. ARGV[b + 4], 'PX', window)
+            seqs[key] = seq
+          end
+          out[#out + 1] = seq
+        end
+      end
+    end
+    pos = pos + 5 * k
+  end
+  return out
 
 elseif cmd == 'read' then
   local after, upto, limit, n = ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])

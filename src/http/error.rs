@@ -66,6 +66,16 @@ impl From<ValidationError> for ApiError {
     }
 }
 
+impl From<crate::idempotency::KeyError> for ApiError {
+    fn from(e: crate::idempotency::KeyError) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_idempotency_key",
+            e.to_string(),
+        )
+    }
+}
+
 impl From<JsonError> for ApiError {
     fn from(e: JsonError) -> Self {
         Self::invalid_json(format!("`data`: {e}"))
@@ -114,10 +124,10 @@ impl From<LogError> for ApiError {
     fn from(e: LogError) -> Self {
         match e {
             LogError::Closed => Self::unavailable(
-                "the gateway is shutting down; retry on another instance or later",
+                "the gateway is shutting down; retry on another instance or later, with the same Idempotency-Key",
             ),
             LogError::Replication { .. } => Self::unavailable(
-                "the event was stored on the Redis primary but not confirmed by enough replicas in time; it may still be delivered",
+                "the event was stored on the Redis primary but not confirmed by enough replicas in time; it may still be delivered; retry with the same Idempotency-Key so it is not stored twice",
             ),
             // Redis lost the log (flushed, or a failover to a replica that
             // lacked it): only restarting the gateways helps, not a retry.
@@ -131,6 +141,13 @@ impl From<LogError> for ApiError {
                     "Redis lost this gateway's log (its data was flushed or rolled back); restart the gateways: retrying will not help",
                 )
             }
+            // Mapped by the publish handler, which knows the request; kept
+            // total here.
+            LogError::KeyReused { .. } => Self::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "idempotency_key_reused",
+                "this Idempotency-Key was used before with a different request",
+            ),
             // Refused before anything was written: the log failed earlier.
             LogError::Failed(_) => Self::unavailable(
                 "storage failed earlier and refuses writes until the gateway is restarted; nothing was stored",
@@ -139,7 +156,7 @@ impl From<LogError> for ApiError {
             // sync failed, and Redis may have applied a command whose answer
             // was lost. Saying "nothing was stored" would be a guess.
             _ => Self::unavailable(
-                "storage failed during the write; the event may or may not have been stored, retry later",
+                "storage failed during the write; the event may or may not have been stored: retry later with the same Idempotency-Key, which stores it at most once",
             ),
         }
     }

@@ -86,6 +86,7 @@ fn method_router(route: &table::Route) -> MethodRouter<Arc<App>> {
         Endpoint::SubscribeEvents => on(filter, subscribe::subscribe_events),
         Endpoint::PublishTopic => on(filter, publish::publish_topic),
         Endpoint::PublishMany => on(filter, publish::publish_many),
+        Endpoint::PublishBatch => on(filter, publish::publish_batch),
         Endpoint::Broadcast => on(filter, publish::broadcast),
     }
 }
@@ -123,9 +124,10 @@ fn cors_layer(config: &CorsConfig) -> Option<CorsLayer> {
             header::CONTENT_TYPE,
             HeaderName::from_static("last-event-id"),
             header::AUTHORIZATION,
+            publish::IDEMPOTENCY_KEY,
         ])
-        // Scripts may read when to retry a 429/503.
-        .expose_headers([header::RETRY_AFTER])
+        // Scripts may read when to retry a 429/503, and whether an answer was replayed.
+        .expose_headers([header::RETRY_AFTER, publish::IDEMPOTENT_REPLAYED])
         .max_age(Duration::from_secs(600));
     if config.allowed_origins.iter().any(|o| o == "*") {
         // A wildcard cannot be combined with credentials (cookies) by browsers.

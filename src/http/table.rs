@@ -48,6 +48,7 @@ pub(crate) enum Endpoint {
     SubscribeEvents,
     PublishTopic,
     PublishMany,
+    PublishBatch,
     Broadcast,
 }
 
@@ -67,6 +68,7 @@ impl Endpoint {
             | Self::TopicInfo
             | Self::PublishTopic
             | Self::PublishMany
+            | Self::PublishBatch
             | Self::Broadcast => false,
         }
     }
@@ -102,6 +104,7 @@ pub(crate) const ROUTES: &[Route] = &[
     route(Verb::Get, "/topics/{topic}/info", Endpoint::TopicInfo),
     route(Verb::Get, "/events", Endpoint::SubscribeEvents),
     route(Verb::Post, "/publish", Endpoint::PublishMany),
+    route(Verb::Post, "/publish/batch", Endpoint::PublishBatch),
     route(
         Verb::Post,
         "/{module}/broadcast/{kind}",

@@ -22,6 +22,7 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 
 use crate::hub::{Hub, LiveEvent};
+use crate::idempotency::StoredKey;
 use crate::model::{Epoch, EventName, Topic};
 
 pub use self::redis::RedisLog;
@@ -74,6 +75,11 @@ pub enum LogError {
     Replication { acked: u64, wanted: u32 },
     #[error("the Redis log layout version {found} is newer than this build supports ({supported}); upgrade sse-gateway")]
     LayoutTooNew { found: u32, supported: u32 },
+    /// Event `index` of an append carries an idempotency key stored (and
+    /// not yet expired) with a different request. Nothing of that append
+    /// was stored. `422 idempotency_key_reused` at the HTTP edge.
+    #[error("idempotency key of event {index} was used before with a different request")]
+    KeyReused { index: usize },
 }
 
 /// One event to append: validated topics and name, compact JSON data.
@@ -82,6 +88,20 @@ pub struct NewEvent {
     pub topics: Vec<Topic>,
     pub name: EventName,
     pub data: String,
+    /// The idempotency key stored with the event, in the same atomic write;
+    /// an append whose key is already stored with the same digest answers
+    /// the stored sequence and stores nothing.
+    pub key: Option<StoredKey>,
+}
+
+/// What an append did with one event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    /// The event's sequence: new, or the one first stored under its key.
+    pub seq: u64,
+    /// `true` when its key was stored before with the same request: nothing
+    /// was stored for it now.
+    pub replayed: bool,
 }
 
 /// One event read back from the log.
@@ -188,8 +208,20 @@ pub trait Log: Send + Sync + 'static {
     /// The highest sequence that is durable and visible to readers (0 = none).
     fn durable_head(&self) -> u64;
 
+    /// Appends `events` in one atomic commit, in order; resolves once they
+    /// are durable, with one [`Appended`] per event. Events whose key is
+    /// stored with the same request are answered from it and not stored
+    /// again; a key stored with a different request refuses the whole
+    /// append ([`LogError::KeyReused`]), storing none of it.
+    fn append_all(&self, events: Vec<NewEvent>) -> BoxFuture<'_, Result<Vec<Appended>, LogError>>;
+
     /// Appends one event; resolves to its sequence once it is durable.
-    fn append(&self, event: NewEvent) -> BoxFuture<'_, Result<u64, LogError>>;
+    fn append(&self, event: NewEvent) -> BoxFuture<'_, Result<u64, LogError>> {
+        Box::pin(async move {
+            let appended = self.append_all(vec![event]).await?;
+            appended.first().map(|a| a.seq).ok_or(LogError::Closed)
+        })
+    }
 
     /// Events of any of `topics` with `after < seq <= upto` (capped at the
     /// durable head), in sequence order, each once, within `limit`.

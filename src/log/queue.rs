@@ -8,26 +8,30 @@
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::{LogError, NewEvent};
+use super::{Appended, LogError, NewEvent};
+
+/// The writer's answer to one append: one outcome per event, or why none was stored.
+pub(crate) type Reply = oneshot::Sender<Result<Vec<Appended>, LogError>>;
 
 /// What the writer receives.
 pub(crate) enum WriterMsg {
-    Append(NewEvent, oneshot::Sender<Result<u64, LogError>>),
+    /// Events committed together (a batch publish is one message, never split).
+    Append(Vec<NewEvent>, Reply),
     /// Finish everything queued before this, make it durable, and stop.
     Shutdown(oneshot::Sender<()>),
 }
 
 /// An append the writer has taken and not answered yet.
-pub(crate) type Pending = (NewEvent, oneshot::Sender<Result<u64, LogError>>);
+pub(crate) type Pending = (Vec<NewEvent>, Reply);
 
-/// Queues `event` and waits for its sequence (or the writer's error).
+/// Queues `events` and waits for their outcomes (or the writer's error).
 pub(crate) async fn append(
     writer: &mpsc::Sender<WriterMsg>,
-    event: NewEvent,
-) -> Result<u64, LogError> {
+    events: Vec<NewEvent>,
+) -> Result<Vec<Appended>, LogError> {
     let (reply_tx, reply_rx) = oneshot::channel();
     writer
-        .send(WriterMsg::Append(event, reply_tx))
+        .send(WriterMsg::Append(events, reply_tx))
         .await
         .map_err(|_| LogError::Closed)?;
     reply_rx.await.map_err(|_| LogError::Closed)?

@@ -547,6 +547,7 @@ impl TempLog {
             .expect("runtime");
         let dir = tempfile::TempDir::new().expect("tempdir");
         let options = SledOptions {
+            key_window: std::time::Duration::from_secs(86_400),
             cache_capacity_bytes: 8 * 1024 * 1024,
             publish_queue: 64,
             max_commit_batch: 64,
@@ -615,6 +616,7 @@ fn json_round_trips_byte_exact_through_compact_log_and_sse() {
                         topics: vec![topic.clone()],
                         name: name.clone(),
                         data: compact.clone(),
+                        key: None,
                     })
                     .await
                     .expect("append");

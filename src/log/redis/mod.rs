@@ -15,12 +15,14 @@
 //! | `{tag}:w`            | hash   | topic → highest sequence trimmed              |
 //! | `{tag}:rc`           | hash   | seq → topic indexes still holding the event   |
 //! | `{tag}:topics`       | set    | every topic ever published to                 |
+//! | `{tag}:i:<org>:<key>`| string | idempotency key: `<seq> <digest hex>`, TTL `publish.idempotency_window_s` |
 //!
 //! **Script.** `migrations/redis/v1.lua` does every operation in one atomic
 //! call (loaded with `SCRIPT LOAD` at start, then `EVALSHA`): `append`
 //! checks the epoch, `INCR`s the head, `XADD`s the event once, indexes it per
 //! topic, trims per retention (count and age) and writes the resulting trim
-//! state into the entry itself, so every node's tailer keeps exact per-topic
+//! state into the entry itself, and checks and stores idempotency keys in
+//! the same call (so of two nodes sending one key only one stores), so every node's tailer keeps exact per-topic
 //! stats without asking Redis.
 //!
 //! **Parts.** The `writer` appends publishes in groups, one script call
@@ -58,7 +60,7 @@ use self::replies::{decode_event, entry_fields, number, text, StreamPos};
 use self::shared::{snapshot, Shared};
 use super::queue::{self, WriterMsg};
 use super::stats::StatsTable;
-use super::{Log, LogError, NewEvent, ReadBatch, ReadLimit, RetentionFloor, TopicInfo};
+use super::{Appended, Log, LogError, NewEvent, ReadBatch, ReadLimit, RetentionFloor, TopicInfo};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::model::{Epoch, Topic};
@@ -285,7 +287,7 @@ impl Log for RedisLog {
         self.shared.durable_head.load(Ordering::Acquire)
     }
 
-    fn append(&self, event: NewEvent) -> BoxFuture<'_, Result<u64, LogError>> {
+    fn append_all(&self, events: Vec<NewEvent>) -> BoxFuture<'_, Result<Vec<Appended>, LogError>> {
         async move {
             if self.closing.load(Ordering::Acquire) {
                 return Err(LogError::Closed);
@@ -293,7 +295,7 @@ impl Log for RedisLog {
             if let Some(cause) = self.shared.failure() {
                 return Err(LogError::Failed(cause));
             }
-            queue::append(&self.writer_tx, event).await
+            queue::append(&self.writer_tx, events).await
         }
         .boxed()
     }

@@ -35,6 +35,8 @@ pub struct RedisOptions {
     pub retention: RetentionPolicy,
     /// How often the age trim runs when nobody publishes.
     pub trim_interval: Duration,
+    /// How long an idempotency key is remembered (its Redis TTL).
+    pub key_window: Duration,
     /// `WAIT <wait_replicas> <wait_timeout>` after each append (0 = no WAIT).
     pub wait_replicas: u32,
     /// How long `WAIT` may take.

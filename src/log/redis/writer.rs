@@ -15,8 +15,9 @@ use tokio::sync::mpsc;
 
 use super::connections::{redis_err, Conn};
 use super::shared::Shared;
+use crate::idempotency;
 use crate::log::queue::{Pending, WriterMsg};
-use crate::log::LogError;
+use crate::log::{Appended, LogError};
 use crate::model::Topic;
 
 /// Most bytes of event data sent in one append call.
@@ -51,19 +52,21 @@ pub(super) async fn run_writer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Write
         let mut batch: Vec<Pending> = Vec::with_capacity(msgs.len());
         for msg in msgs.drain(..) {
             match msg {
-                WriterMsg::Append(event, reply) => batch.push((event, reply)),
+                WriterMsg::Append(events, reply) => batch.push((events, reply)),
                 WriterMsg::Shutdown(reply) => shutdown = Some(reply),
             }
         }
-        // Chunks bounded in bytes, each one script call.
+        // Chunks bounded in bytes, each one script call; an append (a batch
+        // publish) is never split.
         while !batch.is_empty() {
             let mut bytes = 0;
             let mut take = 0;
-            for (event, _) in &batch {
-                if take > 0 && bytes + event.data.len() > MAX_BATCH_BYTES {
+            for (events, _) in &batch {
+                let size: usize = events.iter().map(|e| e.data.len()).sum();
+                if take > 0 && bytes + size > MAX_BATCH_BYTES {
                     break;
                 }
-                bytes += event.data.len();
+                bytes += size;
                 take += 1;
             }
             let chunk: Vec<Pending> = batch.drain(..take).collect();
@@ -117,13 +120,24 @@ impl Shared {
             return;
         }
         let started = Instant::now();
-        let result = self.append_chunk(conn, &chunk).await;
+        let result = self
+            .append_chunk(conn, &chunk)
+            .await
+            .and_then(|answers| outcomes(&chunk, &answers));
         match result {
-            Ok(first) => {
+            Ok(outcomes) => {
                 self.writer_ready.store(true, Ordering::Release);
-                self.metrics.record_commit(chunk.len(), started.elapsed());
-                for (offset, (_, reply)) in chunk.into_iter().enumerate() {
-                    let _ = reply.send(Ok(first + offset as u64));
+                let stored = outcomes
+                    .iter()
+                    .filter_map(|o| o.as_ref().ok())
+                    .flatten()
+                    .filter(|a| !a.replayed)
+                    .count();
+                if stored > 0 {
+                    self.metrics.record_commit(stored, started.elapsed());
+                }
+                for ((_, reply), outcome) in chunk.into_iter().zip(outcomes) {
+                    let _ = reply.send(outcome);
                 }
             }
             Err(e) => {
@@ -144,12 +158,12 @@ impl Shared {
         }
     }
 
-    /// One `append` script call (and `WAIT`); the first sequence it assigned.
+    /// One `append` script call (and `WAIT`); its answer per event.
     async fn append_chunk(
         &self,
         conn: &mut WriterConn,
         chunk: &[Pending],
-    ) -> Result<u64, LogError> {
+    ) -> Result<Vec<String>, LogError> {
         let outages = self.outages.load(Ordering::Acquire);
         if conn.as_ref().is_some_and(|(_, made)| *made != outages) {
             // Made before the latest outage: Redis restarted under it.
@@ -166,17 +180,25 @@ impl Shared {
             .arg(self.epoch.as_str())
             .arg(retention.max_events_per_topic)
             .arg(retention.max_age.as_millis() as u64)
+            .arg(self.options.key_window.as_millis().max(1) as u64)
             .arg(chunk.len());
-        for (event, _) in chunk {
-            let topics: Vec<&str> = event.topics.iter().map(Topic::as_str).collect();
-            invocation
-                .arg(event.name.as_str())
-                .arg(topics.join(" "))
-                .arg(event.data.as_str());
+        for (events, _) in chunk {
+            invocation.arg(events.len());
+            for event in events {
+                let topics: Vec<&str> = event.topics.iter().map(Topic::as_str).collect();
+                let (key, digest) = match &event.key {
+                    Some(key) => (key.scoped.as_str(), idempotency::hex(&key.digest)),
+                    None => ("", String::new()),
+                };
+                invocation
+                    .arg(event.name.as_str())
+                    .arg(topics.join(" "))
+                    .arg(event.data.as_str())
+                    .arg(key)
+                    .arg(digest);
+            }
         }
-        // The script answers the first sequence as a string; redis-rs
-        // parses it, and a reply that is not a number is a typed error.
-        let first: u64 = invocation.invoke_async(c).await.map_err(redis_err)?;
+        let answers: Vec<String> = invocation.invoke_async(c).await.map_err(redis_err)?;
         if self.options.wait_replicas > 0 {
             let acked: u64 = redis::cmd("WAIT")
                 .arg(self.options.wait_replicas)
@@ -191,6 +213,50 @@ impl Shared {
                 });
             }
         }
-        Ok(first)
+        Ok(answers)
     }
+}
+
+/// Splits the script's answers (one per event: `<seq>`, `r<seq>` or
+/// `c<index>`, see the script) into each append's outcome. An answer that
+/// does not fit is a broken script: the whole chunk fails.
+fn outcomes(
+    chunk: &[Pending],
+    answers: &[String],
+) -> Result<Vec<Result<Vec<Appended>, LogError>>, LogError> {
+    let total: usize = chunk.iter().map(|(events, _)| events.len()).sum();
+    let broken = |what: &str| LogError::Corrupt {
+        key: "append".into(),
+        what: format!("the append script answered {what}"),
+    };
+    if answers.len() != total {
+        return Err(broken(&format!(
+            "{} answers for {total} events",
+            answers.len()
+        )));
+    }
+    let mut answers = answers.iter();
+    let mut out = Vec::with_capacity(chunk.len());
+    for (events, _) in chunk {
+        let mut appended = Vec::with_capacity(events.len());
+        let mut refused = None;
+        for answer in answers.by_ref().take(events.len()) {
+            let (replayed, number) = match answer.as_bytes().first() {
+                Some(b'r') => (true, &answer[1..]),
+                Some(b'c') => (false, &answer[1..]),
+                _ => (false, answer.as_str()),
+            };
+            let n: u64 = number.parse().map_err(|_| broken(answer))?;
+            if answer.starts_with('c') {
+                refused = Some(n as usize);
+            } else {
+                appended.push(Appended { seq: n, replayed });
+            }
+        }
+        out.push(match refused {
+            Some(index) => Err(LogError::KeyReused { index }),
+            None => Ok(appended),
+        });
+    }
+    Ok(out)
 }

@@ -12,6 +12,14 @@
 //! | `c/<seq u64 BE><n u32 BE>`  | piece `n` (from 1) of a long record    |
 //! | `t/<topic>/<seq u64 BE>`    | empty: the topic index                 |
 //! | `w/<topic>`                 | highest sequence trimmed from topic    |
+//! | `x/<expires_ms u64 BE><scoped key>` | empty: the idempotency keys' expiry index |
+//! | `y/<scoped key>`            | idempotency key: `seq u64 BE`, `expires_ms u64 BE`, SHA-256 digest (48 bytes) |
+//!
+//! A scoped key is `<org>:<client key>` (`crate::idempotency`). `x/` and
+//! `y/` sort after `t/`: a commit cut short by a power cut that kept a key
+//! kept its event whole and visible, so a replayed id always exists; and
+//! `y/` after `x/`, so a key never outlives its expiry entry (an expiry
+//! entry without its key is a leftover the trimmer removes).
 //!
 //! Big-endian sequences sort numerically, so range scans are in id order.
 //! Topics cannot contain `/`, so `t/<topic>/` is an exact prefix.
@@ -54,6 +62,8 @@ pub const EVENT_PREFIX: &[u8] = b"e/";
 pub const PIECE_PREFIX: &[u8] = b"c/";
 pub const INDEX_PREFIX: &[u8] = b"t/";
 pub const TRIMMED_PREFIX: &[u8] = b"w/";
+pub const EXPIRY_PREFIX: &[u8] = b"x/";
+pub const KEY_PREFIX: &[u8] = b"y/";
 
 /// Record version 1: one value, any size (format 1).
 const RECORD_V1: u8 = 1;
@@ -109,6 +119,73 @@ pub fn index_key(topic: &Topic, seq: u64) -> Vec<u8> {
 /// `w/<topic>`
 pub fn trimmed_key(topic: &Topic) -> Vec<u8> {
     [TRIMMED_PREFIX, topic.as_str().as_bytes()].concat()
+}
+
+/// `y/<scoped key>`
+pub fn key_key(scoped: &str) -> Vec<u8> {
+    [KEY_PREFIX, scoped.as_bytes()].concat()
+}
+
+/// `x/<expires_ms><scoped key>`
+pub fn expiry_key(expires_ms: u64, scoped: &str) -> Vec<u8> {
+    [EXPIRY_PREFIX, &expires_ms.to_be_bytes(), scoped.as_bytes()].concat()
+}
+
+/// Splits `x/<expires_ms><scoped key>` into its time and scoped key.
+pub fn split_expiry_key(key: &[u8]) -> Result<(u64, &str), LogError> {
+    let body = key
+        .strip_prefix(EXPIRY_PREFIX)
+        .filter(|b| b.len() > 8)
+        .ok_or_else(|| corrupt(key, "malformed expiry key"))?;
+    let expires = decode_u64(key, &body[..8])?;
+    let scoped =
+        std::str::from_utf8(&body[8..]).map_err(|_| corrupt(key, "expiry key is not UTF-8"))?;
+    Ok((expires, scoped))
+}
+
+/// The scoped key of a `y/` key.
+pub fn split_key_key(key: &[u8]) -> Result<&str, LogError> {
+    key.strip_prefix(KEY_PREFIX)
+        .filter(|b| !b.is_empty())
+        .and_then(|b| std::str::from_utf8(b).ok())
+        .ok_or_else(|| corrupt(key, "malformed idempotency key"))
+}
+
+/// The value of a `y/` key: which event a key stored, until when, for which request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyEntry {
+    pub seq: u64,
+    pub expires_ms: u64,
+    pub digest: [u8; 32],
+}
+
+impl KeyEntry {
+    pub fn encode(&self) -> [u8; 48] {
+        let mut out = [0u8; 48];
+        out[..8].copy_from_slice(&self.seq.to_be_bytes());
+        out[8..16].copy_from_slice(&self.expires_ms.to_be_bytes());
+        out[16..].copy_from_slice(&self.digest);
+        out
+    }
+
+    pub fn decode(key: &[u8], value: &[u8]) -> Result<Self, LogError> {
+        if value.len() != 48 {
+            return Err(corrupt(key, "idempotency entry is not 48 bytes"));
+        }
+        let mut digest = [0u8; 32];
+        digest.copy_from_slice(&value[16..]);
+        Ok(Self {
+            seq: decode_u64(key, &value[..8])?,
+            expires_ms: decode_u64(key, &value[8..16])?,
+            digest,
+        })
+    }
+
+    /// Adds the key and its expiry entry to `batch`.
+    pub fn insert_into(&self, batch: &mut sled::Batch, scoped: &str) {
+        batch.insert(expiry_key(self.expires_ms, scoped), &[]);
+        batch.insert(key_key(scoped), &self.encode()[..]);
+    }
 }
 
 /// Reads a big-endian u64 value.
@@ -490,6 +567,20 @@ mod tests {
         }
     }
 
+    #[test]
+    fn key_entries_round_trip() {
+        let entry = KeyEntry {
+            seq: 7,
+            expires_ms: 9,
+            digest: [3; 32],
+        };
+        assert_eq!(KeyEntry::decode(b"y/:k", &entry.encode()).unwrap(), entry);
+        assert!(KeyEntry::decode(b"y/:k", &[0; 47]).is_err());
+        assert_eq!(split_expiry_key(&expiry_key(5, "o:k")).unwrap(), (5, "o:k"));
+        assert!(split_expiry_key(b"x/short").is_err());
+        assert_eq!(split_key_key(&key_key("o:k")).unwrap(), "o:k");
+    }
+
     /// The recovery argument of the module docs rests on this key order.
     #[test]
     fn pieces_sort_before_records_before_the_head_before_the_index() {
@@ -500,6 +591,9 @@ mod tests {
             event_key(u64::MAX).to_vec(),
             HEAD_KEY.to_vec(),
             index_key(&topic, 0),
+            trimmed_key(&topic),
+            expiry_key(0, ":k"),
+            key_key(":k"),
         ];
         let mut sorted = keys.clone();
         sorted.sort();

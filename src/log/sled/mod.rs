@@ -33,7 +33,8 @@ use self::shared::Shared;
 use self::writer::Writer;
 use super::queue::{self, WriterMsg};
 use super::{
-    Log, LogError, NewEvent, ReadBatch, ReadLimit, RetentionFloor, RetentionPolicy, TopicInfo,
+    Appended, Log, LogError, NewEvent, ReadBatch, ReadLimit, RetentionFloor, RetentionPolicy,
+    TopicInfo,
 };
 use crate::hub::Hub;
 use crate::metrics::Metrics;
@@ -52,6 +53,8 @@ pub struct SledOptions {
     pub retention: RetentionPolicy,
     /// How often the trimmer runs.
     pub trim_interval: Duration,
+    /// How long an idempotency key is remembered.
+    pub key_window: Duration,
 }
 
 /// The sled-backed log.
@@ -85,6 +88,7 @@ impl SledLog {
             metrics,
             next_seq: head + 1,
             max_batch: options.max_commit_batch,
+            key_window_ms: options.key_window.as_millis() as u64,
         };
         let writer_thread = std::thread::Builder::new()
             .name("log-writer".into())
@@ -119,7 +123,7 @@ impl Log for SledLog {
         self.shared.durable_head.load(Ordering::Acquire)
     }
 
-    fn append(&self, event: NewEvent) -> BoxFuture<'_, Result<u64, LogError>> {
+    fn append_all(&self, events: Vec<NewEvent>) -> BoxFuture<'_, Result<Vec<Appended>, LogError>> {
         async move {
             if self.closing.load(Ordering::Acquire) {
                 return Err(LogError::Closed);
@@ -127,7 +131,7 @@ impl Log for SledLog {
             if let Some(cause) = self.shared.failure() {
                 return Err(LogError::Failed(cause));
             }
-            queue::append(&self.writer_tx, event).await
+            queue::append(&self.writer_tx, events).await
         }
         .boxed()
     }

@@ -9,21 +9,29 @@
 //! `201` means on disk, and the fsync cost is shared by everything that
 //! queued while the previous one ran.
 //!
+//! Idempotency keys are checked and stored here too, so "check, then
+//! store" is one step no other append can come between: a key is looked up
+//! in this commit group, then in the tree (O(log n)); a new key is written
+//! with its event in the same batch. Two requests with one key therefore
+//! never both store, whether they come one after the other, in one group,
+//! or while the first is still in flight (the second queues behind it).
+//!
 //! It runs on an OS thread, not a tokio task: `flush` blocks on the disk and
 //! must not hold a runtime worker.
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::sync::mpsc;
 
-use super::codec;
+use super::codec::{self, KeyEntry};
 use super::durable::DiskSync;
 use super::shared::{now_ms, Shared};
 use crate::hub::Hub;
 use crate::log::queue::{Pending, WriterMsg};
-use crate::log::{hand_off, LogError};
+use crate::log::{hand_off, Appended, LogError, NewEvent};
 use crate::metrics::Metrics;
 
 /// The single writer: owns sequence assignment.
@@ -38,8 +46,11 @@ pub(crate) struct Writer {
     pub metrics: Arc<Metrics>,
     /// The sequence the next event gets: one above the durable head.
     pub next_seq: u64,
-    /// Most events in one commit (`limits.max_commit_batch`).
+    /// Most events in one commit (`limits.max_commit_batch`); a batch
+    /// publish is never split, so one commit may hold more.
     pub max_batch: usize,
+    /// How long an idempotency key is remembered (`publish.idempotency_window_s`).
+    pub key_window_ms: u64,
 }
 
 impl Writer {
@@ -50,16 +61,20 @@ impl Writer {
         while let Some(first) = rx.blocking_recv() {
             let mut shutdown = None;
             let mut next = Some(first);
+            let mut queued = 0usize;
             // Group commit: everything that queued while the last fsync ran.
             while let Some(msg) = next.take() {
                 match msg {
-                    WriterMsg::Append(event, reply) => pending.push((event, reply)),
+                    WriterMsg::Append(events, reply) => {
+                        queued += events.len();
+                        pending.push((events, reply));
+                    }
                     WriterMsg::Shutdown(reply) => {
                         shutdown = Some(reply);
                         break;
                     }
                 }
-                if pending.len() < self.max_batch {
+                if queued < self.max_batch {
                     next = rx.try_recv().ok();
                 }
             }
@@ -87,16 +102,46 @@ impl Writer {
         let started = Instant::now();
         let time_ms = now_ms();
         let first_seq = self.next_seq;
+        let mut next_seq = first_seq;
         let mut batch = sled::Batch::default();
-        for (offset, (event, _)) in pending.iter().enumerate() {
-            let seq = first_seq + offset as u64;
-            codec::encode_record(time_ms, &event.name, &event.topics, &event.data)
-                .insert_into(&mut batch, seq);
-            for topic in &event.topics {
-                batch.insert(codec::index_key(topic, seq), &[]);
+        // Keys stored by earlier appends of this group: not in the tree yet.
+        let mut group_keys: HashMap<String, KeyEntry> = HashMap::new();
+        let mut outcomes: Vec<Result<Vec<Appended>, LogError>> = Vec::with_capacity(pending.len());
+        for (events, _) in pending.iter() {
+            let planned = self.plan(events, time_ms, next_seq, &group_keys);
+            if let Ok(plan) = &planned {
+                for (event, appended) in events.iter().zip(plan) {
+                    if appended.replayed {
+                        continue;
+                    }
+                    codec::encode_record(time_ms, &event.name, &event.topics, &event.data)
+                        .insert_into(&mut batch, appended.seq);
+                    for topic in &event.topics {
+                        batch.insert(codec::index_key(topic, appended.seq), &[]);
+                    }
+                    if let Some(key) = &event.key {
+                        let entry = KeyEntry {
+                            seq: appended.seq,
+                            expires_ms: time_ms.saturating_add(self.key_window_ms),
+                            digest: key.digest,
+                        };
+                        entry.insert_into(&mut batch, &key.scoped);
+                        group_keys.insert(key.scoped.clone(), entry);
+                    }
+                    next_seq += 1;
+                }
             }
+            outcomes.push(planned);
         }
-        let last_seq = first_seq + pending.len() as u64 - 1;
+        if next_seq == first_seq {
+            // Nothing new: every answer comes from keys already durable
+            // (the tree holds only committed, synced writes).
+            for ((_, reply), outcome) in pending.drain(..).zip(outcomes) {
+                let _ = reply.send(outcome);
+            }
+            return;
+        }
+        let last_seq = next_seq - 1;
         batch.insert(codec::HEAD_KEY, &last_seq.to_be_bytes());
 
         let written = self
@@ -115,30 +160,90 @@ impl Writer {
             }
             return;
         }
-        self.next_seq = last_seq + 1;
-        self.shared.stats.record_appends(
+        self.next_seq = next_seq;
+        let stored = || {
             pending
                 .iter()
-                .enumerate()
-                .map(|(i, (e, _))| (&e.topics[..], first_seq + i as u64)),
-        );
+                .zip(&outcomes)
+                .filter_map(|((events, _), outcome)| {
+                    Some(events.iter().zip(outcome.as_ref().ok()?))
+                })
+                .flatten()
+                .filter(|(_, appended)| !appended.replayed)
+        };
+        self.shared
+            .stats
+            .record_appends(stored().map(|(e, a)| (&e.topics[..], a.seq)));
         // Visible to readers only now that it is on disk; before the hub so a
         // subscriber that reads the head after subscribing misses nothing.
         self.shared.durable_head.store(last_seq, Ordering::Release);
         let durable_at = Instant::now();
-        self.metrics.record_commit(pending.len(), started.elapsed());
-        for (offset, (event, reply)) in pending.drain(..).enumerate() {
-            let seq = first_seq + offset as u64;
+        self.metrics
+            .record_commit((last_seq - first_seq + 1) as usize, started.elapsed());
+        for (event, appended) in stored() {
             hand_off(
                 &self.hub,
                 &self.shared.epoch,
-                seq,
+                appended.seq,
                 &event.name,
-                event.topics,
+                event.topics.clone(),
                 event.data.as_bytes(),
                 durable_at,
             );
-            let _ = reply.send(Ok(seq));
         }
+        for ((_, reply), outcome) in pending.drain(..).zip(outcomes) {
+            let _ = reply.send(outcome);
+        }
+    }
+
+    /// What one append would do, assigning sequences from `next_seq`: each
+    /// event is new, or replays the key stored with the same request (in
+    /// this append, earlier in the group, or in the tree, unexpired); a key
+    /// stored with another request refuses the whole append.
+    fn plan(
+        &self,
+        events: &[NewEvent],
+        now_ms: u64,
+        mut next_seq: u64,
+        group_keys: &HashMap<String, KeyEntry>,
+    ) -> Result<Vec<Appended>, LogError> {
+        let mut own: HashMap<&str, ([u8; 32], u64)> = HashMap::new();
+        let mut plan = Vec::with_capacity(events.len());
+        for (index, event) in events.iter().enumerate() {
+            if let Some(key) = &event.key {
+                let earlier = match (own.get(key.scoped.as_str()), group_keys.get(&key.scoped)) {
+                    (Some(&(digest, seq)), _) => Some((digest, seq)),
+                    (None, Some(entry)) => Some((entry.digest, entry.seq)),
+                    (None, None) => self.stored_key(&key.scoped, now_ms)?,
+                };
+                if let Some((digest, seq)) = earlier {
+                    if digest != key.digest {
+                        return Err(LogError::KeyReused { index });
+                    }
+                    plan.push(Appended {
+                        seq,
+                        replayed: true,
+                    });
+                    continue;
+                }
+                own.insert(&key.scoped, (key.digest, next_seq));
+            }
+            plan.push(Appended {
+                seq: next_seq,
+                replayed: false,
+            });
+            next_seq += 1;
+        }
+        Ok(plan)
+    }
+
+    /// The unexpired key `scoped` in the tree: its digest and sequence. O(log n).
+    fn stored_key(&self, scoped: &str, now_ms: u64) -> Result<Option<([u8; 32], u64)>, LogError> {
+        let key = codec::key_key(scoped);
+        let Some(value) = self.shared.db.get(&key)? else {
+            return Ok(None);
+        };
+        let entry = KeyEntry::decode(&key, &value)?;
+        Ok((entry.expires_ms > now_ms).then_some((entry.digest, entry.seq)))
     }
 }
