@@ -216,6 +216,33 @@ defmodule SseGateway.ProjectsTest do
     assert FaultProxy.stats(proxy).connections >= 3
   end
 
+  @tag gateway: [heartbeat_ms: 300, retry_ms: 50]
+  test "a stream gone silent (keepalives stop) is replaced and resumes without a gap", %{gw: gw} do
+    proxy = start_supervised!({FaultProxy, Gateway.port(gw)})
+
+    assert :ok =
+             Projects.subscribe(Projects.topic_tasks(),
+               url: FaultProxy.url(proxy),
+               idle_timeout: 1_000
+             )
+
+    {:ok, _} = Projects.broadcast_task(:task_created, %{"i" => 1})
+    assert_receive {:projects, :task_created, %{"i" => 1}}, 2_000
+
+    # The path goes dead without closing: these are lost on that connection.
+    FaultProxy.set_mode(proxy, :blackhole)
+    for i <- 2..5, do: {:ok, _} = Projects.broadcast_task(:task_created, %{"i" => i})
+    Process.sleep(300)
+    FaultProxy.set_mode(proxy, :pass)
+    for i <- 6..7, do: {:ok, _} = Projects.broadcast_task(:task_created, %{"i" => i})
+
+    # Silence past idle_timeout: a new connection, from the last id seen.
+    got = Helpers.collect(6, 5_000)
+
+    assert Enum.map(got, fn {:projects, :task_created, %{"i" => i}} -> i end) ==
+             Enum.to_list(2..7)
+  end
+
   test "known atoms exist" do
     assert Enum.all?(@known, &is_atom/1)
   end

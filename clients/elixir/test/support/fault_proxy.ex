@@ -11,6 +11,11 @@ defmodule SseGateway.TestSupport.FaultProxy do
     relaying it, with probability `q` holds it `ms` before relaying (past the
     client's timeout), else relays it.
 
+  - `:blackhole` — a connection that gets an answer piece in this mode
+    stays open but never relays anything from the gateway again (a
+    half-dead network path: only silence tells). New connections in `:pass`
+    mode work.
+
   `cut/1` closes every open connection (a dropped stream). `stats/1` counts
   the faults injected.
   """
@@ -148,6 +153,11 @@ defmodule SseGateway.TestSupport.FaultProxy do
             :ets.update_counter(table, :dropped, 1)
             send(owner, :done)
 
+          :swallow ->
+            # Like TCP over a dead path: once bytes are lost, this connection
+            # never delivers again (it is not closed either).
+            swallow(from, owner)
+
           {:delay, ms} ->
             :ets.update_counter(table, :delayed, 1)
             Process.sleep(ms)
@@ -159,6 +169,13 @@ defmodule SseGateway.TestSupport.FaultProxy do
 
       {:error, _} ->
         send(owner, :done)
+    end
+  end
+
+  defp swallow(from, owner) do
+    case :gen_tcp.recv(from, 0) do
+      {:ok, _} -> swallow(from, owner)
+      {:error, _} -> send(owner, :done)
     end
   end
 
@@ -174,5 +191,6 @@ defmodule SseGateway.TestSupport.FaultProxy do
     end
   end
 
+  defp fate(:blackhole), do: :swallow
   defp fate(_), do: :pass
 end
