@@ -160,18 +160,4 @@ defmodule SseGateway.AsyncTest do
     assert %{sent: 2, rejected: 1} = Buffer.stats(buffer)
     assert task_numbers(url, "ok:t", 2) == [1, 2]
   end
-
-  @tag :idempotency
-  test "synchronous publishes retried through faults are stored once each", %{gw: gw, url: url} do
-    proxy = start_supervised!({FaultProxy, Gateway.port(gw)})
-    FaultProxy.set_mode(proxy, {:faults, drop: 0.2, delay: 0.2, delay_ms: 600})
-    opts = [mode: :sync, url: FaultProxy.url(proxy), retries: 20] ++ @fast
-
-    ids =
-      for i <- 1..100, do: elem({:ok, _} = SseGateway.publish("sync:t", :e, %{"i" => i}, opts), 1)
-
-    assert length(Enum.uniq(ids)) == 100
-    assert Helpers.counts(url) == %{"sync:t" => 100}
-    assert task_numbers(url, "sync:t", 100) == Enum.to_list(1..100)
-  end
 end
