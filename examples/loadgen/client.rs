@@ -85,6 +85,13 @@ impl Target {
         Ok(target)
     }
 
+    /// The same target publishing to `url` instead (e.g. `/publish/batch`).
+    pub fn with_publish(&self, url: &str) -> Result<Self> {
+        let mut target = clone_target(self);
+        target.publish = Url::parse(url)?;
+        Ok(target)
+    }
+
     /// Connects from the next source address (bind before connect).
     pub async fn connect(&self, to: SocketAddr) -> Result<TcpStream> {
         self.connect_with(to, None).await

@@ -25,6 +25,10 @@
 //!   start (`--from-start-id`, or nothing when the server starts at the oldest).
 //! - `storm`: one marker event, then `--behind` events, then `--subscribers`
 //!   clients resume at once from the marker's id; time until all caught up.
+//! - `batch` (ours only): from ONE connection, `--events` single publishes
+//!   to `--pub-url`, then the same count in `POST /publish/batch` requests of
+//!   `--batch-size` events (`--batch-url`), then again with an
+//!   `idempotency_key` per item; events/s of each and the ratio.
 //! - `soak`: `--duration-s` of steady mixed load (publishers at `--rate`,
 //!   long-lived, churning and slow subscribers over `--topics` topics),
 //!   sampling the server's RSS and fds (`--pid`) every `--sample-s`; exits 1 on
@@ -66,6 +70,7 @@ enum Scenario {
     Replay,
     Storm,
     Soak,
+    Batch,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -161,6 +166,12 @@ struct Args {
     /// Give up waiting for deliveries after this many seconds.
     #[arg(long, default_value_t = 120.0)]
     timeout_s: f64,
+    /// `batch`: events per `POST /publish/batch` request.
+    #[arg(long, default_value_t = 100)]
+    batch_size: usize,
+    /// `batch`: the batch route.
+    #[arg(long, default_value = "http://127.0.0.1:8080/publish/batch")]
+    batch_url: String,
     /// Client runtime worker threads.
     #[arg(long, default_value_t = 2)]
     threads: usize,
@@ -220,7 +231,70 @@ async fn run(args: Arc<Args>) -> Result<String> {
         Scenario::Replay => replay(&args, &target).await,
         Scenario::Storm => storm(&args, &target).await,
         Scenario::Soak => soak::soak(&args, &target, &topic).await,
+        Scenario::Batch => batch(&args, &target, &topic).await,
     }
+}
+
+/// Singles vs batches from one connection, one after the other, same run.
+async fn batch(args: &Args, target: &Target, topic: &str) -> Result<String> {
+    let events = args.events;
+    let size = args.payload_bytes;
+    let batch_size = args.batch_size.max(1) as u64;
+    let payload = |seq: u64| Payload {
+        publisher: 0,
+        seq,
+        sent_us: now_micros(),
+    };
+    let check = |(status, body): (u16, Vec<u8>)| -> Result<()> {
+        if (200..300).contains(&status) {
+            Ok(())
+        } else {
+            bail!("status {status}: {}", String::from_utf8_lossy(&body))
+        }
+    };
+    let singles_target = Arc::new(clone_target(target));
+    let mut publisher = Publisher::new(Arc::clone(&singles_target));
+    let started = Instant::now();
+    for seq in 0..events {
+        check(publisher.post(&singles_target.body(&payload(seq), size)).await?)?;
+    }
+    let singles = events as f64 / started.elapsed().as_secs_f64();
+
+    let batch_target = Arc::new(target.with_publish(&args.batch_url)?);
+    let mut rates = Vec::new();
+    for keyed in [false, true] {
+        let mut publisher = Publisher::new(Arc::clone(&batch_target));
+        let started = Instant::now();
+        let mut seq = 0;
+        while seq < events {
+            let n = batch_size.min(events - seq);
+            let items: Vec<String> = (seq..seq + n)
+                .map(|s| {
+                    let key = if keyed {
+                        format!(r#","idempotency_key":"{topic}-{s}""#)
+                    } else {
+                        String::new()
+                    };
+                    format!(
+                        r#"{{"topics":["{topic}"],"data":{}{key}}}"#,
+                        payload(events + s).encode(size)
+                    )
+                })
+                .collect();
+            let body = format!(r#"{{"events":[{}]}}"#, items.join(","));
+            check(publisher.post(&body).await?)?;
+            seq += n;
+        }
+        rates.push(events as f64 / started.elapsed().as_secs_f64());
+    }
+    Ok(format!(
+        "connections=1 events={events} payload_bytes={size} batch_size={batch_size} \
+         single_events_per_s={singles:.0} batch_events_per_s={:.0} keyed_batch_events_per_s={:.0} \
+         batch_over_single={:.1}",
+        rates[0],
+        rates[1],
+        rates[0] / singles
+    ))
 }
 
 /// What one stream saw.

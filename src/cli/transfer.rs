@@ -73,10 +73,11 @@ pub fn export(args: ExportArgs, dir: &Path) -> anyhow::Result<()> {
         _ => String::new(),
     };
     eprintln!(
-        "sse-gateway: exported {} events{range} of epoch {}, head {}, to {written_to}",
+        "sse-gateway: exported {} events{range} of epoch {}, head {}, and {} idempotency keys, to {written_to}",
         stats.events,
         stats.epoch.as_str(),
         stats.epoch.id(stats.head),
+        stats.keys,
     );
     Ok(())
 }
@@ -114,9 +115,10 @@ pub fn import(args: ImportArgs, dir: &Path) -> anyhow::Result<()> {
     let mut out = std::io::stderr().lock();
     writeln!(
         out,
-        "sse-gateway: imported {} events in {} topics into {}: epoch {}, head {}; new publishes continue at {} ({watermarks})",
+        "sse-gateway: imported {} events in {} topics and {} idempotency keys into {}: epoch {}, head {}; new publishes continue at {} ({watermarks})",
         stats.events,
         stats.topics,
+        stats.keys,
         dir.display(),
         stats.epoch.as_str(),
         stats.epoch.id(stats.head),

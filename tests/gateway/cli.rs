@@ -463,7 +463,7 @@ async fn export_then_import_keeps_every_event_id_and_watermark() {
     assert_eq!(
         lines[0],
         format!(
-            r#"{{"format":"sse-gateway-export","version":1,"epoch":"{epoch}","head":11,"trimmed":{{"busy":8}}}}"#
+            r#"{{"format":"sse-gateway-export","version":2,"epoch":"{epoch}","head":11,"trimmed":{{"busy":8}}}}"#
         )
     );
     let exported: Vec<Value> = lines[1..]

@@ -9,6 +9,7 @@ mod cli;
 mod connections;
 mod durability;
 mod guarantees;
+mod idempotency;
 mod limits;
 mod loadgen;
 mod memory;

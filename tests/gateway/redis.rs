@@ -787,3 +787,110 @@ async fn readyz_after_a_redis_restart_means_the_next_publish_is_stored() {
     )
     .await;
 }
+
+/// POSTs `body` to `url` with `Idempotency-Key: key`: (status, replayed, body).
+async fn post_keyed(
+    client: &reqwest::Client,
+    url: &str,
+    key: &str,
+    body: Value,
+) -> (StatusCode, bool, Value) {
+    let response = client
+        .post(url)
+        .header("content-type", "application/json")
+        .header("idempotency-key", key)
+        .body(body.to_string())
+        .send()
+        .await
+        .expect("publish request");
+    let status = response.status();
+    let replayed = response
+        .headers()
+        .get("idempotent-replayed")
+        .is_some_and(|v| v == "true");
+    (
+        status,
+        replayed,
+        response.json().await.unwrap_or(Value::Null),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_a_key_used_on_one_node_replays_on_another_and_stores_once_under_a_race() {
+    let redis = RedisServer::start();
+    let dir = TempDir::new().unwrap();
+    let config = redis_config(dir.path(), &single(&redis.url()), "");
+    let nodes = gateways(dir.path(), &config, 2);
+    let client = reqwest::Client::new();
+    let (a, b) = (nodes[0].url("/topics/t"), nodes[1].url("/topics/t"));
+
+    let (status, replayed, first) = post_keyed(&client, &a, "k", json!({"data": 1})).await;
+    assert_eq!(status, StatusCode::CREATED, "{first}");
+    assert!(!replayed);
+    let (status, replayed, again) = post_keyed(&client, &b, "k", json!({"data": 1})).await;
+    assert_eq!(status, StatusCode::CREATED, "{again}");
+    assert!(replayed, "node B replays node A's key");
+    assert_eq!(again, first);
+    let (status, _, reused) = post_keyed(&client, &b, "k", json!({"data": 2})).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{reused}");
+    assert_eq!(reused["error"]["code"], "idempotency_key_reused");
+
+    // One key sent to both nodes at once, many times: stored once.
+    let racers = (0..16).map(|i| {
+        let url = if i % 2 == 0 { a.clone() } else { b.clone() };
+        let client = client.clone();
+        async move { post_keyed(&client, &url, "race", json!({"data": "r"})).await }
+    });
+    let answers = futures_util::future::join_all(racers).await;
+    let ids: HashSet<String> = answers
+        .iter()
+        .map(|(status, _, body)| {
+            assert_eq!(*status, StatusCode::CREATED, "{body}");
+            body["id"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    assert_eq!(
+        answers.iter().filter(|(_, r, _)| !r).count(),
+        1,
+        "one stored"
+    );
+
+    // A batch through node B: a replayed item and a new one; then the whole batch again on A.
+    let batch = json!({"events": [
+        {"topics": ["t"], "data": 1, "idempotency_key": "k"},
+        {"topics": ["u"], "data": 3, "idempotency_key": "k3"},
+    ]});
+    let (status, replayed, mixed) = post_keyed(
+        &client,
+        &nodes[1].url("/publish/batch"),
+        "unused",
+        batch.clone(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{mixed}");
+    assert!(!replayed);
+    assert_eq!(mixed["ids"][0], first["id"]);
+    let (status, replayed, whole) =
+        post_keyed(&client, &nodes[0].url("/publish/batch"), "unused", batch).await;
+    assert_eq!(status, StatusCode::CREATED, "{whole}");
+    assert!(replayed);
+    assert_eq!(whole, mixed);
+
+    // The keys live in the log's hash tag, with the window as their TTL.
+    let ttl: i64 = redis_cli(redis.port, &["PTTL", "{sse}:i::k"])
+        .parse()
+        .unwrap();
+    assert!(ttl > 86_000_000 && ttl <= 86_400_000, "TTL {ttl}");
+    for node in &nodes {
+        let url = node.url("/topics/t/info");
+        eventually("t holds 2 events on every node", || {
+            let (client, url) = (client.clone(), url.clone());
+            async move {
+                let info: Value = client.get(&url).send().await.unwrap().json().await.unwrap();
+                info["count"] == 2
+            }
+        })
+        .await;
+    }
+}

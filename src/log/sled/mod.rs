@@ -29,6 +29,7 @@ use parking_lot::Mutex;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+pub(crate) use self::shared::now_ms;
 use self::shared::Shared;
 use self::writer::Writer;
 use super::queue::{self, WriterMsg};

@@ -6,6 +6,8 @@
 //! at most `trim_batch_events`, so publishes never wait for it. An event
 //! record is removed when no topic's index refers to it any more.
 //!
+//! It also forgets idempotency keys whose window ended (`trim_keys_batch`).
+//!
 //! Each trim raises the topic's trimmed watermark in memory *before* the keys
 //! go (and persists it in the same batch as the removal), so a reader that
 //! misses an event because it was trimmed always sees that it fell behind and
@@ -78,7 +80,46 @@ pub(crate) fn trim_pass(
             left = left.saturating_sub(n);
         }
     }
+    while trim_keys_batch(shared, now_ms, policy.batch_events)? > 0 {}
     Ok(removed)
+}
+
+/// Forgets up to `limit` idempotency keys whose window ended by `now_ms`,
+/// oldest first, from the time-ordered expiry index: O(log n) to find them.
+///
+/// The writer may store the same key anew meanwhile (an expired key counts
+/// as absent), so a key is removed only if it still holds the entry this
+/// expiry belongs to (compare-and-swap); a stale expiry entry just goes.
+/// Returns the expiry entries removed.
+pub(crate) fn trim_keys_batch(shared: &Shared, now_ms: u64, limit: usize) -> Result<u64, LogError> {
+    let end = codec::expiry_key(now_ms, "");
+    let mut expired = Vec::new();
+    for item in shared
+        .db
+        .range(codec::EXPIRY_PREFIX.to_vec()..end)
+        .keys()
+        .take(limit)
+    {
+        expired.push(item?);
+    }
+    let mut batch = sled::Batch::default();
+    for key in &expired {
+        let (expires_ms, scoped) = codec::split_expiry_key(key)?;
+        let stored = codec::key_key(scoped);
+        if let Some(value) = shared.db.get(&stored)? {
+            if codec::KeyEntry::decode(&stored, &value)?.expires_ms == expires_ms {
+                // Err(CompareAndSwapError): the writer stored it anew; keep it.
+                let _ = shared
+                    .db
+                    .compare_and_swap(&stored, Some(value), None::<&[u8]>)?;
+            }
+        }
+        batch.remove(key.clone());
+    }
+    if !expired.is_empty() {
+        shared.db.apply_batch(batch)?;
+    }
+    Ok(expired.len() as u64)
 }
 
 /// Removes up to `limit` events older than `cutoff_ms` from every topic.

@@ -211,6 +211,8 @@ pub fn check(dir: &Path, progress: &mut dyn Progress) -> Result<CheckReport, Off
         } else if key.starts_with(PIECE_PREFIX) {
             check_piece(&db, &key, &mut r)?;
         } else if !(key.starts_with(TRIMMED_PREFIX)
+            || key.starts_with(codec::KEY_PREFIX)
+            || key.starts_with(codec::EXPIRY_PREFIX)
             || key == FORMAT_KEY
             || key == EPOCH_KEY
             || key == HEAD_KEY)

@@ -24,6 +24,18 @@
 //! time (it drives `max_age` retention) and `data` the compact JSON exactly as
 //! stored, embedded raw: key order, escapes and number text are the stored
 //! bytes, never re-serialised.
+//!
+//! Version 2 adds, after the events, one line per idempotency key whose
+//! window has not ended, so retries after a move still replay:
+//!
+//! ```text
+//! {"idempotency_key":"org1:8e03978e","id":"Xk3v9QaB-18","expires_ms":1700086400000,"digest":"<64 hex digits>"}
+//! ```
+//!
+//! `idempotency_key` is the scoped key (`<org>:<key>`, `:<key>` without
+//! tenancy), `id` the event it stored (which may have been trimmed since),
+//! `expires_ms` the end of its window, `digest` the SHA-256 of its request.
+//! Version 1 (no key lines) is still read.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -34,13 +46,15 @@ use serde_json::value::RawValue;
 use super::{
     compact_json_text, io_error, OfflineError, OfflineLog, Progress, Unit, PROGRESS_EVERY,
 };
+use crate::idempotency;
+use crate::log::sled::codec;
 use crate::log::LogError;
 use crate::model::{Epoch, Topic};
 
 /// The `format` value of an export header.
 pub const EXPORT_FORMAT: &str = "sse-gateway-export";
 /// The export format version this build writes and the newest it reads.
-pub const EXPORT_VERSION: u32 = 1;
+pub const EXPORT_VERSION: u32 = 2;
 
 impl OfflineLog {
     /// Writes the export of this log to `out` (module docs: the format).
@@ -79,6 +93,7 @@ impl OfflineLog {
             events: 0,
             first: None,
             last: None,
+            keys: 0,
         };
         for event in self.events() {
             let event = event?;
@@ -111,6 +126,28 @@ impl OfflineLog {
                 progress.position(event.seq - range.map_or(0, |r| r.0) + 1);
             }
         }
+        let now = crate::log::sled::now_ms();
+        for item in self.db.scan_prefix(codec::KEY_PREFIX) {
+            let (key, value) = item?;
+            let scoped = codec::split_key_key(&key)?;
+            let entry = codec::KeyEntry::decode(&key, &value)?;
+            if entry.expires_ms <= now {
+                continue;
+            }
+            let line = KeyLine {
+                idempotency_key: scoped,
+                id: &self.epoch.id(entry.seq),
+                expires_ms: entry.expires_ms,
+                digest: &idempotency::hex(&entry.digest),
+            };
+            serde_json::to_writer(&mut *out, &line).map_err(|e| OfflineError::Io {
+                what: "cannot write the export".into(),
+                error: e.into(),
+            })?;
+            out.write_all(b"\n")
+                .map_err(io_error("cannot write the export"))?;
+            stats.keys += 1;
+        }
         out.flush().map_err(io_error("cannot write the export"))?;
         progress.finish();
         Ok(stats)
@@ -125,6 +162,8 @@ pub struct ExportStats {
     pub events: u64,
     pub first: Option<u64>,
     pub last: Option<u64>,
+    /// Idempotency keys written (those whose window had not ended).
+    pub keys: u64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -143,6 +182,16 @@ pub(super) struct ExportHeader {
 pub(super) struct HeaderProbe {
     pub(super) format: Option<String>,
     pub(super) version: Option<u32>,
+}
+
+/// An idempotency key line (version 2), after the events.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct KeyLine<'a> {
+    pub(super) idempotency_key: &'a str,
+    pub(super) id: &'a str,
+    pub(super) expires_ms: u64,
+    pub(super) digest: &'a str,
 }
 
 #[derive(Serialize)]

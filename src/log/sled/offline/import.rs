@@ -7,7 +7,7 @@ use std::path::Path;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::export::{ExportHeader, HeaderProbe, EXPORT_FORMAT, EXPORT_VERSION};
+use super::export::{ExportHeader, HeaderProbe, KeyLine, EXPORT_FORMAT, EXPORT_VERSION};
 use super::{io_error, OfflineError, Progress, Unit, OFFLINE_CACHE_BYTES};
 use crate::log::sled::codec::{self, EPOCH_KEY, FORMAT_KEY, HEAD_KEY};
 use crate::log::sled::format::CURRENT_FORMAT;
@@ -40,6 +40,8 @@ pub struct ImportStats {
     pub last: Option<u64>,
     /// Topics with imported events or a watermark.
     pub topics: usize,
+    /// Idempotency keys imported (export version 2).
+    pub keys: u64,
     /// True when the export carried the watermarks (`trimmed`) and they were
     /// restored exactly; false when they were reconstructed ([`import`]).
     pub exact_watermarks: bool,
@@ -327,6 +329,48 @@ fn parse_event(text: &str, epoch: &Epoch) -> Result<ImportedEvent, String> {
     })
 }
 
+/// An idempotency key line (export version 2): `None` when the line is not
+/// one at all, else the scoped key and its entry, or what is wrong with it.
+fn parse_key_line(
+    text: &str,
+    epoch: &Epoch,
+    head: u64,
+) -> Option<Result<(String, codec::KeyEntry), String>> {
+    let line: KeyLine<'_> = serde_json::from_str(text).ok()?;
+    Some((|| {
+        let scoped = line.idempotency_key;
+        // `<org>:<key>`: the org part as tokens carry it, the key visible ASCII.
+        let valid = scoped.split_once(':').is_some_and(|(org, key)| {
+            org.len() <= 64
+                && org
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+                && !key.is_empty()
+                && key.len() <= 2 * crate::idempotency::MAX_KEY_LEN
+                && key.bytes().all(|b| (0x21..=0x7e).contains(&b))
+        });
+        if !valid {
+            return Err(format!("invalid idempotency key {scoped:?}"));
+        }
+        let seq = parse_id(line.id, epoch)?;
+        if seq > head {
+            return Err(format!(
+                "idempotency key {scoped:?} names an id beyond the head"
+            ));
+        }
+        let digest = crate::idempotency::parse_hex(line.digest)
+            .ok_or_else(|| format!("idempotency key {scoped:?}: digest is not 64 hex digits"))?;
+        Ok((
+            scoped.to_owned(),
+            codec::KeyEntry {
+                seq,
+                expires_ms: line.expires_ms,
+                digest,
+            },
+        ))
+    })())
+}
+
 fn import_into(
     staging: &Path,
     input: &mut dyn BufRead,
@@ -365,6 +409,7 @@ fn import_into(
         first: None,
         last: None,
         topics: 0,
+        keys: 0,
         exact_watermarks: exact.is_some(),
     };
     let mut topics_seen: HashSet<Topic> = HashSet::new();
@@ -377,7 +422,23 @@ fn import_into(
     while lines.advance()? {
         let line = lines.number;
         let bad = |what: String| OfflineError::Import { line, what };
-        let event = parse_event(lines.text()?, &epoch).map_err(bad)?;
+        let text = lines.text()?;
+        let event = match parse_event(text, &epoch) {
+            Ok(event) if stats.keys == 0 => event,
+            Ok(_) => return Err(bad("an event line after the idempotency key lines".into())),
+            Err(what) => match parse_key_line(text, &epoch, head) {
+                Some(Ok((scoped, entry))) => {
+                    entry.insert_into(&mut batch, &scoped);
+                    stats.keys += 1;
+                    if stats.keys.is_multiple_of(IMPORT_BATCH_EVENTS as u64) {
+                        db.apply_batch(std::mem::take(&mut batch))?;
+                    }
+                    continue;
+                }
+                Some(Err(what)) => return Err(bad(what)),
+                None => return Err(bad(what)),
+            },
+        };
         let id = epoch.id(event.seq);
         if event.seq <= previous {
             return Err(bad(format!(
