@@ -27,6 +27,26 @@ defmodule SseGateway.TestSupport.Gateway do
               "`cargo build --bin sse-gateway` or set SSE_GATEWAY_BIN"
   end
 
+  # Runs the binary under a shell that kills it when the test VM goes away
+  # without cleaning up (its end of our stdin closes): no orphans after an
+  # interrupted `mix test`. Prints the binary's pid first, for kill -9.
+  @guard """
+  exec 3<&0
+  "$@" <&- &
+  pid=$!
+  echo "sse-gateway-pid $pid"
+  (read _ <&3; kill -9 "$pid") >/dev/null 2>&1 &
+  wait "$pid"
+  """
+
+  defp await_pid(port) do
+    receive do
+      {^port, {:data, {_, "sse-gateway-pid " <> pid}}} -> String.to_integer(pid)
+    after
+      5_000 -> raise "the gateway's wrapper printed no pid"
+    end
+  end
+
   @doc """
   Starts a gateway. Options: `config:` extra TOML appended to the generated
   file (sections `[stream]`, `[retention]`, … are written by this module
@@ -105,16 +125,18 @@ defmodule SseGateway.TestSupport.Gateway do
     listen = "127.0.0.1:#{s.port_num}"
 
     port =
-      Port.open({:spawn_executable, bin()}, [
+      Port.open({:spawn_executable, "/bin/sh"}, [
         :binary,
         :exit_status,
         :stderr_to_stdout,
         {:line, 8192},
-        args: ["serve", "--config", s.config, "--listen", listen, "--data-dir", s.data_dir],
+        args:
+          ["-c", @guard, "sh", bin()] ++
+            ["serve", "--config", s.config, "--listen", listen, "--data-dir", s.data_dir],
         env: [{~c"RUST_LOG", ~c"info"}, {~c"NO_COLOR", ~c"1"}]
       ])
 
-    {:os_pid, os_pid} = Port.info(port, :os_pid)
+    os_pid = await_pid(port)
     s = %{s | port: port, os_pid: os_pid}
 
     case await_listening(s, System.monotonic_time(:millisecond) + 30_000) do
