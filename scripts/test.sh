@@ -84,6 +84,8 @@ TARGET_DIR="$(cd "${CARGO_TARGET_DIR:-$ROOT/target}" && pwd)"
     export MIX_HOME="$TARGET_DIR/mix-home" HEX_HOME="$TARGET_DIR/hex-home"
     export MIX_BUILD_ROOT="$TARGET_DIR/elixir-build"
     export SSE_GATEWAY_BIN="$TARGET_DIR/debug/sse-gateway"
+    mix format --check-formatted
+    mix compile --warnings-as-errors
     mix test
 )
 
