@@ -6,7 +6,8 @@
 # missing), installs the pinned npm packages of tests/js (npm ci;
 # playwright-core drives that chromium and never downloads a browser), then
 # runs rustfmt, clippy and every test of the workspace (the gateway and
-# tools/powercut).
+# tools/powercut), then the Elixir client's tests (clients/elixir, `mix test`
+# with Debian's elixir; no hex packages) against the built binary.
 # CI runs it through .ci/run. CARGO_TARGET_DIR etc. are honoured.
 set -euo pipefail
 
@@ -34,6 +35,8 @@ command -v g++ >/dev/null 2>&1 || missing+=(g++)
 # The README test (tests/gateway/readme/) runs its nginx and Python examples.
 [[ -x /usr/sbin/nginx ]] || command -v nginx >/dev/null 2>&1 || missing+=(nginx)
 python3 -c 'import requests' >/dev/null 2>&1 || missing+=(python3-requests)
+# The Elixir client (clients/elixir) is tested with Debian's Elixir and OTP.
+command -v mix >/dev/null 2>&1 || missing+=(elixir)
 
 if ((${#missing[@]})); then
     step "installing system packages: ${missing[*]}"
@@ -50,13 +53,14 @@ if ((${#missing[@]})); then
     "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive \
         apt-get install -y -q --no-install-recommends "${missing[@]}"
 else
-    step "system packages present: curl, node, npm, chromium, redis-server, fuse3"
+    step "system packages present: curl, node, npm, chromium, redis-server, fuse3, g++, nginx, python3-requests, elixir"
 fi
 echo "curl: $(curl --version | head -n1)"
 echo "node: $(node --version), npm: $(npm --version)"
 echo "chromium: $(/usr/bin/chromium --version 2>/dev/null)"
 echo "redis: $(redis-server --version)"
 echo "fuse: $(fusermount3 --version 2>&1), /dev/fuse: $([[ -c /dev/fuse ]] && echo present || echo MISSING)"
+echo "elixir: $(elixir --version 2>/dev/null | tr '\n' ' ')"
 
 # --- npm packages for the third-party client and browser tests ---------------
 step "npm ci (tests/js)"
@@ -72,6 +76,23 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "cargo test --locked --workspace --all-targets"
 cargo test --locked --workspace --all-targets
+
+# --- the Elixir client against the debug binary --------------------------------
+# No deps, so no hex; MIX_HOME/HEX_HOME point inside the build dir so nothing
+# depends on (or is written to) the user's ~/.mix.
+step "mix test (clients/elixir against the debug binary)"
+cargo build --locked --bin sse-gateway
+TARGET_DIR="$(cd "${CARGO_TARGET_DIR:-$ROOT/target}" && pwd)"
+(
+    cd clients/elixir
+    export MIX_ENV=test
+    export MIX_HOME="$TARGET_DIR/mix-home" HEX_HOME="$TARGET_DIR/hex-home"
+    export MIX_BUILD_ROOT="$TARGET_DIR/elixir-build"
+    export SSE_GATEWAY_BIN="$TARGET_DIR/debug/sse-gateway"
+    mix format --check-formatted
+    mix compile --warnings-as-errors
+    mix test
+)
 
 # --- the OpenAPI contract against a live gateway -------------------------------
 step "schemathesis (openapi.yaml against the debug binary)"
