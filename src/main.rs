@@ -26,6 +26,16 @@ use sse_gateway::Config;
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// jemalloc's options, read before `main`: freed pages go back to the kernel
+/// after about a second instead of ten (`dirty_decay_ms`), and are released
+/// outright rather than kept "muzzy". The one-hour soak with the defaults
+/// had no growth (slope -0.3 MiB/h) but RSS swung ±12 % around its mean
+/// with the transient buffers of large events; RSS is what an operator's
+/// memory limit sees. NUL-terminated: jemalloc reads a C string.
+#[cfg(not(target_env = "msvc"))]
+#[export_name = "_rjem_malloc_conf"]
+static JEMALLOC_OPTIONS: &[u8] = b"dirty_decay_ms:1000,muzzy_decay_ms:0\0";
+
 #[derive(Parser)]
 #[command(
     name = "sse-gateway",
