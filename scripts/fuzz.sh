@@ -8,10 +8,12 @@
 #
 #   bash scripts/fuzz.sh                 # every target, 20 s each
 #   FUZZ_SECONDS=300 bash scripts/fuzz.sh json_compact
+#   FUZZ_PROFILE=dev bash scripts/fuzz.sh   # CI: the quickest build (fuzz/Cargo.toml)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../fuzz"
 
 SECONDS_EACH=${FUZZ_SECONDS:-20}
+PROFILE=${FUZZ_PROFILE:-release}
 TARGETS=("$@")
 if [[ ${#TARGETS[@]} -eq 0 ]]; then
   TARGETS=(names json_compact route_payload config_toml)
@@ -33,13 +35,15 @@ HOST=$(rustc -vV | sed -n 's/^host: //p')
 # The gateway's own lock file, so the targets build against exactly the
 # versions the gateway is tested with (cargo adds only libFuzzer's crates).
 cp ../Cargo.lock Cargo.lock
-cargo build --release --bins --target "$HOST"
+cargo build --profile "$PROFILE" --bins --target "$HOST"
+# cargo names the dev profile's directory `debug`.
+OUT_DIR=$CARGO_TARGET_DIR/$HOST/$([[ $PROFILE == dev ]] && echo debug || echo "$PROFILE")
 for target in "${TARGETS[@]}"; do
   mkdir -p "corpus/$target" "artifacts/$target"
   echo "fuzz: $target for ${SECONDS_EACH}s"
   log="artifacts/$target/last-run.log"
   status=0
-  "$CARGO_TARGET_DIR/$HOST/release/$target" -max_total_time="$SECONDS_EACH" \
+  "$OUT_DIR/$target" -max_total_time="$SECONDS_EACH" \
     -artifact_prefix="artifacts/$target/" -print_final_stats=1 "corpus/$target" \
     >"$log" 2>&1 || status=$?
   grep -E '^(#[0-9]+ +(DONE|INITED)|stat::number_of_executed_units|==[0-9]+==|.*panicked|SUMMARY|artifact_prefix|Test unit written)' "$log" || true

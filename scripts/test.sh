@@ -100,6 +100,6 @@ bash scripts/schemathesis.sh
 
 # --- the fuzz targets: built with libFuzzer's instrumentation, each run briefly --
 step "fuzz targets (scripts/fuzz.sh, ${FUZZ_SECONDS:-15} s each)"
-FUZZ_SECONDS=${FUZZ_SECONDS:-15} bash scripts/fuzz.sh
+FUZZ_SECONDS=${FUZZ_SECONDS:-15} FUZZ_PROFILE=${FUZZ_PROFILE:-dev} bash scripts/fuzz.sh
 
 step "all checks passed"
