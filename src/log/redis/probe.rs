@@ -1,0 +1,236 @@
+//! The Redis log's delivery probe: readiness means this node's tail delivers.
+//!
+//! Every `storage.probe_interval_ms` the prober appends a probe to the log
+//! (the script's `probe`: a marker entry `<head>-<n>` carrying this log
+//! instance's random probe id, no sequence, no topic, so no client can see,
+//! subscribe to or publish it; the script keeps the last [`PROBES_KEPT`] per
+//! node). The tailer hands every probe carrying our id back here. A probe
+//! still outstanding one interval after it was appended makes the log not
+//! ready (`/readyz` `503`), so a silent or lagging tail is reported within
+//! two intervals, and readiness returns as soon as one comes back.
+//!
+//! A probe outstanding for two intervals also wakes the tailer's watchdog:
+//! it drops its connection and opens a new one (at most once per two
+//! intervals), which is what follows a failover that left the old
+//! connection blocked on a server no one writes to any more.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::connections::redis_err;
+use super::replies::StreamPos;
+use super::shared::Shared;
+
+/// Probes of one node the stream keeps; older ones are deleted.
+const PROBES_KEPT: u32 = 4;
+
+/// Outstanding probes remembered; while the tail is silent only the oldest
+/// matters (its age is the lag), so the queue stops growing here.
+const OUTSTANDING_KEPT: usize = 64;
+
+/// The probe state of one open Redis log on this node.
+pub(super) struct Probe {
+    /// Zero when probing is off (readiness then ignores the tail).
+    pub interval: Duration,
+    /// This log instance's probe id: random per open, so two gateways (or
+    /// two opens of one log) never take each other's probes for their own.
+    pub node: String,
+    /// Wakes the tailer to replace a silent connection.
+    pub stale: Notify,
+    state: Mutex<ProbeState>,
+}
+
+#[derive(Default)]
+struct ProbeState {
+    /// Appended probes not yet seen through the tail, oldest first.
+    outstanding: VecDeque<(StreamPos, Instant)>,
+    /// Highest own probe the tail brought back.
+    seen: StreamPos,
+    /// Append-to-tail time of the last probe that came back.
+    last_lag: Duration,
+    /// When the watchdog last woke the tailer.
+    kicked: Option<Instant>,
+}
+
+impl Probe {
+    /// A probe state for one log; `interval` zero turns probing off.
+    pub fn new(interval: Duration) -> Self {
+        Self {
+            interval,
+            node: crate::model::Epoch::generate().as_str().to_owned(),
+            stale: Notify::new(),
+            state: Mutex::new(ProbeState::default()),
+        }
+    }
+
+    /// Records a probe appended as `id`, `at` just before the append.
+    fn sent(&self, id: StreamPos, at: Instant) {
+        let mut state = self.state.lock();
+        if id <= state.seen {
+            // The tail was faster than the append's reply.
+            state.last_lag = at.elapsed();
+        } else if state.outstanding.len() < OUTSTANDING_KEPT {
+            state.outstanding.push_back((id, at));
+        }
+    }
+
+    /// Called by the tailer for each probe of ours it reads: every probe up
+    /// to `id` is back (older ones may have been deleted unread).
+    pub fn returned(&self, id: StreamPos) {
+        let mut state = self.state.lock();
+        state.seen = state.seen.max(id);
+        while let Some(&(front, at)) = state.outstanding.front() {
+            if front > id {
+                break;
+            }
+            state.outstanding.pop_front();
+            state.last_lag = at.elapsed();
+        }
+    }
+
+    /// Time from a probe's append to its arrival through the tail: the last
+    /// one's, or while one is outstanding the age of the oldest, if larger.
+    /// `None` when probing is off.
+    pub fn lag(&self) -> Option<Duration> {
+        if self.interval.is_zero() {
+            return None;
+        }
+        let state = self.state.lock();
+        let waiting = state
+            .outstanding
+            .front()
+            .map_or(Duration::ZERO, |(_, at)| at.elapsed());
+        Some(state.last_lag.max(waiting))
+    }
+
+    /// A probe has been outstanding longer than one interval: the tail is
+    /// silent or behind.
+    pub fn is_late(&self) -> bool {
+        !self.interval.is_zero()
+            && self
+                .state
+                .lock()
+                .outstanding
+                .front()
+                .is_some_and(|(_, at)| at.elapsed() > self.interval)
+    }
+
+    /// Whether the watchdog should replace the tail connection now: a probe
+    /// outstanding two intervals, and no kick in the last two intervals.
+    fn due_for_kick(&self) -> bool {
+        let twice = self.interval * 2;
+        let mut state = self.state.lock();
+        let stale = state
+            .outstanding
+            .front()
+            .is_some_and(|(_, at)| at.elapsed() > twice);
+        let rested = state.kicked.is_none_or(|k| k.elapsed() > twice);
+        if stale && rested {
+            state.kicked = Some(Instant::now());
+        }
+        stale && rested
+    }
+}
+
+/// Appends a probe every interval until `stop` (nothing when probing is off)
+/// and wakes the tailer when its tail has gone silent.
+pub(super) async fn run_prober(shared: Arc<Shared>, stop: CancellationToken) {
+    let probe = &shared.probe;
+    if probe.interval.is_zero() {
+        return;
+    }
+    let mut tick = tokio::time::interval(probe.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if shared.failure().is_some() {
+            return;
+        }
+        if probe.due_for_kick() {
+            tracing::warn!(
+                log = %shared.log_key,
+                lag_ms = probe.lag().unwrap_or_default().as_millis() as u64,
+                "the tail brought back no probe for two intervals; replacing its connection"
+            );
+            probe.stale.notify_waiters();
+        }
+        let mut conn = match shared.clients.shared().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                tracing::debug!(error = %e, "probe skipped");
+                continue;
+            }
+        };
+        let at = Instant::now();
+        let ttl_ms = (probe.interval * 10)
+            .max(Duration::from_secs(60))
+            .as_millis() as u64;
+        let sent: Result<String, _> = shared
+            .script
+            .key(&shared.log_key)
+            .arg("probe")
+            .arg(shared.epoch.as_str())
+            .arg(&probe.node)
+            .arg(PROBES_KEPT)
+            .arg(ttl_ms)
+            .invoke_async(&mut conn)
+            .await;
+        match sent {
+            Ok(id) => match StreamPos::parse(&id) {
+                Some(id) => probe.sent(id, at),
+                None => tracing::warn!(id, "the probe script answered no stream id"),
+            },
+            // Not the tail's fault: the writer's health covers a Redis
+            // that refuses commands.
+            Err(e) => {
+                shared.clients.broken(&e);
+                tracing::debug!(error = %redis_err(e), log = %shared.log_key, "probe append failed");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_probe_is_late_after_one_interval_and_back_when_a_later_one_returns() {
+        let probe = Probe::new(Duration::from_millis(30));
+        let t0 = Instant::now();
+        probe.sent(StreamPos(5, 1), t0);
+        assert!(!probe.is_late(), "just sent");
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(probe.is_late(), "outstanding past one interval");
+        assert!(probe.lag().unwrap() >= Duration::from_millis(40));
+        probe.sent(StreamPos(6, 1), Instant::now());
+        probe.returned(StreamPos(6, 1));
+        assert!(!probe.is_late(), "a later probe clears older ones");
+        assert!(probe.lag().unwrap() < Duration::from_millis(30));
+    }
+
+    #[test]
+    fn a_probe_seen_before_its_append_answered_is_not_outstanding() {
+        let probe = Probe::new(Duration::from_millis(10));
+        probe.returned(StreamPos(3, 2));
+        probe.sent(StreamPos(3, 2), Instant::now());
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(!probe.is_late());
+    }
+
+    #[test]
+    fn probing_off_never_reports_late() {
+        let probe = Probe::new(Duration::ZERO);
+        probe.sent(StreamPos(1, 1), Instant::now());
+        assert!(!probe.is_late());
+        assert_eq!(probe.lag(), None);
+    }
+}
