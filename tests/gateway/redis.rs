@@ -18,7 +18,7 @@ use tempfile::TempDir;
 
 use crate::common::*;
 
-const SECRET: &str = "redis-tests-secret-0123456789abcdefghijkl";
+pub(crate) const SECRET: &str = "redis-tests-secret-0123456789abcdefghijkl";
 
 pub(crate) fn free_port() -> u16 {
     StdListener::bind("127.0.0.1:0")
@@ -554,7 +554,7 @@ impl Cluster {
     }
 }
 
-fn token(org: &str) -> String {
+pub(crate) fn token(org: &str) -> String {
     mint_hs256(
         SECRET,
         &Claims {

@@ -20,7 +20,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::common::*;
-use crate::redis::{gateways, redis_cli, redis_config, single, RedisServer};
+use crate::redis::{gateways, redis_cli, redis_config, single, token, RedisServer, SECRET};
 
 /// The probe interval the gateway runs with here.
 const PROBE: Duration = Duration::from_millis(300);
@@ -32,6 +32,8 @@ struct Link {
     tail: AtomicBool,
     /// Frozen on its own (the connections that were tails at one moment).
     frozen: AtomicBool,
+    /// The bytes that carried its first `XREAD` (which stream it tails).
+    xread: Mutex<String>,
 }
 
 /// A loopback TCP proxy in front of one Redis.
@@ -93,10 +95,15 @@ impl TailProxy {
     /// Silences the tail connections open now only (a new one works): what
     /// a connection left on a demoted primary looks like.
     fn freeze_current_tails(&self) -> usize {
+        self.freeze_current_tails_of("")
+    }
+
+    /// The same, for the tail connections of one stream only.
+    fn freeze_current_tails_of(&self, stream: &str) -> usize {
         let links = self.links.lock();
         let tails: Vec<_> = links
             .iter()
-            .filter(|l| l.tail.load(Ordering::SeqCst))
+            .filter(|l| l.tail.load(Ordering::SeqCst) && l.xread.lock().contains(stream))
             .collect();
         for link in &tails {
             link.frozen.store(true, Ordering::SeqCst);
@@ -132,6 +139,10 @@ async fn pump(
                 .windows(5)
                 .any(|w| w.eq_ignore_ascii_case(b"XREAD"))
         {
+            let mut xread = link.xread.lock();
+            if xread.is_empty() {
+                *xread = String::from_utf8_lossy(&buf[..n]).into_owned();
+            }
             link.tail.store(true, Ordering::SeqCst);
         }
         while link.frozen.load(Ordering::SeqCst)
@@ -298,4 +309,48 @@ async fn redis_readyz_turns_503_when_the_tail_is_silent_and_200_again_on_its_own
         length <= 5 + 4,
         "5 events and at most 4 probes in the stream, not {length}"
     );
+}
+
+/// With tenancy each org's log has its own tailer: a silent tail of one org's
+/// log turns `/readyz` `503` although the default log's tail delivers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_readyz_covers_the_tail_of_every_open_org_log() {
+    let redis = RedisServer::start();
+    let proxy = TailProxy::start(redis.port).await;
+    let dir = TempDir::new().unwrap();
+    let storage = format!(
+        "{}\nprobe_interval_ms = {}",
+        single(&proxy.url()),
+        PROBE.as_millis()
+    );
+    let extra = format!("[auth]\nhs256_secret = \"{SECRET}\"\n[tenancy]\nenabled = true\n");
+    let config = redis_config(dir.path(), &storage, &extra);
+    let node = gateways(dir.path(), &config, 1).remove(0);
+    let client = reqwest::Client::new();
+    let acme = token("acme");
+    let response = client
+        .post(node.url("/topics/r"))
+        .bearer_auth(&acme)
+        .header("content-type", "application/json")
+        .body(r#"{"data":"opens acme's log"}"#)
+        .send()
+        .await
+        .expect("publish");
+    assert_eq!(response.status(), StatusCode::CREATED);
+    time_until(&client, &node, StatusCode::OK).await;
+    tokio::time::sleep(PROBE * 3).await;
+    assert_eq!(ready(&client, &node).await, StatusCode::OK);
+
+    let frozen = proxy.freeze_current_tails_of("{sse:org:acme}:log");
+    assert_eq!(frozen, 1, "acme's log has one tail connection");
+    let took = time_until(&client, &node, StatusCode::SERVICE_UNAVAILABLE).await;
+    eprintln!("acme's silent tail: 503 after {took:?}");
+    assert!(took <= PROBE * 2 + Duration::from_millis(600), "{took:?}");
+    let lag = tail_lag(&client, &node).await;
+    assert!(
+        lag >= PROBE.as_secs_f64(),
+        "the worst log's lag shows: {lag}s"
+    );
+    // acme's tail watchdog replaces the connection: ready again by itself.
+    time_until(&client, &node, StatusCode::OK).await;
 }

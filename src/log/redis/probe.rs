@@ -30,8 +30,12 @@ use super::shared::Shared;
 const PROBES_KEPT: u32 = 4;
 
 /// Outstanding probes remembered; while the tail is silent only the oldest
-/// matters (its age is the lag), so the queue stops growing here.
+/// (its age is the lag) and the newest matter, so past this the one after
+/// the oldest makes room.
 const OUTSTANDING_KEPT: usize = 64;
+
+/// Probes remembered as back before their append answered (one, normally).
+const EARLY_KEPT: usize = 8;
 
 /// The probe state of one open Redis log on this node.
 pub(super) struct Probe {
@@ -49,8 +53,9 @@ pub(super) struct Probe {
 struct ProbeState {
     /// Appended probes not yet seen through the tail, oldest first.
     outstanding: VecDeque<(StreamPos, Instant)>,
-    /// Highest own probe the tail brought back.
-    seen: StreamPos,
+    /// Own probes the tail brought back before their append's reply
+    /// reached the prober (a few, newest last).
+    early: VecDeque<StreamPos>,
     /// Append-to-tail time of the last probe that came back.
     last_lag: Duration,
     /// When the watchdog last woke the tailer.
@@ -71,25 +76,39 @@ impl Probe {
     /// Records a probe appended as `id`, `at` just before the append.
     fn sent(&self, id: StreamPos, at: Instant) {
         let mut state = self.state.lock();
-        if id <= state.seen {
-            // The tail was faster than the append's reply.
+        if let Some(index) = state.early.iter().position(|seen| *seen == id) {
+            // The tail was faster than the append's reply: this probe, the
+            // newest, is back, and so is every one sent before it.
+            state.early.remove(index);
+            state.outstanding.clear();
             state.last_lag = at.elapsed();
-        } else if state.outstanding.len() < OUTSTANDING_KEPT {
+        } else {
+            if state.outstanding.len() >= OUTSTANDING_KEPT {
+                state.outstanding.remove(1);
+            }
             state.outstanding.push_back((id, at));
         }
     }
 
-    /// Called by the tailer for each probe of ours it reads: every probe up
-    /// to `id` is back (older ones may have been deleted unread).
+    /// Called by the tailer for each probe of ours it reads: it and every
+    /// probe sent before it are done with (those may have been deleted
+    /// unread, or lost by a Redis restart that kept the head, after which
+    /// new probe ids can sort below a lost one: so the order that counts is
+    /// the sending order, the queue's, not the ids').
     pub fn returned(&self, id: StreamPos) {
         let mut state = self.state.lock();
-        state.seen = state.seen.max(id);
-        while let Some(&(front, at)) = state.outstanding.front() {
-            if front > id {
-                break;
+        match state.outstanding.iter().position(|(sent, _)| *sent == id) {
+            Some(index) => {
+                let (_, at) = state.outstanding[index];
+                state.last_lag = at.elapsed();
+                state.outstanding.drain(..=index);
             }
-            state.outstanding.pop_front();
-            state.last_lag = at.elapsed();
+            None => {
+                if state.early.len() >= EARLY_KEPT {
+                    state.early.pop_front();
+                }
+                state.early.push_back(id);
+            }
         }
     }
 
@@ -223,6 +242,31 @@ mod tests {
         probe.returned(StreamPos(3, 2));
         probe.sent(StreamPos(3, 2), Instant::now());
         std::thread::sleep(Duration::from_millis(20));
+        assert!(!probe.is_late());
+    }
+
+    #[test]
+    fn a_later_probe_with_a_lower_id_clears_the_ones_sent_before_it() {
+        let probe = Probe::new(Duration::from_millis(10));
+        probe.sent(StreamPos(7, 5), Instant::now());
+        std::thread::sleep(Duration::from_millis(20));
+        // Redis restarted without the entry 7-5 but with head 7.
+        probe.sent(StreamPos(7, 1), Instant::now());
+        assert!(probe.is_late());
+        probe.returned(StreamPos(7, 1));
+        assert!(!probe.is_late(), "the lost probe does not keep it late");
+    }
+
+    #[test]
+    fn a_long_silence_keeps_the_oldest_and_the_newest_probe() {
+        let probe = Probe::new(Duration::from_millis(10));
+        let first = Instant::now();
+        for k in 1..=(OUTSTANDING_KEPT as u64 + 10) {
+            probe.sent(StreamPos(1, k), first);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(probe.lag().unwrap() >= Duration::from_millis(20));
+        probe.returned(StreamPos(1, OUTSTANDING_KEPT as u64 + 10));
         assert!(!probe.is_late());
     }
 
