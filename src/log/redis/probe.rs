@@ -9,12 +9,20 @@
 //! ready (`/readyz` `503`), so a silent or lagging tail is reported within
 //! two intervals, and readiness returns as soon as one comes back.
 //!
+//! Cost: one small script call per open log per interval, but at most
+//! [`PROBE_BUDGET`] per interval for all the logs of a node together: with
+//! more logs open, each probes less often (every `interval × ⌈logs /
+//! budget⌉`, and is late after that much), so 10,000 idle org logs cost 100
+//! calls a second, not 10,000, and an org log's silent tail shows within two
+//! of its (longer) intervals.
+//!
 //! A probe outstanding for two intervals also wakes the tailer's watchdog:
 //! it drops its connection and opens a new one (at most once per two
 //! intervals), which is what follows a failover that left the old
 //! connection blocked on a server no one writes to any more.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,6 +33,9 @@ use tokio_util::sync::CancellationToken;
 use super::connections::redis_err;
 use super::replies::StreamPos;
 use super::shared::Shared;
+
+/// Most probes one node sends per interval over all its open logs.
+const PROBE_BUDGET: usize = 100;
 
 /// Probes of one node the stream keeps; older ones are deleted.
 const PROBES_KEPT: u32 = 4;
@@ -39,8 +50,12 @@ const EARLY_KEPT: usize = 8;
 
 /// The probe state of one open Redis log on this node.
 pub(super) struct Probe {
-    /// Zero when probing is off (readiness then ignores the tail).
+    /// The configured interval; zero when probing is off (readiness then
+    /// ignores the tail).
     pub interval: Duration,
+    /// The interval this log probes at now (`interval` stretched to share
+    /// the node's budget), in ms: lateness is judged against it.
+    current_ms: AtomicU64,
     /// This log instance's probe id: random per open, so two gateways (or
     /// two opens of one log) never take each other's probes for their own.
     pub node: String,
@@ -67,10 +82,16 @@ impl Probe {
     pub fn new(interval: Duration) -> Self {
         Self {
             interval,
+            current_ms: AtomicU64::new(interval.as_millis() as u64),
             node: crate::model::Epoch::generate().as_str().to_owned(),
             stale: Notify::new(),
             state: Mutex::new(ProbeState::default()),
         }
+    }
+
+    /// The interval this log probes at now.
+    fn current(&self) -> Duration {
+        Duration::from_millis(self.current_ms.load(Ordering::Relaxed))
     }
 
     /// Records a probe appended as `id`, `at` just before the append.
@@ -136,13 +157,13 @@ impl Probe {
                 .lock()
                 .outstanding
                 .front()
-                .is_some_and(|(_, at)| at.elapsed() > self.interval)
+                .is_some_and(|(_, at)| at.elapsed() > self.current())
     }
 
     /// Whether the watchdog should replace the tail connection now: a probe
     /// outstanding two intervals, and no kick in the last two intervals.
     fn due_for_kick(&self) -> bool {
-        let twice = self.interval * 2;
+        let twice = self.current() * 2;
         let mut state = self.state.lock();
         let stale = state
             .outstanding
@@ -163,13 +184,22 @@ pub(super) async fn run_prober(shared: Arc<Shared>, stop: CancellationToken) {
     if probe.interval.is_zero() {
         return;
     }
-    let mut tick = tokio::time::interval(probe.interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let _running = Running::start(&shared.clients.probers);
+    let mut next = tokio::time::Instant::now();
     loop {
+        let every = stretched(
+            probe.interval,
+            shared.clients.probers.load(Ordering::Relaxed),
+        );
+        probe
+            .current_ms
+            .store(every.as_millis() as u64, Ordering::Relaxed);
         tokio::select! {
             () = stop.cancelled() => return,
-            _ = tick.tick() => {}
+            () = tokio::time::sleep_until(next) => {}
         }
+        // A fixed rhythm (a slow call does not stretch it), never a burst.
+        next = (next + every).max(tokio::time::Instant::now());
         if shared.failure().is_some() {
             return;
         }
@@ -214,6 +244,28 @@ pub(super) async fn run_prober(shared: Arc<Shared>, stop: CancellationToken) {
                 tracing::debug!(error = %redis_err(e), log = %shared.log_key, "probe append failed");
             }
         }
+    }
+}
+
+/// Each log's interval when `probers` logs share the node's budget.
+fn stretched(interval: Duration, probers: usize) -> Duration {
+    let share = probers.div_ceil(PROBE_BUDGET).max(1);
+    interval.saturating_mul(u32::try_from(share).unwrap_or(u32::MAX))
+}
+
+/// Counts a running prober for as long as it lives.
+struct Running<'a>(&'a AtomicUsize);
+
+impl<'a> Running<'a> {
+    fn start(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(count)
+    }
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -268,6 +320,15 @@ mod tests {
         assert!(probe.lag().unwrap() >= Duration::from_millis(20));
         probe.returned(StreamPos(1, OUTSTANDING_KEPT as u64 + 10));
         assert!(!probe.is_late());
+    }
+
+    #[test]
+    fn many_open_logs_share_the_budget_by_probing_less_often() {
+        let second = Duration::from_secs(1);
+        assert_eq!(stretched(second, 1), second);
+        assert_eq!(stretched(second, PROBE_BUDGET), second);
+        assert_eq!(stretched(second, PROBE_BUDGET + 1), second * 2);
+        assert_eq!(stretched(second, 10_000), second * 100);
     }
 
     #[test]
