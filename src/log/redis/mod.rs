@@ -10,7 +10,7 @@
 //! | `{tag}:version`      | string | layout version (1), checked at start          |
 //! | `{tag}:epoch`        | string | the log's epoch                               |
 //! | `{tag}:head`         | string | last assigned sequence (`INCR`)               |
-//! | `{tag}:log`          | stream | one entry `<seq>-0` per event: `n` name, `ms` time, `t` topics, `d` data, `x` trim state; trim markers `<head>-<k>` |
+//! | `{tag}:log`          | stream | one entry `<seq>-0` per event: `n` name, `ms` time, `t` topics, `d` data, `x` trim state; trim markers and probes `<head>-<k>` |
 //! | `{tag}:t:<topic>`    | zset   | the topic index: member = score = seq         |
 //! | `{tag}:w`            | hash   | topic → highest sequence trimmed              |
 //! | `{tag}:rc`           | hash   | seq → topic indexes still holding the event   |
