@@ -219,7 +219,10 @@ pub(super) async fn run_prober(shared: Arc<Shared>, stop: CancellationToken) {
             }
         };
         let at = Instant::now();
-        let ttl_ms = (probe.interval * 10)
+        // The list of this node's probes outlives several of them, so it
+        // only expires once the node (or this log on it) is gone.
+        let ttl_ms = every
+            .saturating_mul(10)
             .max(Duration::from_secs(60))
             .as_millis() as u64;
         let sent: Result<String, _> = shared
