@@ -134,6 +134,7 @@ impl App {
                     key_window: config.publish.idempotency_window(),
                     wait_replicas: storage.wait_replicas,
                     wait_timeout: Duration::from_millis(storage.wait_timeout_ms),
+                    probe_interval: Duration::from_millis(storage.probe_interval_ms),
                 };
                 let log = RedisLog::open(
                     clients.clone(),
@@ -239,6 +240,17 @@ impl App {
                 .all(|s| s.log.is_ready()),
             None => true,
         }
+    }
+
+    /// The largest tail lag among the open logs (0 when none has a tail).
+    pub fn tail_lag(&self) -> Duration {
+        let mut lag = self.log.tail_lag().unwrap_or_default();
+        if let Some(orgs) = &self.orgs {
+            for shard in orgs.open.lock().values().filter_map(|cell| cell.get()) {
+                lag = lag.max(shard.log.tail_lag().unwrap_or_default());
+            }
+        }
+        lag
     }
 
     /// Closes every log: queued publishes finish first.

@@ -144,6 +144,9 @@ pub struct StorageConfig {
     pub wait_replicas: u32,
     /// How long `WAIT` may take; fewer replicas by then answers 503.
     pub wait_timeout_ms: u64,
+    /// Redis: how often each open log appends a delivery probe that must
+    /// come back through this node's tail for `/readyz` (0 = no probe).
+    pub probe_interval_ms: u64,
     /// sled page cache size.
     pub cache_capacity_bytes: u64,
 }
@@ -159,6 +162,7 @@ impl Default for StorageConfig {
             command_timeout_ms: 5_000,
             wait_replicas: 0,
             wait_timeout_ms: 1_000,
+            probe_interval_ms: 1_000,
             cache_capacity_bytes: 256 * 1024 * 1024,
         }
     }
@@ -210,6 +214,14 @@ impl StorageConfig {
         }
         if self.command_timeout_ms == 0 {
             return Err("storage.command_timeout_ms must be greater than 0".into());
+        }
+        // Each probe is one script call per open log per interval: below
+        // 100 ms it is load, not a check; past 10 minutes no check at all.
+        if self.probe_interval_ms != 0 && !(100..=600_000).contains(&self.probe_interval_ms) {
+            return Err(format!(
+                "storage.probe_interval_ms = {} is out of range: 100 to 600000 (ms), or 0 for no delivery probe",
+                self.probe_interval_ms
+            ));
         }
         Ok(())
     }
@@ -691,6 +703,23 @@ mod tests {
             assert!(err.contains("too long"), "{err}");
         }
         assert!(Config::from_toml("[stream]\nheartbeat_ms = 86400000\n").is_ok());
+    }
+
+    #[test]
+    fn the_probe_interval_is_off_or_between_100_ms_and_10_minutes() {
+        assert_eq!(
+            Config::from_toml("").unwrap().storage.probe_interval_ms,
+            1_000
+        );
+        for ok in [0, 100, 600_000] {
+            let text = format!("[storage]\nprobe_interval_ms = {ok}\n");
+            assert!(Config::from_toml(&text).is_ok(), "{ok}");
+        }
+        for bad in [1, 99, 600_001] {
+            let text = format!("[storage]\nprobe_interval_ms = {bad}\n");
+            let err = Config::from_toml(&text).unwrap_err().to_string();
+            assert!(err.contains("storage.probe_interval_ms"), "{err}");
+        }
     }
 
     #[test]

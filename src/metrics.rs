@@ -4,6 +4,7 @@
 //! in one test binary never share counters. Names follow the Prometheus
 //! conventions: `sse_gateway_…_total` counters, `_seconds` histograms.
 
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use prometheus_client::encoding::text::encode;
@@ -44,6 +45,10 @@ pub struct Metrics {
     pub commit_batch_events: Histogram,
     pub storage_bytes: Gauge,
     pub log_head: Gauge,
+    /// Redis: how far this node's tail is behind (the delivery probe's
+    /// append-to-arrival time, or the age of the oldest probe not back yet),
+    /// the worst of the open logs; 0 with sled (no tail) or probing off.
+    pub tail_lag: Gauge<f64, AtomicU64>,
 }
 
 impl Metrics {
@@ -65,6 +70,7 @@ impl Metrics {
         let commit_batch_events = Histogram::new(exponential_buckets(1.0, 2.0, 14));
         let storage_bytes = Gauge::default();
         let log_head = Gauge::default();
+        let tail_lag = Gauge::<f64, AtomicU64>::default();
 
         registry.register(
             "streams_open",
@@ -137,6 +143,11 @@ impl Metrics {
             "Newest durable sequence",
             log_head.clone(),
         );
+        registry.register(
+            "tail_lag_seconds",
+            "Redis: time from a delivery probe's append to its arrival through this node's tail (or the age of the oldest probe not back), worst open log",
+            tail_lag.clone(),
+        );
 
         Self {
             registry,
@@ -155,6 +166,7 @@ impl Metrics {
             commit_batch_events,
             storage_bytes,
             log_head,
+            tail_lag,
         }
     }
 

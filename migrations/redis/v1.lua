@@ -13,6 +13,7 @@
 --                                               -> {through, {watermark*n}, entry...}
 --   snapshot  ARGV: -                           -> {epoch, head, last_id, {topic, count, first, last, wm}...}
 --   trim      ARGV: epoch, max_age_ms, limit    -> entries removed
+--   probe     ARGV: epoch, node, keep, ttl_ms   -> the probe entry's id
 --
 -- An append holds m appends (publishes), each of k events, each with an
 -- idempotency key ('' = none) and the hex digest of its request. Each append
@@ -258,6 +259,25 @@ elseif cmd == 'trim' then
       'x', trim_state(touched))
   end
   return removed
+
+elseif cmd == 'probe' then
+  -- A delivery probe: a marker entry <head>-<n> with fields `ms` and `p`
+  -- (the node's probe id), so it takes no sequence and no topic; only the
+  -- node that wrote it looks at it, when its own tail brings it back. The
+  -- node's last `keep` probe ids are listed in "{tag}:p:<node>" (TTL
+  -- ttl_ms, so a gone node's list expires) and older probes are deleted:
+  -- the stream holds at most `keep` probes per live node.
+  local bad = check_epoch(ARGV[2])
+  if bad then return bad end
+  local node, keep = ARGV[3], tonumber(ARGV[4])
+  local id = redis.call('XADD', log, (redis.call('GET', K_head) or '0') .. '-*', 'ms', s(now_ms()),
+    'p', node)
+  local lk = p .. 'p:' .. node
+  redis.call('LPUSH', lk, id)
+  for _, old in ipairs(redis.call('LRANGE', lk, keep, -1)) do redis.call('XDEL', log, old) end
+  redis.call('LTRIM', lk, 0, keep - 1)
+  redis.call('PEXPIRE', lk, ARGV[5])
+  return id
 end
 
 return redis.error_reply('SSEUNKNOWN unknown command ' .. tostring(cmd))

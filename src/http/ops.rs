@@ -17,13 +17,16 @@ pub async fn healthz() -> Response {
     Json(serde_json::json!({ "status": "ok" })).into_response()
 }
 
-/// `200` when storage is open and writable, else `503`.
+/// `200` when storage is open and writable and (Redis) this node's tail
+/// delivers: its delivery probes come back in time. Else `503`.
 pub async fn readyz(State(app): State<Arc<App>>) -> Result<Response, ApiError> {
     if app.stop.is_cancelled() {
         return Err(ApiError::unavailable("shutting down"));
     }
     if !app.logs_ready() {
-        return Err(ApiError::unavailable("storage is not writable"));
+        return Err(ApiError::unavailable(
+            "storage is not writable, or this node's tail of the log does not deliver",
+        ));
     }
     Ok(Json(serde_json::json!({ "status": "ready" })).into_response())
 }
@@ -38,6 +41,7 @@ pub async fn metrics(State(app): State<Arc<App>>) -> Response {
     app.metrics
         .log_head
         .set(i64::try_from(app.log.durable_head()).unwrap_or(i64::MAX));
+    app.metrics.tail_lag.set(app.tail_lag().as_secs_f64());
     (
         [(
             header::CONTENT_TYPE,

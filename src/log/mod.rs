@@ -251,8 +251,16 @@ pub trait Log: Send + Sync + 'static {
     /// Every topic the log knows (retained events or a trim watermark), sorted.
     fn topics(&self) -> Vec<(Topic, TopicInfo)>;
 
-    /// Open and accepting writes.
+    /// Open and accepting writes, and (for a log read through a tail) the
+    /// tail delivering: the Redis log's delivery probe came back in time.
     fn is_ready(&self) -> bool;
+
+    /// How far this node's tail is behind the log (the delivery probe's
+    /// lag), for a log read through a tail; `None` when there is none (sled
+    /// hands its writes to the hub in-process) or probing is off.
+    fn tail_lag(&self) -> Option<Duration> {
+        None
+    }
 
     /// Bytes the log takes on disk, if known.
     fn size_on_disk(&self) -> Option<u64>;

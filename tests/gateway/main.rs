@@ -21,5 +21,6 @@ mod publish_api;
 mod readme;
 mod redis;
 mod redis_power_loss;
+mod redis_readiness;
 mod subscribe_api;
 mod third_party;

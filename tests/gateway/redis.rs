@@ -18,7 +18,7 @@ use tempfile::TempDir;
 
 use crate::common::*;
 
-const SECRET: &str = "redis-tests-secret-0123456789abcdefghijkl";
+pub(crate) const SECRET: &str = "redis-tests-secret-0123456789abcdefghijkl";
 
 pub(crate) fn free_port() -> u16 {
     StdListener::bind("127.0.0.1:0")
@@ -56,7 +56,7 @@ pub(crate) struct RedisServer {
 
 impl RedisServer {
     /// A durable server: AOF with an fsync before every reply.
-    fn start() -> Self {
+    pub(crate) fn start() -> Self {
         Self::start_with(&["--appendonly", "yes", "--appendfsync", "always"])
     }
 
@@ -101,7 +101,7 @@ impl RedisServer {
         }
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
@@ -554,7 +554,7 @@ impl Cluster {
     }
 }
 
-fn token(org: &str) -> String {
+pub(crate) fn token(org: &str) -> String {
     mint_hs256(
         SECRET,
         &Claims {

@@ -8,6 +8,7 @@
 //! connection here sets its own response timeout instead, the tailer's above
 //! its block time.
 
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -67,6 +68,9 @@ pub struct RedisClients {
     shared: Arc<Mutex<Option<Conn>>>,
     command_timeout: Duration,
     clients: Clients,
+    /// Delivery probers running on this deployment (one per open log):
+    /// they share one probe budget per interval (see `probe`).
+    pub(super) probers: Arc<AtomicUsize>,
 }
 
 impl RedisClients {
@@ -80,6 +84,7 @@ impl RedisClients {
                     target,
                     shared: Arc::new(Mutex::new(None)),
                     command_timeout,
+                    probers: Arc::default(),
                     clients: Clients::Single(client),
                 };
                 // Fail now, at start, if Redis cannot be reached.
@@ -102,6 +107,7 @@ impl RedisClients {
                     target,
                     shared: Arc::new(Mutex::new(Some(Conn::Cluster(shared)))),
                     command_timeout,
+                    probers: Arc::default(),
                     clients: Clients::Cluster {
                         commands: Box::new(commands),
                         tail: Box::new(tail),

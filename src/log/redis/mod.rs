@@ -10,11 +10,12 @@
 //! | `{tag}:version`      | string | layout version (1), checked at start          |
 //! | `{tag}:epoch`        | string | the log's epoch                               |
 //! | `{tag}:head`         | string | last assigned sequence (`INCR`)               |
-//! | `{tag}:log`          | stream | one entry `<seq>-0` per event: `n` name, `ms` time, `t` topics, `d` data, `x` trim state; trim markers `<head>-<k>` |
+//! | `{tag}:log`          | stream | one entry `<seq>-0` per event: `n` name, `ms` time, `t` topics, `d` data, `x` trim state; trim markers and probes `<head>-<k>` |
 //! | `{tag}:t:<topic>`    | zset   | the topic index: member = score = seq         |
 //! | `{tag}:w`            | hash   | topic → highest sequence trimmed              |
 //! | `{tag}:rc`           | hash   | seq → topic indexes still holding the event   |
 //! | `{tag}:topics`       | set    | every topic ever published to                 |
+//! | `{tag}:p:<node>`     | list   | a node's last delivery probes (see `probe`)   |
 //! | `{tag}:i:<org>:<key>`| string | idempotency key: `<seq> <digest hex>`, TTL `publish.idempotency_window_s` |
 //!
 //! **Script.** `migrations/redis/v1.lua` does every operation in one atomic
@@ -35,9 +36,13 @@
 //!
 //! **Faults.** A failed command answers `503` (the script is atomic: nothing
 //! half-stored). The tailer reconnects, and a Redis that lost the log makes
-//! it refuse writes until the gateway restarts (see `tailer`).
+//! it refuse writes until the gateway restarts (see `tailer`). The `probe`
+//! checks delivery itself: a probe appended every interval must come back
+//! through this node's tail, or the log is not ready and the tailer replaces
+//! its connection.
 
 mod connections;
+mod probe;
 mod replies;
 mod shared;
 mod tailer;
@@ -160,6 +165,7 @@ impl RedisLog {
             healthy: AtomicBool::new(true),
             outages: AtomicU64::new(0),
             writer_ready: AtomicBool::new(true),
+            probe: probe::Probe::new(options.probe_interval),
             hub,
             metrics,
             options,
@@ -174,6 +180,7 @@ impl RedisLog {
                 stop.clone(),
             )),
             tokio::spawn(trimmer::run_trimmer(Arc::clone(&shared), stop.clone())),
+            tokio::spawn(probe::run_prober(Arc::clone(&shared), stop.clone())),
         ];
         Ok(Self {
             shared,
@@ -335,6 +342,11 @@ impl Log for RedisLog {
             && self.shared.failure().is_none()
             && self.shared.healthy.load(Ordering::Acquire)
             && self.shared.writer_ready.load(Ordering::Acquire)
+            && !self.shared.probe.is_late()
+    }
+
+    fn tail_lag(&self) -> Option<Duration> {
+        self.shared.probe.lag()
     }
 
     fn size_on_disk(&self) -> Option<u64> {

@@ -41,6 +41,8 @@ pub struct RedisOptions {
     pub wait_replicas: u32,
     /// How long `WAIT` may take.
     pub wait_timeout: Duration,
+    /// How often a delivery probe is appended (zero = no probe).
+    pub probe_interval: Duration,
 }
 
 /// State shared by the writer, the tailer, the trimmer and readers.
@@ -72,6 +74,8 @@ pub(super) struct Shared {
     /// The writer holds a connection that answered since the last outage:
     /// the next publish would be stored (with `healthy`, what `/readyz` says).
     pub writer_ready: AtomicBool,
+    /// This node's delivery probe: readiness waits for it through the tail.
+    pub probe: super::probe::Probe,
     /// This node's live fan-out, fed by the tailer.
     pub hub: Arc<Hub>,
     /// Commit sizes and durations.

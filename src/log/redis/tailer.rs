@@ -11,7 +11,8 @@
 //! After a reconnect it checks the epoch and the head (a changed epoch or a
 //! head that went back means Redis lost data: the log then refuses writes
 //! until the gateway restarts and says why), reloads stats and continues
-//! from the last entry it saw, so open streams resume with no gap.
+//! from the last entry it saw, so open streams resume with no gap. It does the
+//! same when the probe's watchdog says its tail went silent (see `probe`).
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -73,6 +74,9 @@ pub(super) async fn run_tailer(shared: Arc<Shared>, start: StreamPos, stop: Canc
             let read = xread.query_async::<Value>(&mut conn);
             let value = tokio::select! {
                 () = stop.cancelled() => return,
+                // The probe's watchdog: the tail brought nothing back for two
+                // probe intervals; a new connection, from where we were.
+                () = shared.probe.stale.notified() => break,
                 value = read => value,
             };
             match value {
@@ -166,7 +170,13 @@ impl Shared {
 
     fn take_entry(&self, id: StreamPos, fields: &HashMap<String, &Value>, counted: bool) {
         if id.1 != 0 {
-            // A trim marker.
+            // A delivery probe (ours or another node's), or a trim marker.
+            if let Some(node) = fields.get("p") {
+                if text(node).as_deref() == Some(self.probe.node.as_str()) {
+                    self.probe.returned(id);
+                }
+                return;
+            }
             if !counted {
                 apply_trim_state(&self.stats, fields);
             }
