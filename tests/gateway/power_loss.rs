@@ -898,9 +898,15 @@ async fn sled_fsyncs_every_log_write_of_the_binary() {
     let before = mount.stats().expect("stats");
     const PUBLISHES: u64 = 20;
     for i in 0..PUBLISHES {
-        try_publish(&client, &gateway.base, "fsync", &format!("{{\"i\":{i}}}"))
-            .await
-            .expect("publish");
+        try_publish(
+            &client,
+            &gateway.base,
+            "fsync",
+            &format!("{{\"i\":{i}}}"),
+            None,
+        )
+        .await
+        .expect("publish");
     }
     let after = mount.stats().expect("stats");
     let (fsyncs, fdatasyncs) = (

@@ -38,6 +38,7 @@
 //! it refuse writes until the gateway restarts (see `tailer`).
 
 mod connections;
+pub mod offline;
 mod replies;
 mod shared;
 mod tailer;
