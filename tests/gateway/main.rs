@@ -23,3 +23,4 @@ mod redis;
 mod redis_power_loss;
 mod subscribe_api;
 mod third_party;
+mod transfer;

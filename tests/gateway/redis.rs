@@ -56,7 +56,7 @@ pub(crate) struct RedisServer {
 
 impl RedisServer {
     /// A durable server: AOF with an fsync before every reply.
-    fn start() -> Self {
+    pub(crate) fn start() -> Self {
         Self::start_with(&["--appendonly", "yes", "--appendfsync", "always"])
     }
 
@@ -101,7 +101,7 @@ impl RedisServer {
         }
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
