@@ -306,20 +306,28 @@ async fn write_log(
     progress: &mut dyn Progress,
 ) -> Result<(), OfflineError> {
     let key = |name: &str| format!("{p}{name}");
+    // First, and only if no one made the log since it was checked (else
+    // nothing of it is ours to delete): keys without a version key are
+    // refused by every gateway's `init`.
+    let claimed: Option<String> = query(
+        redis::cmd("SET")
+            .arg(key("epoch"))
+            .arg(log.epoch().as_str())
+            .arg("NX"),
+        conn,
+    )
+    .await?;
+    if claimed.is_none() {
+        return Err(OfflineError::Exists(format!(
+            "{p}epoch appeared while importing: another import or a gateway made the log {p}*; \
+             nothing was written"
+        )));
+    }
     written.fixed = ["epoch", "head", "log", "rc", "w", "topics", "version"]
         .iter()
         .map(|name| key(name))
         .collect();
-    // First: keys without a version key are refused by every gateway's `init`.
-    query::<()>(
-        redis::cmd("MSET")
-            .arg(key("epoch"))
-            .arg(log.epoch().as_str())
-            .arg(key("head"))
-            .arg(log.head()),
-        conn,
-    )
-    .await?;
+    query::<()>(redis::cmd("SET").arg(key("head")).arg(log.head()), conn).await?;
 
     let trimmed = log.trimmed()?;
     progress.phase("writing to redis", Some(stats.events), Unit::Items);
