@@ -4,6 +4,8 @@
 //! nothing more). `inspect`, `export`, `import` and `check` work offline on a
 //! data directory through [`sse_gateway::log::sled::offline`], which owns the
 //! on-disk layout; the gateway must not be running on it (sled locks it).
+//! `export` and `import` also work on a Redis log ([`Store`], through
+//! [`sse_gateway::log::redis::offline`]).
 //! Each subcommand returns an error for `main` to print as one line.
 
 pub mod check;
