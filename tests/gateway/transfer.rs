@@ -202,11 +202,11 @@ fn export_lines(text: &str) -> (Vec<String>, Vec<u64>) {
     (lines, expiries)
 }
 
-fn assert_same_export(a: &str, b: &str) {
+fn assert_same_export(a: &str, b: &str, keys: usize) {
     let (lines_a, expiries_a) = export_lines(a);
     let (lines_b, expiries_b) = export_lines(b);
     assert_eq!(lines_a, lines_b, "the same export, line for line");
-    assert_eq!(expiries_a.len(), 1, "one idempotency key: {a}");
+    assert_eq!(expiries_a.len(), keys, "idempotency keys: {a}");
     for (x, y) in expiries_a.iter().zip(&expiries_b) {
         assert!(x.abs_diff(*y) < 5_000, "key windows {x} vs {y}");
     }
@@ -264,7 +264,7 @@ async fn a_sled_log_moves_to_redis_keeping_ids_topics_watermarks_and_keys() {
         &url,
     ])
     .await;
-    assert_same_export(&std::fs::read_to_string(&export).unwrap(), &again);
+    assert_same_export(&std::fs::read_to_string(&export).unwrap(), &again, 1);
 
     let gateway_config = redis_config(work.path(), &single(&url), RETENTION);
     let gateway_dir = TempDir::new().unwrap();
@@ -342,7 +342,7 @@ async fn a_redis_log_moves_to_sled_keeping_ids_topics_watermarks_and_keys() {
         path(&dir),
     ])
     .await;
-    assert_same_export(&std::fs::read_to_string(&export).unwrap(), &again);
+    assert_same_export(&std::fs::read_to_string(&export).unwrap(), &again, 1);
 
     let holder = TempDir::new().unwrap();
     std::fs::remove_dir(holder.path()).unwrap();
@@ -407,6 +407,25 @@ async fn import_into_redis_refuses_an_existing_log_and_leaves_nothing_when_it_fa
     assert_eq!(redis_cli(redis.port, &["dbsize"]), keys_before);
     assert_eq!(redis_cli(redis.port, &["get", "{moved}:head"]), "2");
 
+    // `--org` names an org's log, as the gateway does with tenancy.
+    ok(&[
+        "import",
+        "--config",
+        path(&moved),
+        "--org",
+        "acme",
+        "--in",
+        path(&export),
+    ])
+    .await;
+    assert_eq!(
+        redis_cli(redis.port, &["get", "{moved:org:acme}:head"]),
+        "2"
+    );
+    let from_org = ok(&["export", "--config", path(&moved), "--org", "acme"]).await;
+    assert_same_export(&std::fs::read_to_string(&export).unwrap(), &from_org, 0);
+    let keys_before = redis_cli(redis.port, &["dbsize"]);
+
     // A broken export (its last event beyond the head): refused, no key written.
     let text = std::fs::read_to_string(&export).unwrap();
     let broken = work.path().join("broken.jsonl");
@@ -432,6 +451,7 @@ async fn import_into_redis_refuses_an_existing_log_and_leaves_nothing_when_it_fa
         redis_cli(redis.port, &["--scan", "--pattern", "{other}*"]),
         ""
     );
+    assert_eq!(redis_cli(redis.port, &["dbsize"]), keys_before);
 
     // Export from a prefix that holds no log: a clear error, no output file.
     let out = work.path().join("none.jsonl");
@@ -459,6 +479,14 @@ fn an_unknown_backend_flag_is_refused_by_export_and_import() {
             "{stderr}"
         );
     }
+    // `--org` names an org's Redis log; a sled directory has none.
+    let (status, _, stderr) =
+        run_binary(&["export", "--org", "acme", "--data-dir", path(dir.path())]);
+    assert!(!status.success());
+    assert!(
+        stderr.contains("--org selects an org's Redis log"),
+        "{stderr}"
+    );
     // `--data-dir` names a sled directory: with Redis it is an error, not ignored.
     let (status, _, stderr) = run_binary(&[
         "export",

@@ -68,7 +68,17 @@ impl OfflineLog {
         progress.phase("exporting", range.map(|(a, b)| b - a + 1), Unit::Items);
         for event in self.events() {
             let event = event?;
-            writer.event(&event, || format!("e/{}", event.seq))?;
+            writer
+                .event(&event, || format!("e/{}", event.seq))
+                .map_err(|e| match e {
+                    OfflineError::Log(LogError::Corrupt { key, what }) => {
+                        OfflineError::Log(LogError::Corrupt {
+                            key,
+                            what: format!("{what}; run `sse-gateway check`"),
+                        })
+                    }
+                    other => other,
+                })?;
             if writer.stats.events.is_multiple_of(PROGRESS_EVERY) {
                 progress.position(event.seq - range.map_or(0, |r| r.0) + 1);
             }
