@@ -42,19 +42,25 @@ pub struct ImportArgs {
     pub org: Option<String>,
 }
 
-/// Writes the export of `store`'s log to `out`.
+/// Writes the export of `store`'s log to `out` (`sled`: the directory,
+/// already opened).
 fn write_export(
     store: &Store,
+    sled: Option<&OfflineLog>,
     out: &mut dyn Write,
     bar: &mut Bar,
 ) -> anyhow::Result<offline::ExportStats> {
-    match store {
-        Store::Sled(dir) => Ok(OfflineLog::open(dir)?.export(out, bar)?),
-        Store::Redis {
-            target,
-            tag,
-            command_timeout,
-        } => super::runtime()?.block_on(async {
+    match (store, sled) {
+        (_, Some(log)) => Ok(log.export(out, bar)?),
+        (Store::Sled(dir), None) => Ok(OfflineLog::open(dir)?.export(out, bar)?),
+        (
+            Store::Redis {
+                target,
+                tag,
+                command_timeout,
+            },
+            None,
+        ) => super::runtime()?.block_on(async {
             let clients = RedisClients::connect(target.clone(), *command_timeout).await?;
             Ok(redis_offline::export(&clients, tag, out, bar).await?)
         }),
@@ -74,15 +80,16 @@ fn describe(store: &Store) -> String {
 
 /// Exports the log of `store`.
 pub fn export(args: ExportArgs, store: &Store) -> anyhow::Result<()> {
-    if let Store::Sled(dir) = store {
-        // Fail before creating the output when the directory is not a log.
-        drop(OfflineLog::open(dir)?);
-    }
+    // Opened first: no output is created when the directory is not a log.
+    let sled = match store {
+        Store::Sled(dir) => Some(OfflineLog::open(dir)?),
+        Store::Redis { .. } => None,
+    };
     let mut bar = Bar::new();
     let (stats, written_to) = if args.out.as_os_str() == "-" {
         let mut out = BufWriter::new(std::io::stdout().lock());
         (
-            write_export(store, &mut out, &mut bar)?,
+            write_export(store, sled.as_ref(), &mut out, &mut bar)?,
             "standard output".to_owned(),
         )
     } else {
@@ -91,7 +98,7 @@ pub fn export(args: ExportArgs, store: &Store) -> anyhow::Result<()> {
             let file = File::create(&partial)
                 .with_context(|| format!("cannot create {}", partial.display()))?;
             let mut out = BufWriter::new(file);
-            let stats = write_export(store, &mut out, &mut bar)?;
+            let stats = write_export(store, sled.as_ref(), &mut out, &mut bar)?;
             let file = out.into_inner().map_err(|e| e.into_error())?;
             file.sync_all()
                 .with_context(|| format!("cannot write {}", partial.display()))?;

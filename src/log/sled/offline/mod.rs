@@ -239,6 +239,9 @@ impl OfflineLog {
     /// (an import's staging log): no private copy is taken, and `owner` is
     /// removed when the log is dropped.
     pub(crate) fn open_owned(dir: &Path, owner: tempfile::TempDir) -> Result<Self, OfflineError> {
+        // The import that made it released sled's lock from a background
+        // thread: wait until it is free (only this process uses the directory).
+        drop(lock_db(dir)?);
         let db = sled::Config::new()
             .path(dir)
             .cache_capacity(OFFLINE_CACHE_BYTES)
