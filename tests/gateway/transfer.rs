@@ -502,3 +502,45 @@ fn an_unknown_backend_flag_is_refused_by_export_and_import() {
     );
     assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none());
 }
+
+/// A Redis import that fails part way (here `XADD` is unknown to the server,
+/// after the epoch and head were written) deletes what it wrote, and what a
+/// gateway would see in the meantime has no version key, which it refuses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_import_that_fails_part_way_leaves_no_key() {
+    let source = TestServer::start(|_| {}).await;
+    source.publish("t", "e", json!(1)).await;
+    let source_dir = source.stop().await;
+    let work = TempDir::new().unwrap();
+    let export = work.path().join("one.jsonl");
+    let sled_config = config(work.path(), "");
+    ok(&[
+        "export",
+        "--config",
+        path(&sled_config),
+        "--data-dir",
+        path(source_dir.path()),
+        "--out",
+        path(&export),
+    ])
+    .await;
+    let redis = RedisServer::start_with(&["--rename-command", "XADD", ""]);
+    let (status, _, stderr) = run(&[
+        "import",
+        "--config",
+        path(&sled_config),
+        "--storage-backend",
+        "redis",
+        "--storage-url",
+        &redis.url(),
+        "--in",
+        path(&export),
+    ])
+    .await;
+    assert!(!status.success());
+    assert!(
+        stderr.contains("XADD") || stderr.contains("unknown command"),
+        "{stderr}"
+    );
+    assert_eq!(redis_cli(redis.port, &["--scan", "--pattern", "*"]), "");
+}
