@@ -163,7 +163,11 @@ pub fn store(
         ),
         Backend::Redis => {
             if explicit_dir.is_some() {
-                bail!("--data-dir is for the sled backend; with --storage-backend redis the log is named by --storage-url and storage.key_prefix");
+                bail!(
+                    "--data-dir is for the sled backend, and the backend is redis (--storage-backend \
+                     or storage.backend): the Redis log is named by --storage-url and \
+                     storage.key_prefix; pass --storage-backend sled to use a directory"
+                );
             }
             if let Some(url) = url_flag {
                 config.storage.url = url.to_owned();

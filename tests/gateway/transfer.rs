@@ -500,6 +500,19 @@ fn an_unknown_backend_flag_is_refused_by_export_and_import() {
         stderr.contains("--data-dir is for the sled backend"),
         "{stderr}"
     );
+    // A Cluster is refused by name, not treated as one server.
+    let (status, _, stderr) = run_binary(&[
+        "export",
+        "--storage-backend",
+        "redis-cluster",
+        "--storage-url",
+        "redis://127.0.0.1:1",
+    ]);
+    assert!(!status.success());
+    assert!(
+        stderr.contains("\"redis-cluster\": export and import work on a single Redis server only"),
+        "{stderr}"
+    );
     assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none());
 }
 
