@@ -557,3 +557,48 @@ async fn a_redis_import_that_fails_part_way_leaves_no_key() {
     );
     assert_eq!(redis_cli(redis.port, &["--scan", "--pattern", "*"]), "");
 }
+
+/// Edge sizes of the Redis writer's batches: a log with no event (a header
+/// alone) and one of exactly one batch (1000 events, no watermark, no key)
+/// import, and export back byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_log_and_one_full_batch_move_into_redis_and_back() {
+    let work = TempDir::new().unwrap();
+    let redis = RedisServer::start();
+    let header = |head: u64| {
+        format!(
+            r#"{{"format":"sse-gateway-export","version":2,"epoch":"edge","head":{head},"trimmed":{{}}}}"#
+        )
+    };
+    let mut full = header(1000) + "\n";
+    for seq in 1..=1000 {
+        full.push_str(&format!(
+            "{{\"id\":\"edge-{seq}\",\"event\":\"e\",\"topics\":[\"t\"],\"time_ms\":{seq},\"data\":{seq}}}\n"
+        ));
+    }
+    for (prefix, text, head) in [("empty", header(7) + "\n", "7"), ("full", full, "1000")] {
+        let file = work.path().join(format!("{prefix}.jsonl"));
+        std::fs::write(&file, &text).unwrap();
+        let redis_config = config(
+            work.path(),
+            &format!(
+                "[storage]\nbackend = \"redis\"\nurl = \"{}\"\nkey_prefix = \"{prefix}\"\n",
+                redis.url()
+            ),
+        );
+        ok(&[
+            "import",
+            "--config",
+            path(&redis_config),
+            "--in",
+            path(&file),
+        ])
+        .await;
+        let version = format!("{{{prefix}}}:version");
+        assert_eq!(redis_cli(redis.port, &["get", &version]), "1");
+        let head_key = format!("{{{prefix}}}:head");
+        assert_eq!(redis_cli(redis.port, &["get", &head_key]), head);
+        let back = ok(&["export", "--config", path(&redis_config)]).await;
+        assert_eq!(back, text, "{prefix}: byte for byte");
+    }
+}

@@ -413,7 +413,9 @@ async fn write_log(
             queued = 0;
         }
     }
-    pipe.query_async::<()>(conn).await.map_err(redis_error)?;
+    if !pipe.is_empty() {
+        pipe.query_async::<()>(conn).await.map_err(redis_error)?;
+    }
     // Last: only now is it a log a gateway opens.
     query::<()>(
         redis::cmd("SET").arg(key("version")).arg(CURRENT_LAYOUT),
