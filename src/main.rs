@@ -59,9 +59,9 @@ enum Command {
     Tail(cli::tail::TailArgs),
     /// Summarise a data directory (offline: the gateway must be stopped).
     Inspect(cli::inspect::InspectArgs),
-    /// Write every event of a data directory as JSON lines (offline).
+    /// Write every event of a log (sled directory or Redis) as JSON lines (offline).
     Export(cli::transfer::ExportArgs),
-    /// Load an export into a new, empty data directory (offline).
+    /// Load an export into a new, empty data directory or a new Redis log (offline).
     Import(cli::transfer::ImportArgs),
     /// Verify a data directory without changing it (offline). Exit 0 clean, 1 problems, 2 error.
     Check(cli::check::CheckArgs),
@@ -147,6 +147,15 @@ fn dispatch(command: Option<Command>, global: ServeArgs) -> anyhow::Result<ExitC
             global.storage_backend.as_deref(),
         )
     };
+    let store = |org: Option<&str>| {
+        cli::store(
+            global.data_dir.as_deref(),
+            global.config.as_deref(),
+            global.storage_backend.as_deref(),
+            global.storage_url.as_deref(),
+            org,
+        )
+    };
     let done = |()| ExitCode::SUCCESS;
     match command {
         None => serve(global.clone()).map(done),
@@ -154,8 +163,14 @@ fn dispatch(command: Option<Command>, global: ServeArgs) -> anyhow::Result<ExitC
         Some(Command::Publish(args)) => cli::publish::run(args).map(done),
         Some(Command::Tail(args)) => cli::tail::run(args).map(done),
         Some(Command::Inspect(args)) => cli::inspect::run(args, &data_dir()?).map(done),
-        Some(Command::Export(args)) => cli::transfer::export(args, &data_dir()?).map(done),
-        Some(Command::Import(args)) => cli::transfer::import(args, &data_dir()?).map(done),
+        Some(Command::Export(args)) => {
+            let store = store(args.org.as_deref())?;
+            cli::transfer::export(args, &store).map(done)
+        }
+        Some(Command::Import(args)) => {
+            let store = store(args.org.as_deref())?;
+            cli::transfer::import(args, &store).map(done)
+        }
         Some(Command::Check(args)) => cli::check::run(args, &data_dir()?),
         Some(Command::Repair(args)) => cli::repair::run(args, &data_dir()?).map(done),
         Some(Command::Token(args)) => cli::token::run(args, global.config.as_deref()).map(done),

@@ -4,6 +4,8 @@
 //! nothing more). `inspect`, `export`, `import` and `check` work offline on a
 //! data directory through [`sse_gateway::log::sled::offline`], which owns the
 //! on-disk layout; the gateway must not be running on it (sled locks it).
+//! `export` and `import` also work on a Redis log ([`Store`], through
+//! [`sse_gateway::log::redis::offline`]).
 //! Each subcommand returns an error for `main` to print as one line.
 
 pub mod check;
@@ -22,6 +24,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use sse_gateway::config::Backend;
+use sse_gateway::log::redis::RedisTarget;
 use sse_gateway::log::sled::offline::{OfflineError, Progress, Unit};
 use sse_gateway::Config;
 
@@ -82,8 +85,9 @@ pub fn data_dir(
         let backend: Backend = flag.parse().map_err(anyhow::Error::msg)?;
         if backend != Backend::Sled {
             bail!(
-                "--storage-backend {:?}: inspect, export, import and check work on sled data \
-                 directories only (to move a Redis log, run a gateway on it and replay it)",
+                "--storage-backend {:?}: inspect, check and repair work on sled data directories \
+                 only (export and import work on Redis too: `export` a Redis log, `import` it \
+                 into a sled directory, and inspect that)",
                 backend.as_str()
             );
         }
@@ -98,11 +102,96 @@ pub fn data_dir(
     };
     if config.storage.backend != Backend::Sled {
         bail!(
-            "storage.backend is {:?}: this works on sled data directories only; pass --data-dir",
+            "storage.backend is {:?}: inspect, check and repair work on sled data directories \
+             only; pass --data-dir (export and import work on Redis too)",
             config.storage.backend.as_str()
         );
     }
     Ok(config.storage.data_dir)
+}
+
+/// Where `export` reads or `import` writes a log.
+pub enum Store {
+    /// A sled data directory.
+    Sled(PathBuf),
+    /// The log `{tag}` on a single Redis server.
+    Redis {
+        target: RedisTarget,
+        tag: String,
+        command_timeout: Duration,
+    },
+}
+
+/// The store of `export` / `import`: the backend from `--storage-backend`
+/// (or its env), else `storage.backend` of the config; for sled the data
+/// directory as [`data_dir`] finds it; for Redis `--storage-url` (or its env)
+/// else `storage.url`, and the log of `storage.key_prefix` (of `org` when
+/// given, as the gateway names an org's log with tenancy on).
+pub fn store(
+    explicit_dir: Option<&Path>,
+    config: Option<&Path>,
+    backend_flag: Option<&str>,
+    url_flag: Option<&str>,
+    org: Option<&str>,
+) -> anyhow::Result<Store> {
+    let mut config = match config {
+        Some(path) => Config::from_file(path)?,
+        None if Path::new("config.toml").exists() => Config::from_file(Path::new("config.toml"))?,
+        None => Config::default(),
+    };
+    if let Some(flag) = backend_flag {
+        config.storage.backend = flag.parse().map_err(anyhow::Error::msg)?;
+    }
+    match config.storage.backend {
+        Backend::Sled => {
+            if org.is_some() {
+                bail!("--org selects an org's Redis log; a sled data directory holds every org's events in one log");
+            }
+            if url_flag.is_some() {
+                bail!("--storage-url is for the Redis backends; this reads a sled data directory (pass --storage-backend redis to use Redis)");
+            }
+            Ok(Store::Sled(match explicit_dir {
+                Some(dir) => dir.to_path_buf(),
+                None => config.storage.data_dir,
+            }))
+        }
+        Backend::RedisCluster => bail!(
+            "--storage-backend \"redis-cluster\": export and import work on a single Redis \
+             server only in this release (finding the idempotency keys needs SCAN on the right \
+             node); point --storage-backend redis --storage-url at the node that holds the log's \
+             slot, or run a gateway on the cluster and replay it"
+        ),
+        Backend::Redis => {
+            if explicit_dir.is_some() {
+                bail!(
+                    "--data-dir is for the sled backend, and the backend is redis (--storage-backend \
+                     or storage.backend): the Redis log is named by --storage-url and \
+                     storage.key_prefix; pass --storage-backend sled to use a directory"
+                );
+            }
+            if let Some(url) = url_flag {
+                config.storage.url = url.to_owned();
+            }
+            config.validate()?;
+            let mut tag = config.storage.key_prefix.clone();
+            if let Some(org) = org {
+                let valid = !org.is_empty()
+                    && org.len() <= 64
+                    && org
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+                if !valid {
+                    bail!("--org {org:?}: an org is 1 to 64 characters of [A-Za-z0-9_-]");
+                }
+                tag = format!("{tag}:org:{org}");
+            }
+            Ok(Store::Redis {
+                target: RedisTarget::Single(config.storage.url.clone()),
+                tag,
+                command_timeout: Duration::from_millis(config.storage.command_timeout_ms),
+            })
+        }
+    }
 }
 
 /// A current-thread runtime for the HTTP subcommands.

@@ -1,20 +1,24 @@
-//! `sse-gateway export` and `import`: a data directory as JSON lines and
-//! back, for backups, compaction (export, import into a new directory, swap)
-//! and moves between storage backends. The format and what an import keeps
-//! are documented in [`sse_gateway::log::sled::offline`].
+//! `sse-gateway export` and `import`: a log as JSON lines and back, for
+//! backups, compaction (export, import into a new directory, swap) and moves
+//! between storage backends: a sled data directory or a Redis log
+//! ([`super::Store`]). The format and what an import keeps are documented in
+//! [`sse_gateway::log::sled::offline`]; the Redis side is
+//! [`sse_gateway::log::redis::offline`].
 //!
 //! An export to a file is written beside it (`FILE.partial`) and renamed when
 //! complete, so a failed export never leaves a truncated file under the
 //! name, and an older file under that name stays until the new one is whole.
 
 use std::fs::File;
-use std::io::{BufReader, BufWriter, IsTerminal, Write};
+use std::io::{BufRead, BufReader, BufWriter, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
+use sse_gateway::log::redis::offline as redis_offline;
+use sse_gateway::log::redis::{RedisClients, RedisTarget};
 use sse_gateway::log::sled::offline::{self, OfflineLog};
 
-use super::Bar;
+use super::{Bar, Store};
 
 /// `export [--out FILE|-]`
 #[derive(clap::Args, Debug)]
@@ -22,6 +26,9 @@ pub struct ExportArgs {
     /// Where to write the export; `-` is standard output.
     #[arg(long, value_name = "FILE", default_value = "-")]
     out: PathBuf,
+    /// With Redis and tenancy: export this org's log instead of the default one.
+    #[arg(long, value_name = "ORG")]
+    pub org: Option<String>,
 }
 
 /// `import [--in FILE|-]`
@@ -30,16 +37,59 @@ pub struct ImportArgs {
     /// The export to read; `-` is standard input.
     #[arg(long = "in", value_name = "FILE", default_value = "-")]
     input: PathBuf,
+    /// With Redis and tenancy: import into this org's log instead of the default one.
+    #[arg(long, value_name = "ORG")]
+    pub org: Option<String>,
 }
 
-/// Exports the log in `dir`.
-pub fn export(args: ExportArgs, dir: &Path) -> anyhow::Result<()> {
-    let log = OfflineLog::open(dir)?;
+/// Writes the export of `store`'s log to `out` (`sled`: the directory,
+/// already opened).
+fn write_export(
+    store: &Store,
+    sled: Option<&OfflineLog>,
+    out: &mut dyn Write,
+    bar: &mut Bar,
+) -> anyhow::Result<offline::ExportStats> {
+    match (store, sled) {
+        (_, Some(log)) => Ok(log.export(out, bar)?),
+        (Store::Sled(dir), None) => Ok(OfflineLog::open(dir)?.export(out, bar)?),
+        (
+            Store::Redis {
+                target,
+                tag,
+                command_timeout,
+            },
+            None,
+        ) => super::runtime()?.block_on(async {
+            let clients = RedisClients::connect(target.clone(), *command_timeout).await?;
+            Ok(redis_offline::export(&clients, tag, out, bar).await?)
+        }),
+    }
+}
+
+/// What to call `store` in messages.
+fn describe(store: &Store) -> String {
+    match store {
+        Store::Sled(dir) => dir.display().to_string(),
+        Store::Redis { target, tag, .. } => match target {
+            RedisTarget::Single(url) => format!("the Redis log {{{tag}}} on {url}"),
+            RedisTarget::Cluster(_) => format!("the Redis log {{{tag}}}"),
+        },
+    }
+}
+
+/// Exports the log of `store`.
+pub fn export(args: ExportArgs, store: &Store) -> anyhow::Result<()> {
+    // Opened first: no output is created when the directory is not a log.
+    let sled = match store {
+        Store::Sled(dir) => Some(OfflineLog::open(dir)?),
+        Store::Redis { .. } => None,
+    };
     let mut bar = Bar::new();
     let (stats, written_to) = if args.out.as_os_str() == "-" {
         let mut out = BufWriter::new(std::io::stdout().lock());
         (
-            log.export(&mut out, &mut bar)?,
+            write_export(store, sled.as_ref(), &mut out, &mut bar)?,
             "standard output".to_owned(),
         )
     } else {
@@ -48,7 +98,7 @@ pub fn export(args: ExportArgs, dir: &Path) -> anyhow::Result<()> {
             let file = File::create(&partial)
                 .with_context(|| format!("cannot create {}", partial.display()))?;
             let mut out = BufWriter::new(file);
-            let stats = log.export(&mut out, &mut bar)?;
+            let stats = write_export(store, sled.as_ref(), &mut out, &mut bar)?;
             let file = out.into_inner().map_err(|e| e.into_error())?;
             file.sync_all()
                 .with_context(|| format!("cannot write {}", partial.display()))?;
@@ -88,24 +138,49 @@ fn partial_path(out: &Path) -> PathBuf {
     out.with_file_name(name)
 }
 
-/// Imports an export into `dir`, which must be new or empty.
-pub fn import(args: ImportArgs, dir: &Path) -> anyhow::Result<()> {
+/// Reads `input` into `store`'s log, which must not exist yet.
+fn read_import(
+    store: &Store,
+    input: &mut dyn BufRead,
+    len: Option<u64>,
+    bar: &mut Bar,
+) -> anyhow::Result<offline::ImportStats> {
+    match store {
+        Store::Sled(dir) => Ok(offline::import(dir, input, len, bar)?),
+        Store::Redis {
+            target,
+            tag,
+            command_timeout,
+        } => super::runtime()?.block_on(async {
+            let clients = RedisClients::connect(target.clone(), *command_timeout).await?;
+            Ok(redis_offline::import(&clients, tag, input, len, bar).await?)
+        }),
+    }
+}
+
+/// Imports an export into `store`: a new or empty directory, or a Redis
+/// log that does not exist yet.
+pub fn import(args: ImportArgs, store: &Store) -> anyhow::Result<()> {
     let mut bar = Bar::new();
     let stats = if args.input.as_os_str() == "-" {
         if std::io::stdin().is_terminal() {
             bail!("reading the export from standard input, which is a terminal: pass --in FILE or pipe it in");
         }
         let mut input = BufReader::new(std::io::stdin().lock());
-        offline::import(dir, &mut input, None, &mut bar)
+        read_import(store, &mut input, None, &mut bar)
     } else {
         let file = File::open(&args.input)
             .with_context(|| format!("cannot open {}", args.input.display()))?;
         let len = file.metadata().ok().map(|m| m.len());
         let mut input = BufReader::with_capacity(1 << 16, file);
-        offline::import(dir, &mut input, len, &mut bar)
+        read_import(store, &mut input, len, &mut bar)
     };
-    let stats = stats
-        .with_context(|| format!("import into {} failed, nothing was written", dir.display()))?;
+    let stats = stats.with_context(|| {
+        format!(
+            "import into {} failed, nothing was written",
+            describe(store)
+        )
+    })?;
     drop(bar);
     let watermarks = if stats.exact_watermarks {
         "retention watermarks restored from the export"
@@ -119,7 +194,7 @@ pub fn import(args: ImportArgs, dir: &Path) -> anyhow::Result<()> {
         stats.events,
         stats.topics,
         stats.keys,
-        dir.display(),
+        describe(store),
         stats.epoch.as_str(),
         stats.epoch.id(stats.head),
         stats.epoch.id(stats.head + 1),

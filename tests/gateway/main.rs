@@ -24,3 +24,4 @@ mod redis_power_loss;
 mod redis_readiness;
 mod subscribe_api;
 mod third_party;
+mod transfer;

@@ -60,7 +60,7 @@ impl RedisServer {
         Self::start_with(&["--appendonly", "yes", "--appendfsync", "always"])
     }
 
-    fn start_with(extra: &[&str]) -> Self {
+    pub(crate) fn start_with(extra: &[&str]) -> Self {
         let dir = TempDir::new().expect("tempdir");
         let mut server = Self {
             child: None,

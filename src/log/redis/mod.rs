@@ -42,6 +42,7 @@
 //! its connection.
 
 mod connections;
+pub mod offline;
 mod probe;
 mod replies;
 mod shared;

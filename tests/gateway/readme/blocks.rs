@@ -161,6 +161,11 @@ pub(super) fn kind_of(text: &str) -> Kind {
             "tests/gateway/power_loss.rs run long (minutes); this suite runs the same test with CI's 2 cuts per mode",
         );
     }
+    if text.contains("--storage-backend redis") {
+        return Kind::NotRun(
+            "a move to or from Redis; tests/gateway/transfer.rs runs these commands against a real redis-server",
+        );
+    }
     let code = without_comment(text).replace("\\\n", " ");
     let mut kinds = Vec::new();
     for segment in code.split(['|', ';', '&']).flat_map(|s| s.split("$(")) {

@@ -43,12 +43,10 @@ use std::io::Write;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use super::{
-    compact_json_text, io_error, OfflineError, OfflineLog, Progress, Unit, PROGRESS_EVERY,
-};
+use super::{compact_json_text, OfflineError, OfflineLog, Progress, Unit, PROGRESS_EVERY};
 use crate::idempotency;
 use crate::log::sled::codec;
-use crate::log::LogError;
+use crate::log::{LogError, StoredEvent};
 use crate::model::{Epoch, Topic};
 
 /// The `format` value of an export header.
@@ -65,64 +63,23 @@ impl OfflineLog {
         out: &mut dyn Write,
         progress: &mut dyn Progress,
     ) -> Result<ExportStats, OfflineError> {
-        let trimmed = self.trimmed()?;
-        let header = ExportHeader {
-            format: EXPORT_FORMAT.into(),
-            version: EXPORT_VERSION,
-            epoch: self.epoch.as_str().into(),
-            head: self.head,
-            trimmed: Some(
-                trimmed
-                    .into_iter()
-                    .map(|(t, w)| (t.as_str().to_owned(), w))
-                    .collect(),
-            ),
-        };
-        let write_error = io_error("cannot write the export");
-        serde_json::to_writer(&mut *out, &header).map_err(|e| OfflineError::Io {
-            what: "cannot write the export".into(),
-            error: e.into(),
-        })?;
-        out.write_all(b"\n").map_err(write_error)?;
-
+        let mut writer = ExportWriter::new(out, &self.epoch, self.head, &self.trimmed()?)?;
         let range = self.event_range()?;
         progress.phase("exporting", range.map(|(a, b)| b - a + 1), Unit::Items);
-        let mut stats = ExportStats {
-            epoch: self.epoch.clone(),
-            head: self.head,
-            events: 0,
-            first: None,
-            last: None,
-            keys: 0,
-        };
         for event in self.events() {
             let event = event?;
-            let id = self.epoch.id(event.seq);
-            let data = compact_json_text(&event.data).ok_or_else(|| {
-                OfflineError::Log(LogError::Corrupt {
-                    key: format!("e/{}", event.seq),
-                    what: format!(
-                        "the data of event {id} is not compact JSON; run `sse-gateway check`"
-                    ),
-                })
-            })?;
-            let line = ExportLine {
-                id: &id,
-                event: event.name.as_str(),
-                topics: event.topics.iter().map(Topic::as_str).collect(),
-                time_ms: event.time_ms,
-                data,
-            };
-            serde_json::to_writer(&mut *out, &line).map_err(|e| OfflineError::Io {
-                what: "cannot write the export".into(),
-                error: e.into(),
-            })?;
-            out.write_all(b"\n")
-                .map_err(io_error("cannot write the export"))?;
-            stats.events += 1;
-            stats.first.get_or_insert(event.seq);
-            stats.last = Some(event.seq);
-            if stats.events.is_multiple_of(PROGRESS_EVERY) {
+            writer
+                .event(&event, || format!("e/{}", event.seq))
+                .map_err(|e| match e {
+                    OfflineError::Log(LogError::Corrupt { key, what }) => {
+                        OfflineError::Log(LogError::Corrupt {
+                            key,
+                            what: format!("{what}; run `sse-gateway check`"),
+                        })
+                    }
+                    other => other,
+                })?;
+            if writer.stats.events.is_multiple_of(PROGRESS_EVERY) {
                 progress.position(event.seq - range.map_or(0, |r| r.0) + 1);
             }
         }
@@ -134,23 +91,128 @@ impl OfflineLog {
             if entry.expires_ms <= now {
                 continue;
             }
-            let line = KeyLine {
-                idempotency_key: scoped,
-                id: &self.epoch.id(entry.seq),
-                expires_ms: entry.expires_ms,
-                digest: &idempotency::hex(&entry.digest),
-            };
-            serde_json::to_writer(&mut *out, &line).map_err(|e| OfflineError::Io {
-                what: "cannot write the export".into(),
-                error: e.into(),
-            })?;
-            out.write_all(b"\n")
-                .map_err(io_error("cannot write the export"))?;
-            stats.keys += 1;
+            writer.key(scoped, &entry)?;
         }
-        out.flush().map_err(io_error("cannot write the export"))?;
+        let stats = writer.finish()?;
         progress.finish();
         Ok(stats)
+    }
+
+    /// Every idempotency key stored, expired or not: the scoped key and its entry.
+    pub fn idempotency_keys(
+        &self,
+    ) -> impl Iterator<Item = Result<(String, codec::KeyEntry), OfflineError>> + '_ {
+        self.db.scan_prefix(codec::KEY_PREFIX).map(|item| {
+            let (key, value) = item?;
+            let scoped = codec::split_key_key(&key)?.to_owned();
+            Ok((scoped, codec::KeyEntry::decode(&key, &value)?))
+        })
+    }
+}
+
+/// Writes the export format (module docs) line by line, whichever backend
+/// the log is read from: the header when made, then events in id order,
+/// then the idempotency keys. The one place the format is written.
+pub struct ExportWriter<'a> {
+    out: &'a mut dyn Write,
+    stats: ExportStats,
+}
+
+fn write_error(e: impl Into<std::io::Error>) -> OfflineError {
+    OfflineError::Io {
+        what: "cannot write the export".into(),
+        error: e.into(),
+    }
+}
+
+impl<'a> ExportWriter<'a> {
+    /// Writes the header: the log's epoch, head and watermarks.
+    pub fn new(
+        out: &'a mut dyn Write,
+        epoch: &Epoch,
+        head: u64,
+        trimmed: &BTreeMap<Topic, u64>,
+    ) -> Result<Self, OfflineError> {
+        let header = ExportHeader {
+            format: EXPORT_FORMAT.into(),
+            version: EXPORT_VERSION,
+            epoch: epoch.as_str().into(),
+            head,
+            trimmed: Some(
+                trimmed
+                    .iter()
+                    .map(|(t, w)| (t.as_str().to_owned(), *w))
+                    .collect(),
+            ),
+        };
+        serde_json::to_writer(&mut *out, &header).map_err(write_error)?;
+        out.write_all(b"\n").map_err(write_error)?;
+        Ok(Self {
+            out,
+            stats: ExportStats {
+                epoch: epoch.clone(),
+                head,
+                events: 0,
+                first: None,
+                last: None,
+                keys: 0,
+            },
+        })
+    }
+
+    /// Writes one event (after every event of a lower sequence). Data that is
+    /// not compact JSON fails, naming `where_stored()` (the record's key).
+    pub fn event(
+        &mut self,
+        event: &StoredEvent,
+        where_stored: impl FnOnce() -> String,
+    ) -> Result<(), OfflineError> {
+        let id = self.stats.epoch.id(event.seq);
+        let data = compact_json_text(&event.data).ok_or_else(|| {
+            OfflineError::Log(LogError::Corrupt {
+                key: where_stored(),
+                what: format!("the data of event {id} is not compact JSON"),
+            })
+        })?;
+        let line = ExportLine {
+            id: &id,
+            event: event.name.as_str(),
+            topics: event.topics.iter().map(Topic::as_str).collect(),
+            time_ms: event.time_ms,
+            data,
+        };
+        serde_json::to_writer(&mut *self.out, &line).map_err(write_error)?;
+        self.out.write_all(b"\n").map_err(write_error)?;
+        self.stats.events += 1;
+        self.stats.first.get_or_insert(event.seq);
+        self.stats.last = Some(event.seq);
+        Ok(())
+    }
+
+    /// Writes one idempotency key (after the events); the caller leaves out
+    /// keys whose window has ended.
+    pub fn key(&mut self, scoped: &str, entry: &codec::KeyEntry) -> Result<(), OfflineError> {
+        let line = KeyLine {
+            idempotency_key: scoped,
+            id: &self.stats.epoch.id(entry.seq),
+            expires_ms: entry.expires_ms,
+            digest: &idempotency::hex(&entry.digest),
+        };
+        serde_json::to_writer(&mut *self.out, &line).map_err(write_error)?;
+        self.out.write_all(b"\n").map_err(write_error)?;
+        self.stats.keys += 1;
+        Ok(())
+    }
+
+    /// Events written so far.
+    pub fn events(&self) -> u64 {
+        self.stats.events
+    }
+
+    /// Flushes the output; what was written.
+    pub fn finish(self) -> Result<ExportStats, OfflineError> {
+        self.out.flush().map_err(write_error)?;
+        Ok(self.stats)
     }
 }
 

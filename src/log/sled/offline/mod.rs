@@ -34,7 +34,7 @@ use crate::log::{LogError, StoredEvent};
 use crate::model::{Epoch, Topic};
 
 pub use check::{check, describe_key, CheckReport, Problem};
-pub use export::{ExportStats, EXPORT_FORMAT, EXPORT_VERSION};
+pub use export::{ExportStats, ExportWriter, EXPORT_FORMAT, EXPORT_VERSION};
 pub use import::{import, ImportStats};
 pub use inspect::{Summary, TopicSummary};
 pub use repair::{repair, RepairReport};
@@ -62,6 +62,12 @@ pub enum OfflineError {
     /// The import target holds something.
     #[error("{}: not empty; import only into a new or empty directory", .0.display())]
     NotEmpty(PathBuf),
+    /// The Redis import target already holds keys of a log.
+    #[error("{0}")]
+    Exists(String),
+    /// A Redis log could not be read as an export needs it.
+    #[error("{0}")]
+    Redis(String),
     /// A bad line in an export; nothing was imported.
     #[error("line {line}: {what}")]
     Import { line: u64, what: String },
@@ -226,7 +232,26 @@ impl OfflineLog {
     /// Opens the log in `dir` for reading. Refuses a directory that is not a
     /// log, holds another format version than this build's, or is locked.
     pub fn open(dir: &Path) -> Result<Self, OfflineError> {
-        let Snapshot { db, copy } = open_db(dir)?;
+        Self::from_snapshot(dir, open_db(dir)?)
+    }
+
+    /// Opens `dir`, inside `owner`, a temporary directory this process made
+    /// (an import's staging log): no private copy is taken, and `owner` is
+    /// removed when the log is dropped.
+    pub(crate) fn open_owned(dir: &Path, owner: tempfile::TempDir) -> Result<Self, OfflineError> {
+        // The import that made it released sled's lock from a background
+        // thread: wait until it is free (only this process uses the directory).
+        drop(lock_db(dir)?);
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(OFFLINE_CACHE_BYTES)
+            .flush_every_ms(None)
+            .open()?;
+        Self::from_snapshot(dir, Snapshot { db, copy: owner })
+    }
+
+    fn from_snapshot(dir: &Path, snapshot: Snapshot) -> Result<Self, OfflineError> {
+        let Snapshot { db, copy } = snapshot;
         let not_a_log = |what: String| OfflineError::NotALog {
             dir: dir.to_path_buf(),
             what,
