@@ -341,3 +341,45 @@ async fn shutdown_ends_open_streams() {
     );
     stopped.await.unwrap();
 }
+
+/// A replay's reads adapt to event sizes: a run of large events shrinks the
+/// read (a write stays within its byte budget), and the small events after
+/// them are read in growing batches again, not one per read. Every
+/// replayed event is counted as delivered. (Both survived `cargo mutants`
+/// before this test: `sent += 1` → `*=`, and the growth condition inverted.)
+#[tokio::test]
+async fn replay_reads_shrink_for_large_events_and_grow_back_for_small_ones() {
+    const LARGE: usize = 3;
+    const SMALL: usize = 3000;
+    let server = TestServer::start(|_| {}).await;
+    let client = reqwest::Client::new();
+    let big = "x".repeat(200 * 1024);
+    let mut items: Vec<serde_json::Value> = (0..LARGE)
+        .map(|i| json!({ "topics": ["r"], "data": { "i": i, "big": big } }))
+        .collect();
+    items.extend((LARGE..LARGE + SMALL).map(|i| json!({ "topics": ["r"], "data": { "i": i } })));
+    for chunk in items.chunks(1000) {
+        let body = json!({ "events": chunk }).to_string();
+        let (status, answer) = post_raw(&client, &server.url("/publish/batch"), body).await;
+        assert_eq!(status, reqwest::StatusCode::CREATED, "{answer}");
+    }
+    let before = metrics_text(&client, &server.url("")).await;
+    let mut stream = server.subscribe("/topics/r", Some("0")).await;
+    let events = stream.take(LARGE + SMALL).await;
+    for (i, event) in events.iter().enumerate() {
+        assert_eq!(seq_of(&event.id), i as u64 + 1, "in order, none missing");
+    }
+    let after = metrics_text(&client, &server.url("")).await;
+    let delta = |name: &str| metric_value(&after, name) - metric_value(&before, name);
+    assert_eq!(
+        delta("sse_gateway_events_delivered_total"),
+        (LARGE + SMALL) as f64,
+        "every replayed event counted as delivered"
+    );
+    let reads = delta("sse_gateway_replay_reads_total");
+    assert!(
+        reads < 100.0,
+        "{reads} log reads for {SMALL} small events after {LARGE} large ones: \
+         reads must grow back after the large events shrank them"
+    );
+}
