@@ -387,3 +387,29 @@ async fn replay_reads_shrink_for_large_events_and_grow_back_for_small_ones() {
          reads must grow back (doubling) after the large events shrank them"
     );
 }
+
+/// A subscriber that keeps up is served from the live ring: no event sends
+/// it back to the log. (`cargo mutants` turned the in-order check of the
+/// live path into its opposite and nothing failed: every event then took a
+/// detour through the log, same bytes, one read each.)
+#[tokio::test]
+async fn a_subscriber_that_keeps_up_never_falls_back_to_the_log() {
+    let server = TestServer::start(|_| {}).await;
+    let client = reqwest::Client::new();
+    let mut stream = server.subscribe("/topics/live", None).await;
+    stream.until_blocks(2).await;
+    let before = metrics_text(&client, &server.url("")).await;
+    for i in 0..20 {
+        let id = server.publish("live", "tick", json!({ "i": i })).await;
+        assert_eq!(stream.next_event().await.id, id, "delivered live, in order");
+    }
+    let after = metrics_text(&client, &server.url("")).await;
+    let delta = |name: &str| metric_value(&after, name) - metric_value(&before, name);
+    assert_eq!(
+        delta("sse_gateway_lag_fallbacks_total"),
+        0.0,
+        "no fallback to the log"
+    );
+    assert_eq!(delta("sse_gateway_replay_reads_total"), 0.0, "no log reads");
+    assert_eq!(delta("sse_gateway_events_delivered_total"), 20.0);
+}
