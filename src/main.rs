@@ -22,7 +22,7 @@ use sse_gateway::Config;
 /// heaptrack) while RSS climbed 65 → 102 MiB — freed memory kept in per-thread
 /// arenas that many runtime threads touch. jemalloc returns dirty pages to the
 /// kernel on a timer, so RSS follows the heap.
-#[cfg(not(target_env = "msvc"))]
+#[cfg(all(feature = "jemalloc", not(target_env = "msvc")))]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
@@ -32,7 +32,7 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// had no growth (slope -0.3 MiB/h) but RSS swung ±12 % around its mean
 /// with the transient buffers of large events; RSS is what an operator's
 /// memory limit sees. NUL-terminated: jemalloc reads a C string.
-#[cfg(not(target_env = "msvc"))]
+#[cfg(all(feature = "jemalloc", not(target_env = "msvc")))]
 #[export_name = "_rjem_malloc_conf"]
 static JEMALLOC_OPTIONS: &[u8] = b"dirty_decay_ms:1000,muzzy_decay_ms:0\0";
 

@@ -22,7 +22,7 @@ use serde_json::{json, Value};
 use tempfile::TempDir;
 use tokio::sync::mpsc;
 
-use crate::common::{self, collect_stderr, fresh_client, start_gateway};
+use crate::common::{self, collect_stderr, fresh_client, restartable_listen, start_gateway};
 
 const SETUP_HINT: &str = "run `bash scripts/test.sh` from the repo root: it installs chromium, \
      nodejs and npm (apt) and tests/js/node_modules with playwright-core (npm ci, no browser \
@@ -365,7 +365,7 @@ async fn console_lists_topics_tails_publishes_and_resumes_across_kill_9() {
     let dir = TempDir::new().expect("tempdir");
     let data = dir.path().join("data");
     let config = write_config(dir.path(), None);
-    let gateway = start_gateway(&data, "127.0.0.1:0", Some(&config)).await;
+    let gateway = start_gateway(&data, &restartable_listen(), Some(&config)).await;
     let port = gateway.addr.port();
     let base = gateway.base.clone();
 
@@ -864,7 +864,7 @@ async fn dashboard_example_follows_projects_across_kill_9_and_reload() {
     let dir = TempDir::new().expect("tempdir");
     let data = dir.path().join("data");
     let (mut page, origin, config) = dashboard_setup(dir.path()).await;
-    let gateway = start_gateway(&data, "127.0.0.1:0", Some(&config)).await;
+    let gateway = start_gateway(&data, &restartable_listen(), Some(&config)).await;
     let port = gateway.addr.port();
     let base = gateway.base.clone();
 
@@ -1059,7 +1059,12 @@ async fn dashboard_example_refetches_on_reset() {
     let _one = ONE_BROWSER.lock().await;
     let dir = TempDir::new().expect("tempdir");
     let (mut page, origin, config) = dashboard_setup(dir.path()).await;
-    let gateway = start_gateway(&dir.path().join("data-a"), "127.0.0.1:0", Some(&config)).await;
+    let gateway = start_gateway(
+        &dir.path().join("data-a"),
+        &restartable_listen(),
+        Some(&config),
+    )
+    .await;
     let port = gateway.addr.port();
     let base = gateway.base.clone();
     broadcast(

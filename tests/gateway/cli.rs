@@ -303,7 +303,8 @@ async fn tail_survives_a_gateway_kill_and_restart_printing_every_event_once() {
     let config = dir.path().join("fast-retry.toml");
     std::fs::write(&config, "[stream]\nretry_ms = 150\n").unwrap();
     let data = dir.path().join("data");
-    let gateway = GatewayProcess::start_with_config(&data, "127.0.0.1:0", Some(&config), &[]);
+    let gateway =
+        GatewayProcess::start_with_config(&data, &restartable_listen(), Some(&config), &[]);
     let addr = gateway.addr;
     let client = reqwest::Client::new();
     let mut ids = Vec::new();

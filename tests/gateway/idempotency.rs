@@ -262,7 +262,7 @@ async fn keys_are_remembered_across_a_restart() {
 async fn keys_are_remembered_across_kill_9_of_the_real_process() {
     let dir = TempDir::new().unwrap();
     let client = fresh_client();
-    let gateway = GatewayProcess::start(dir.path(), "127.0.0.1:0", &[]);
+    let gateway = GatewayProcess::start(dir.path(), &restartable_listen(), &[]);
     let url = gateway.url("/topics/a");
     let mut firsts = Vec::new();
     for i in 0..20 {

@@ -6,7 +6,6 @@
 //! without them these tests fail, they never skip.
 
 use std::collections::HashSet;
-use std::net::TcpListener as StdListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -18,13 +17,6 @@ use tempfile::TempDir;
 use crate::common::*;
 
 pub(crate) const SECRET: &str = "redis-tests-secret-0123456789abcdefghijkl";
-
-pub(crate) fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
-}
 
 pub(crate) fn require(binary: &str) -> PathBuf {
     for dir in std::env::var("PATH").unwrap_or_default().split(':') {

@@ -23,8 +23,9 @@ use rand::{Rng, SeedableRng};
 use reqwest::StatusCode;
 use tempfile::TempDir;
 
+use crate::common::free_port;
 use crate::common::*;
-use crate::redis::{free_port, gateways, redis_config, single, spawn_redis};
+use crate::redis::{gateways, redis_config, single, spawn_redis};
 
 /// The AOF setting under test (the README's recommended one).
 const APPENDFSYNC: &str = "always";

@@ -18,7 +18,8 @@ use tempfile::TempDir;
 use tokio::sync::mpsc;
 
 use crate::common::{
-    self, collect_stderr, fresh_client, start_gateway, SseEvent, SseParser, TestServer,
+    self, collect_stderr, fresh_client, restartable_listen, start_gateway, SseEvent, SseParser,
+    TestServer,
 };
 
 const SETUP_HINT: &str = "run `bash scripts/test.sh` from the repo root: it installs curl, \
@@ -247,7 +248,7 @@ enum Stop {
 async fn eventsource_follows_across_restart(stop: Stop) {
     require_node_follower();
     let dir = TempDir::new().expect("tempdir");
-    let gateway = start_gateway(dir.path(), "127.0.0.1:0", None).await;
+    let gateway = start_gateway(dir.path(), &restartable_listen(), None).await;
     let port = gateway.addr.port();
     let url = gateway.url("/topics/demo");
 

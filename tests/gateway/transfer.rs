@@ -41,7 +41,7 @@ async fn run(args: &[&str]) -> (std::process::ExitStatus, String, String) {
 
 /// A config naming nothing but what the test gives (not the repo's).
 fn config(dir: &Path, text: &str) -> std::path::PathBuf {
-    let file = dir.join(format!("cli-{}.toml", crate::redis::free_port()));
+    let file = dir.join(format!("cli-{}.toml", crate::common::free_port()));
     std::fs::write(&file, text).expect("write config");
     file
 }

@@ -2,11 +2,12 @@
 //! `127.0.0.1:0` with a temp data dir, in process ([`server`]) or as the real
 //! binary ([`process`]); SSE reading on the library's WHATWG decoder ([`sse`]);
 //! a hand-read HTTP/1.1 connection ([`raw_http`]); crash-test publishers and
-//! checks ([`crash`]). Small shared helpers live here.
+//! checks ([`crash`]); ports that survive a restart ([`ports`]). Small shared helpers live here.
 //!
 //! Everything is re-exported, so a test imports `crate::common::{…}`.
 
 pub mod crash;
+pub mod ports;
 pub mod process;
 pub mod raw_http;
 pub mod server;
@@ -16,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use crash::*;
+pub use ports::*;
 pub use process::*;
 pub use raw_http::*;
 pub use server::*;

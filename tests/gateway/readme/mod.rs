@@ -49,7 +49,7 @@ use tempfile::TempDir;
 use tokio::io::AsyncReadExt;
 
 use crate::common::*;
-use crate::redis::{free_port, redis_cli, require, Cluster};
+use crate::redis::{redis_cli, require, Cluster};
 
 mod blocks;
 mod harness;
@@ -321,7 +321,7 @@ async fn readme_python_follower_resumes_once_and_honours_retry() {
     for block in blocks_with(Rule::Python) {
         let dir = TempDir::new().expect("tempdir");
         let data = dir.path().join("data");
-        let gateway = GatewayProcess::start(&data, "127.0.0.1:0", &[]);
+        let gateway = GatewayProcess::start(&data, &restartable_listen(), &[]);
         let addr = gateway.addr;
         let base = gateway.base.clone();
         let subst = Subst {
