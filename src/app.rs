@@ -24,6 +24,7 @@ use crate::log::redis::{RedisClients, RedisOptions, RedisTarget};
 use crate::log::sled::SledOptions;
 use crate::log::{Log, LogError, RedisLog, RetentionPolicy, SledLog};
 use crate::metrics::Metrics;
+use crate::replay_budget::ReplayBudget;
 use crate::routes::RouteSpec;
 use crate::subscription::{StreamContext, StreamSettings};
 
@@ -59,6 +60,8 @@ pub struct App {
     /// One permit per open SSE stream (`limits.max_connections`), held by the
     /// stream body until it ends, not just until the headers are sent.
     pub stream_permits: Arc<Semaphore>,
+    /// Bytes all replay reads together may hold (`limits.replay_read_budget_bytes`).
+    pub replay_budget: Arc<ReplayBudget>,
     /// Cancelled on shutdown: streams end, publishes are refused.
     pub stop: CancellationToken,
     /// Token verification and access decisions.
@@ -158,6 +161,10 @@ impl App {
             .collect();
         Ok(Self {
             stream_permits: Arc::new(Semaphore::new(config.limits.max_connections)),
+            replay_budget: Arc::new(ReplayBudget::new(
+                config.limits.replay_read_budget_bytes,
+                metrics.replay_budget_waits.clone(),
+            )),
             config,
             log,
             hub,
@@ -275,6 +282,7 @@ impl App {
             log: Arc::clone(&shard.log),
             hub: Arc::clone(&shard.hub),
             metrics: Arc::clone(&self.metrics),
+            replay_budget: Arc::clone(&self.replay_budget),
             stop: self.stop.clone(),
         }
     }

@@ -315,6 +315,9 @@ pub struct LimitsConfig {
     pub max_url_bytes: usize,
     /// Most topics one `/events` stream may follow (at most 64).
     pub max_topics_per_stream: usize,
+    /// Most bytes of events all replay reads together hold between the log
+    /// and their connections (`replay_budget`); more reads wait their turn.
+    pub replay_read_budget_bytes: usize,
 }
 
 impl Default for LimitsConfig {
@@ -336,6 +339,7 @@ impl Default for LimitsConfig {
             header_read_timeout_ms: 10_000,
             max_url_bytes: 8 * 1024,
             max_topics_per_stream: 64,
+            replay_read_budget_bytes: 4 * 1024 * 1024,
         }
     }
 }
@@ -540,6 +544,10 @@ impl Config {
             (
                 "limits.max_topics_per_stream",
                 self.limits.max_topics_per_stream as u64,
+            ),
+            (
+                "limits.replay_read_budget_bytes",
+                self.limits.replay_read_budget_bytes as u64,
             ),
         ];
         for (name, value) in positive {

@@ -33,6 +33,8 @@ pub struct Metrics {
     pub replay_events: Counter,
     /// Times a subscriber fell off the live ring and caught up from the log.
     pub lag_fallbacks: Counter,
+    /// Replay reads that waited for the gateway-wide read budget.
+    pub replay_budget_waits: Counter,
     /// `reset` blocks sent, by reason.
     pub resets: Family<Labels, Counter>,
     /// Publish handling time, from a complete body to the durable ack.
@@ -63,6 +65,7 @@ impl Metrics {
         let replay_reads = Counter::default();
         let replay_events = Counter::default();
         let lag_fallbacks = Counter::default();
+        let replay_budget_waits = Counter::default();
         let resets = Family::<Labels, Counter>::default();
         let publish_duration = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
         let commit_duration = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
@@ -112,6 +115,11 @@ impl Metrics {
             "Subscribers that fell behind the live ring and caught up from the log",
             lag_fallbacks.clone(),
         );
+        registry.register(
+            "replay_budget_waits",
+            "Replay reads that waited for limits.replay_read_budget_bytes",
+            replay_budget_waits.clone(),
+        );
         registry.register("resets", "reset blocks sent, by reason", resets.clone());
         registry.register(
             "publish_duration_seconds",
@@ -159,6 +167,7 @@ impl Metrics {
             replay_reads,
             replay_events,
             lag_fallbacks,
+            replay_budget_waits,
             resets,
             publish_duration,
             delivery_latency,

@@ -42,6 +42,7 @@ use crate::limits::IpSlot;
 use crate::log::{Log, LogError, ReadLimit};
 use crate::metrics::Metrics;
 use crate::model::{ResumePoint, Topic};
+use crate::replay_budget::ReplayBudget;
 use crate::sse::{self, ResetReason};
 
 /// Longest requested id echoed back in a `reset` (ids come from clients).
@@ -70,6 +71,8 @@ pub struct StreamContext {
     pub log: Arc<dyn Log>,
     pub hub: Arc<Hub>,
     pub metrics: Arc<Metrics>,
+    /// The gateway-wide budget every replay read reserves first.
+    pub replay_budget: Arc<ReplayBudget>,
     pub stop: CancellationToken,
 }
 
@@ -299,6 +302,10 @@ impl Subscription {
     /// Reads the next batch of `(cursor, upto]`. `Ok(None)` means nothing to
     /// write yet (the cursor moved past events of other topics).
     async fn replay_batch(&mut self, upto: u64) -> Result<Option<Bytes>, LogError> {
+        // The read's worst case: its events, then their encoded copy, both
+        // alive until the chunk is built. Held to the end of this function;
+        // the chunk itself is the stream's own bounded buffer from there.
+        let _reserved = self.ctx.replay_budget.reserve(2 * MAX_CHUNK_BYTES).await;
         let batch = self
             .ctx
             .log

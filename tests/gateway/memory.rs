@@ -130,3 +130,53 @@ async fn a_replay_storm_uses_a_bounded_number_of_threads() {
     );
     drop(streams);
 }
+
+/// More streams replaying large events at once than the replay-read budget
+/// holds (`limits.replay_read_budget_bytes` = one read): the reads wait
+/// their turn — counted in `sse_gateway_replay_budget_waits` — and every
+/// stream still gets every event once, in order. Fails if reads skip the
+/// budget (no wait is ever counted) or if a reservation is never given back
+/// (the storm stalls after the first read).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replay_storm_larger_than_the_read_budget_waits_its_turn_and_loses_nothing() {
+    const EVENTS: usize = 24;
+    const STREAMS: usize = 24;
+    let server = TestServer::start(|c| c.limits.replay_read_budget_bytes = 512 * 1024).await;
+    let pad = "b".repeat(100_000);
+    let mut ids = Vec::new();
+    for i in 0..EVENTS {
+        ids.push(
+            server
+                .publish("budget", "e", json!({"i": i, "pad": pad}))
+                .await,
+        );
+    }
+    let readers: Vec<_> = (0..STREAMS)
+        .map(|_| {
+            let url = server.url("/topics/budget");
+            tokio::spawn(async move {
+                let client = reqwest::Client::new();
+                let mut reader = SseReader::connect(&client, &url, Some("0")).await;
+                reader.take(EVENTS).await
+            })
+        })
+        .collect();
+    for reader in readers {
+        let events = tokio::time::timeout(Duration::from_secs(60), reader)
+            .await
+            .expect("a replay storm under the budget must finish")
+            .expect("reader task");
+        let got: Vec<&str> = events.iter().map(|e| e.id.as_str()).collect();
+        assert_eq!(got, ids, "every event once, in order");
+        for (i, event) in events.iter().enumerate() {
+            assert_eq!(event.json()["i"], i);
+        }
+    }
+    let metrics = metrics_text(&reqwest::Client::new(), &server.base).await;
+    let waits = metric_value(&metrics, "sse_gateway_replay_budget_waits_total");
+    eprintln!("replay reads that waited for the budget: {waits}");
+    assert!(
+        waits > 0.0,
+        "{STREAMS} streams replaying at once never waited for a one-read budget"
+    );
+}
