@@ -579,11 +579,10 @@ async fn console_lists_topics_tails_publishes_and_resumes_across_kill_9() {
     page.assert_no_page_errors();
     page.exit().await;
     drop(gateway);
-    assert!(
-        started.elapsed() < Duration::from_secs(40),
-        "the console test took {:?}",
-        started.elapsed()
-    );
+    // How long it took is reported, not asserted: on a loaded 2-core CI
+    // machine a wall-clock limit on a whole browser session fails for
+    // reasons that have nothing to do with the gateway.
+    eprintln!("the console test took {:?}", started.elapsed());
 }
 
 /// A tail from an id that is not of this log shows the gateway's `reset`,
@@ -1043,11 +1042,10 @@ async fn dashboard_example_follows_projects_across_kill_9_and_reload() {
     page.assert_no_page_errors();
     page.exit().await;
     drop(gateway);
-    assert!(
-        started.elapsed() < Duration::from_secs(40),
-        "the dashboard test took {:?}",
-        started.elapsed()
-    );
+    // How long it took is reported, not asserted: on a loaded 2-core CI
+    // machine a wall-clock limit on a whole browser session fails for
+    // reasons that have nothing to do with the gateway.
+    eprintln!("the dashboard test took {:?}", started.elapsed());
 }
 
 /// When the gateway comes back with another log (a new data dir: the saved
