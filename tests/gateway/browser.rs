@@ -1,5 +1,6 @@
-//! Browser tests: the web console (`GET /`) and `examples/projects-dashboard`
-//! in Debian's headless Chromium, driven by `playwright-core` from the scripts
+//! Browser tests: the web console (`GET /`), `examples/projects-dashboard` and
+//! the browser client (`GET /client.js`, shared across tabs) in Debian's
+//! headless Chromium, driven by `playwright-core` from the scripts
 //! in `tests/js/browser/`, against the real binary (`GatewayProcess`), which
 //! is `kill -9`ed and restarted on the same port and data dir under them.
 //!
@@ -28,13 +29,13 @@ const SETUP_HINT: &str = "run `bash scripts/test.sh` from the repo root: it inst
      nodejs and npm (apt) and tests/js/node_modules with playwright-core (npm ci, no browser \
      download)";
 
-/// How long a page may take to show something expected (covers an
-/// EventSource reconnect: `retry_ms` below, plus a restart).
-const PAGE_WAIT: Duration = Duration::from_secs(12);
+/// How long a page may take to show something expected (covers the
+/// client's reconnect: `retry_ms` below, plus a restart).
+pub(crate) const PAGE_WAIT: Duration = Duration::from_secs(12);
 
 /// One Chromium at a time: on a small CI machine several at once make
 /// every test slow and the timings noisy.
-static ONE_BROWSER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+pub(crate) static ONE_BROWSER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 // ---------------------------------------------------------------- tools
 
@@ -43,7 +44,7 @@ fn chromium_path() -> String {
 }
 
 /// Panics (never skips) unless node, playwright-core and Chromium are there.
-fn require_browser_tools() {
+pub(crate) fn require_browser_tools() {
     match Command::new("node").arg("--version").output() {
         Ok(out) if out.status.success() => {}
         Ok(out) => panic!("`node --version` failed ({}); {SETUP_HINT}", out.status),
@@ -83,7 +84,7 @@ fn screenshot_dir() -> PathBuf {
 // ---------------------------------------------------------------- the node script
 
 /// `node tests/js/browser/<script>`: commands in, JSON lines out.
-struct BrowserScript {
+pub(crate) struct BrowserScript {
     what: String,
     child: Child,
     stdin: ChildStdin,
@@ -97,7 +98,7 @@ struct BrowserScript {
 }
 
 impl BrowserScript {
-    fn spawn(script: &str) -> Self {
+    pub(crate) fn spawn(script: &str) -> Self {
         require_browser_tools();
         let path = common::repo_path(&format!("tests/js/browser/{script}"));
         assert!(path.is_file(), "{} is missing", path.display());
@@ -178,7 +179,7 @@ impl BrowserScript {
     }
 
     /// Reads until a line satisfies `pick`; returns it.
-    async fn line_where(
+    pub(crate) async fn line_where(
         &mut self,
         what: &str,
         wait: Duration,
@@ -199,7 +200,7 @@ impl BrowserScript {
     }
 
     /// Waits until the page shows a state where `done` holds; returns that state.
-    async fn wait_state(
+    pub(crate) async fn wait_state(
         &mut self,
         what: &str,
         wait: Duration,
@@ -218,7 +219,7 @@ impl BrowserScript {
     }
 
     /// Sends a command and waits for its answer (`done`); panics on `failed`.
-    async fn command(&mut self, command: Value) -> Value {
+    pub(crate) async fn command(&mut self, command: Value) -> Value {
         let name = command["cmd"].as_str().expect("cmd").to_owned();
         writeln!(self.stdin, "{command}").expect("write to the node script");
         self.stdin.flush().expect("flush");
@@ -236,6 +237,13 @@ impl BrowserScript {
         answer
     }
 
+    /// Reads what the page prints for `quiet`, then returns the latest state.
+    pub(crate) async fn settle(&mut self, quiet: Duration) -> Value {
+        let until = Instant::now() + quiet;
+        while self.next_line(until).await.is_some() {}
+        self.state.clone()
+    }
+
     async fn screenshot(&mut self, name: &str) -> PathBuf {
         let path = screenshot_dir().join(name);
         self.command(json!({"cmd": "screenshot", "path": path}))
@@ -250,14 +258,14 @@ impl BrowserScript {
     }
 
     /// Uncaught exceptions in the page (a CSP violation or a script bug) fail the test.
-    fn assert_no_page_errors(&mut self) {
+    pub(crate) fn assert_no_page_errors(&mut self) {
         if !self.page_errors.is_empty() {
             let message = self.failure(&format!("the page threw: {:?}", self.page_errors));
             panic!("{message}");
         }
     }
 
-    async fn exit(mut self) {
+    pub(crate) async fn exit(mut self) {
         let _ = writeln!(self.stdin, "{}", json!({"cmd": "exit"}));
         let _ = self.stdin.flush();
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -276,7 +284,7 @@ impl Drop for BrowserScript {
 
 /// A `--config` file: quick reconnects, quick subscriber bookkeeping, and
 /// `origin` allowed by CORS when given.
-fn write_config(dir: &Path, origin: Option<&str>) -> PathBuf {
+pub(crate) fn write_config(dir: &Path, origin: Option<&str>) -> PathBuf {
     let path = dir.join("config.toml");
     let cors = origin.map_or_else(String::new, |o| {
         format!("\n[cors]\nallowed_origins = [{}]\n", json!(o))
@@ -426,7 +434,7 @@ async fn console_lists_topics_tails_publishes_and_resumes_across_kill_9() {
             s["tail"]["state"] == json!("open")
         })
         .await;
-    assert_eq!(state["tail"]["url"], json!("/topics/demo"));
+    assert_eq!(state["tail"]["url"], json!("/events?topic=demo"));
     page.wait_state("the console's own stream counted on demo", PAGE_WAIT, |s| {
         topic_row(s, "demo").is_some_and(|r| r["subscribers"] == json!(1))
             && s["metrics"]["streams"] == json!("1")
@@ -644,7 +652,7 @@ async fn console_tail_shows_reset_for_an_unknown_from_id() {
     );
     assert_eq!(
         state["tail"]["url"],
-        json!("/topics/projects:all?last_event_id=zzzz-999")
+        json!("/events?topic=projects:all&last_event_id=zzzz-999")
     );
 
     // Then live.
@@ -722,7 +730,7 @@ async fn console_sends_the_token_cookie_when_auth_is_on() {
     .await;
     assert_eq!(page.state["token_set"], json!(false));
 
-    // No token: the stream is refused (EventSource gives up) and the console says why.
+    // No token: the stream is refused (the client gives up) and the console says why.
     page.command(json!({"cmd": "tail", "topics": "orders:eu", "from": ""}))
         .await;
     let state = page
@@ -1131,4 +1139,271 @@ async fn dashboard_example_refetches_on_reset() {
     page.screenshot("dashboard-reset.png").await;
     page.assert_no_page_errors();
     page.exit().await;
+}
+
+// ---------------------------------------------------------------- the browser client (/client.js)
+
+/// The open tabs of `shared.mjs`'s state.
+pub(crate) fn open_tabs(state: &Value) -> Vec<Value> {
+    state["tabs"].as_array().cloned().unwrap_or_default()
+}
+
+fn ids_of(tab: &Value) -> Vec<String> {
+    tab["ids"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|id| id.as_str().map(str::to_owned))
+        .collect()
+}
+
+fn leaders(state: &Value) -> Vec<u64> {
+    open_tabs(state)
+        .iter()
+        .filter(|t| t["leader"] == json!(true))
+        .filter_map(|t| t["tab"].as_u64())
+        .collect()
+}
+
+/// `POST /publish` to both shared topics; the id.
+async fn publish_both(base: &str, i: usize) -> String {
+    let body = json!({"topics": ["shared:a", "shared:b"], "event": "both", "data": {"i": i}});
+    let (status, answer) = common::post_raw(
+        &fresh_client(),
+        &format!("{base}/publish"),
+        body.to_string(),
+    )
+    .await;
+    assert_eq!(
+        status,
+        reqwest::StatusCode::CREATED,
+        "publish answered {answer}"
+    );
+    answer["id"].as_str().expect("id").to_owned()
+}
+
+/// Event `i` of a run: to one topic, the other, or both (sent once).
+async fn publish_shared(base: &str, i: usize) -> String {
+    match i % 3 {
+        0 => publish(base, "shared:a", "tick", json!({"i": i})).await,
+        1 => publish(base, "shared:b", "tock", json!({"i": i})).await,
+        _ => publish_both(base, i).await,
+    }
+}
+
+/// The number of open streams of `topic`, once it equals `want` (they drop
+/// within a heartbeat of a client leaving).
+async fn wait_subscribers(base: &str, topic: &str, want: u64) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, info) =
+            common::get_json(&fresh_client(), &format!("{base}/topics/{topic}/info")).await;
+        if info["subscribers"] == json!(want) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{topic} has {} streams open, want {want}",
+            info["subscribers"]
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until every open tab delivered exactly `expected` (no more, no
+/// fewer, same order), then checks they stay so and nothing was reset.
+async fn assert_every_tab_got(page: &mut BrowserScript, tabs: usize, expected: &[String]) {
+    let want = expected.len();
+    let state = page
+        .wait_state(
+            &format!("{tabs} tabs with {want} events each"),
+            PAGE_WAIT,
+            |s| {
+                let open = open_tabs(s);
+                open.len() == tabs && open.iter().all(|t| ids_of(t).len() >= want)
+            },
+        )
+        .await;
+    // Anything late (a duplicate) would show within this.
+    let later = page.settle(Duration::from_millis(600)).await;
+    let state = if later.is_null() { state } else { later };
+    for tab in open_tabs(&state) {
+        assert_eq!(
+            ids_of(&tab),
+            expected,
+            "tab {} got every event exactly once, in order\n{state:#}",
+            tab["tab"]
+        );
+        assert_eq!(tab["resets"], json!([]), "no reset: {tab:#}");
+        assert_eq!(tab["errors"], json!([]), "{tab:#}");
+    }
+}
+
+/// `/client.js` with `shareAcrossTabs` in 5 tabs of one browser: ONE stream
+/// for all of them (the gateway counts one subscriber); the leader tab closed
+/// while events are published: another tab leads within 1 s and every tab
+/// gets every event exactly once, in order; then the gateway `kill -9`ed
+/// with the leader tab closed during the outage and events published as soon
+/// as it is back: the same.
+#[tokio::test(flavor = "multi_thread")]
+async fn client_js_shares_one_stream_across_tabs_through_leader_close_and_kill_9() {
+    require_browser_tools();
+    let _one = ONE_BROWSER.lock().await;
+    let dir = TempDir::new().expect("tempdir");
+    let data = dir.path().join("data");
+    let mut page = BrowserScript::spawn("shared.mjs");
+    let origin = page
+        .line_where("the static server's origin", PAGE_WAIT, |l| {
+            l.get("origin").is_some()
+        })
+        .await["origin"]
+        .as_str()
+        .expect("origin")
+        .to_owned();
+    page.line_where("the browser to start", PAGE_WAIT, |l| {
+        l["ready"] == json!(true)
+    })
+    .await;
+    let config = write_config(dir.path(), Some(&origin));
+    let gateway = start_gateway(&data, "127.0.0.1:0", Some(&config)).await;
+    let port = gateway.addr.port();
+    let base = gateway.base.clone();
+
+    page.command(json!({"cmd": "open", "n": 5, "gateway": base, "topics": "shared:a,shared:b"}))
+        .await;
+    let state = page
+        .wait_state("5 tabs, one leading with its stream open", PAGE_WAIT, |s| {
+            open_tabs(s).len() == 5
+                && leaders(s).len() == 1
+                && open_tabs(s).iter().any(|t| {
+                    t["leader"] == json!(true)
+                        && t["states"]
+                            .as_array()
+                            .is_some_and(|v| v.contains(&json!("open")))
+                })
+        })
+        .await;
+    let first_leader = leaders(&state)[0];
+    // One stream for five tabs.
+    wait_subscribers(&base, "shared:a", 1).await;
+    wait_subscribers(&base, "shared:b", 1).await;
+
+    // Phase 1: publish steadily; close the leader tab mid-stream.
+    let published = Arc::new(Mutex::new(Vec::<String>::new()));
+    let publisher = {
+        let (base, published) = (base.clone(), Arc::clone(&published));
+        tokio::spawn(async move {
+            for i in 0..40 {
+                let id = publish_shared(&base, i).await;
+                published.lock().expect("ids").push(id);
+                tokio::time::sleep(Duration::from_millis(15)).await;
+            }
+        })
+    };
+    while published.lock().expect("ids").len() < 12 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    page.command(json!({"cmd": "close", "tab": first_leader}))
+        .await;
+    let took = page
+        .command(json!({"cmd": "new_leader", "timeout_ms": 3000}))
+        .await;
+    assert!(
+        took["ms"].as_u64().is_some_and(|ms| ms < 1000),
+        "another tab took the stream within 1 s: {took}"
+    );
+    publisher.await.expect("publisher");
+    let mut expected = published.lock().expect("ids").clone();
+    assert_every_tab_got(&mut page, 4, &expected).await;
+    wait_subscribers(&base, "shared:a", 1).await;
+
+    // Phase 2: kill -9 mid-stream; the leader tab closes while the gateway
+    // is down; events are published as soon as it is back (before the new
+    // leader's next retry), so it must resume from the shared last id.
+    for i in 40..46 {
+        expected.push(publish_shared(&base, i).await);
+    }
+    gateway.kill9();
+    let state = page
+        .wait_state("the tabs told the stream dropped", PAGE_WAIT, |s| {
+            open_tabs(s).iter().all(|t| {
+                t["states"]
+                    .as_array()
+                    .is_some_and(|v| v.last() == Some(&json!("reconnecting")))
+            })
+        })
+        .await;
+    let leader = leaders(&state)[0];
+    page.command(json!({"cmd": "close", "tab": leader})).await;
+    let took = page
+        .command(json!({"cmd": "new_leader", "timeout_ms": 3000}))
+        .await;
+    assert!(
+        took["ms"].as_u64().is_some_and(|ms| ms < 1000),
+        "another tab took the stream within 1 s: {took}"
+    );
+    let gateway = start_gateway(&data, &format!("127.0.0.1:{port}"), Some(&config)).await;
+    assert_eq!(gateway.addr.port(), port, "restarted on the same port");
+    for i in 46..70 {
+        expected.push(publish_shared(&gateway.base, i).await);
+    }
+    assert_every_tab_got(&mut page, 3, &expected).await;
+    wait_subscribers(&gateway.base, "shared:a", 1).await;
+    page.screenshot("client-shared.png").await;
+    page.assert_no_page_errors();
+    page.exit().await;
+}
+
+/// `GET /client.js` from the real binary is at most 3 KB gzipped (`gzip -9`),
+/// and `GET /client.d.ts` declares what it exports.
+#[tokio::test(flavor = "multi_thread")]
+async fn client_js_is_at_most_3_kb_gzipped() {
+    let dir = TempDir::new().expect("tempdir");
+    let gateway = start_gateway(&dir.path().join("data"), "127.0.0.1:0", None).await;
+    let response = fresh_client()
+        .get(format!("{}/client.js", gateway.base))
+        .send()
+        .await
+        .expect("GET /client.js");
+    assert_eq!(response.status(), reqwest::StatusCode::OK);
+    assert_eq!(
+        response.headers()[reqwest::header::CONTENT_TYPE],
+        "text/javascript; charset=utf-8"
+    );
+    let body = response.bytes().await.expect("body");
+    assert!(
+        std::str::from_utf8(&body).is_ok_and(|s| s.contains("export function subscribe(")),
+        "an ES module exporting subscribe"
+    );
+    let mut gzip = Command::new("gzip")
+        .args(["-9", "-c"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("gzip (apt gzip) is installed");
+    gzip.stdin
+        .take()
+        .expect("stdin")
+        .write_all(&body)
+        .expect("feed gzip");
+    let out = gzip.wait_with_output().expect("gzip output");
+    assert!(out.status.success());
+    let gzipped = out.stdout.len();
+    println!(
+        "client.js: {} bytes, {gzipped} bytes gzipped (gzip -9)",
+        body.len()
+    );
+    assert!(
+        gzipped <= 3 * 1024,
+        "client.js is {gzipped} bytes gzipped; the budget is 3072"
+    );
+
+    let types = fresh_client()
+        .get(format!("{}/client.d.ts", gateway.base))
+        .send()
+        .await
+        .expect("GET /client.d.ts");
+    assert_eq!(types.status(), reqwest::StatusCode::OK);
+    let types = types.text().await.expect("text");
+    assert!(types.contains("export function subscribe("), "{types}");
 }

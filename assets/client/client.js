@@ -1,0 +1,181 @@
+// sse-gateway browser client: an ES module, no dependencies. Types and docs:
+// client.d.ts beside it; README "Browser client".
+//   import { subscribe } from "https://gateway.example/client.js";
+//   const sub = subscribe(["projects:all"], { onEvent, onReset, shareAcrossTabs: true });
+// The stream is read with fetch (every event name arrives, refusals are
+// readable) and resumed from the last id, which is kept in localStorage.
+// With shareAcrossTabs, one tab per origin and topic set (the holder of a Web
+// Lock) reads the stream and relays it on a BroadcastChannel; when it goes,
+// the next tab takes the lock and resumes from the last id relayed.
+
+/** `<epoch>-<seq>` -> [epoch, seq]; anything else -> null. */
+const parse = (id) => {
+  const m = /^(.+)-(0|[1-9]\d*)$/.exec(id || "");
+  return m && [m[1], BigInt(m[2])];
+};
+
+/** Whether id `a` comes after id `b` (a new epoch is a new log: after). */
+const after = (a, b) => {
+  const x = parse(a);
+  const y = parse(b);
+  return !x || !y || x[0] !== y[0] || x[1] > y[1];
+};
+
+/**
+ * Reads `/events` from `from` and reconnects after `retry:` ms until `stop()`.
+ * `emit(message)` gets {id, event, data, text} events and {id} positions.
+ */
+function read(base, topics, from, o, emit, state) {
+  let last = from;
+  let retry = 2000;
+  let ctl;
+  let timer;
+  let stopped = false;
+  const connect = async () => {
+    ctl = new AbortController();
+    const url = new URL("events", base);
+    for (const t of topics) url.searchParams.append("topic", t);
+    if (last) url.searchParams.set("last_event_id", last);
+    try {
+      const token = typeof o.token === "function" ? await o.token() : o.token;
+      if (token) url.searchParams.set("access_token", token);
+      const r = await fetch(url, {
+        signal: ctl.signal, cache: "no-store", credentials: o.credentials || "same-origin",
+        headers: { accept: "text/event-stream" },
+      });
+      if (!r.ok) {
+        // 400/401/403 will not change by retrying (EventSource gives up too).
+        let error = { status: r.status };
+        try { error = { ...error, ...(await r.json()).error }; } catch {}
+        if (r.status < 500 && r.status !== 408 && r.status !== 429) return state("closed", error);
+        throw error;
+      }
+      state("open");
+      const reader = r.body.pipeThrough(new TextDecoderStream()).getReader();
+      let buf = "";
+      let ev = {};
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buf += value;
+        let m;
+        // A CR at the end may be the first half of a CRLF: wait for more.
+        while ((m = /\r\n|\r(?!$)|\n/.exec(buf))) {
+          const line = buf.slice(0, m.index);
+          buf = buf.slice(m.index + m[0].length);
+          if (!line) {
+            if (ev.id !== undefined) last = ev.id;
+            if (ev.data !== undefined) {
+              let data = ev.data;
+              try { data = JSON.parse(data); } catch {}
+              emit({ id: last, event: ev.event || "message", data, text: ev.data });
+            } else if (ev.id) emit({ id: ev.id });
+            ev = {};
+            continue;
+          }
+          const c = line.indexOf(":");
+          if (!c) continue;
+          const field = c < 0 ? line : line.slice(0, c);
+          const v = c < 0 ? "" : line.slice(c + 1).replace(/^ /, "");
+          if (field === "data") ev.data = ev.data === undefined ? v : `${ev.data}\n${v}`;
+          else if (field === "id" && !v.includes("\0")) ev.id = v;
+          else if (field === "event") ev.event = v;
+          else if (field === "retry" && /^\d+$/.test(v)) retry = +v;
+        }
+      }
+    } catch (e) {
+      if (stopped) return;
+    }
+    if (stopped) return;
+    state("reconnecting");
+    timer = setTimeout(connect, retry);
+  };
+  // Not before subscribe() has returned its handle.
+  timer = setTimeout(() => {
+    state("connecting");
+    connect();
+  });
+  return () => {
+    stopped = true;
+    clearTimeout(timer);
+    if (ctl) ctl.abort();
+  };
+}
+
+/** Subscribes to `topics`; returns {close(), lastId, leader}. See client.d.ts. */
+export function subscribe(topics, o = {}) {
+  topics = [...new Set([].concat(topics))].sort();
+  const base = new URL(o.url || ".", import.meta.url);
+  if (!base.pathname.endsWith("/")) base.pathname += "/";
+  const key = o.storageKey || `sse-gateway:${base}${topics.join(",")}`;
+  const stored = () => {
+    try { return localStorage.getItem(key); } catch { return null; }
+  };
+  const store = (id) => {
+    try { localStorage.setItem(key, id); } catch {}
+  };
+  const sub = { lastId: null, leader: false, close };
+  let closed = false;
+  let stop;
+  let release;
+  let channel;
+  let abort;
+
+  // Every tab: deliver each event once, in id order.
+  const deliver = (m) => {
+    if (closed) return;
+    if (m.state) return o.onState && o.onState(m.state, m.detail);
+    if (m.event === "reset") {
+      sub.lastId = m.id;
+      if (o.onReset) o.onReset(m.data, m.id);
+    } else if (m.event && (!sub.lastId || after(m.id, sub.lastId))) {
+      sub.lastId = m.id;
+      if (o.onEvent) o.onEvent(m);
+    }
+  };
+  let now;
+  const state = (s, detail) => {
+    now = { state: s, detail };
+    deliver(now);
+    if (channel) channel.postMessage(now);
+  };
+  // Where a stream starts: `from` if given, else the stored id, else live.
+  const start = (from) => read(base, topics, from, o, (m) => {
+    if (m.id) store(m.id);
+    if (channel) channel.postMessage(m);
+    deliver(m);
+  }, state);
+
+  const locks = typeof navigator !== "undefined" && navigator.locks;
+  if (o.shareAcrossTabs && locks && typeof BroadcastChannel !== "undefined") {
+    channel = new BroadcastChannel(key);
+    // A tab that joins asks the leader where the stream is.
+    channel.onmessage = (e) => (e.data.ask ? sub.leader && now && channel.postMessage(now) : deliver(e.data));
+    channel.postMessage({ ask: 1 });
+    const ctl = new AbortController();
+    // Holds the lock until close() or the tab goes.
+    const lead = (from) => new Promise((resolve) => {
+      if (closed) return resolve();
+      release = resolve;
+      sub.leader = true;
+      stop = start(from);
+    });
+    abort = () => ctl.abort();
+    locks.request(key, { ifAvailable: true }, (lock) => lock
+      ? lead(o.from !== undefined ? o.from : stored())
+      // The stream is already read by another tab: follow it; when that tab
+      // goes, resume from the last id it relayed (what every tab has seen).
+      : locks.request(key, { signal: ctl.signal }, () => lead(stored()))).catch(() => {});
+  } else {
+    stop = start(o.from !== undefined ? o.from : stored());
+  }
+
+  function close() {
+    closed = true;
+    if (stop) stop();
+    if (release) release();
+    if (abort) abort();
+    if (channel) channel.close();
+  }
+  return sub;
+}
