@@ -1242,9 +1242,12 @@ async fn assert_every_tab_got(page: &mut BrowserScript, tabs: usize, expected: &
 /// `/client.js` with `shareAcrossTabs` in 5 tabs of one browser: ONE stream
 /// for all of them (the gateway counts one subscriber); the leader tab closed
 /// while events are published: another tab leads within 1 s and every tab
-/// gets every event exactly once, in order; then the gateway `kill -9`ed
+/// gets every event exactly once, in order; a next leader that reads a stale
+/// shared id replays, and every tab drops the repeats; then the gateway `kill -9`ed
 /// with the leader tab closed during the outage and events published as soon
-/// as it is back: the same.
+/// as it is back: the same; last, a tab that joined and has not received an
+/// event yet becomes the leader during an outage: it resumes from the shared
+/// last id and misses nothing published after it joined.
 #[tokio::test(flavor = "multi_thread")]
 async fn client_js_shares_one_stream_across_tabs_through_leader_close_and_kill_9() {
     require_browser_tools();
@@ -1317,10 +1320,37 @@ async fn client_js_shares_one_stream_across_tabs_through_leader_close_and_kill_9
     assert_every_tab_got(&mut page, 4, &expected).await;
     wait_subscribers(&base, "shared:a", 1).await;
 
+    // Phase 1b: the next leader reads a stale shared id (another renderer's
+    // localStorage write not arrived yet, which Chromium allows): it replays
+    // events every tab already has, and every tab drops them by id.
+    let state = page.settle(Duration::from_millis(50)).await;
+    let leader = leaders(&state)[0];
+    let follower = open_tabs(&state)
+        .iter()
+        .filter_map(|t| t["tab"].as_u64())
+        .find(|t| *t != leader)
+        .expect("a follower");
+    let stale = &expected[expected.len() - 6];
+    let rewound = page
+        .command(json!({"cmd": "rewind", "tab": follower, "id": stale}))
+        .await;
+    assert_eq!(
+        rewound["keys"].as_array().map(Vec::len),
+        Some(1),
+        "{rewound}"
+    );
+    page.command(json!({"cmd": "close", "tab": leader})).await;
+    page.command(json!({"cmd": "new_leader", "timeout_ms": 3000}))
+        .await;
+    for i in 40..43 {
+        expected.push(publish_shared(&base, i).await);
+    }
+    assert_every_tab_got(&mut page, 3, &expected).await;
+
     // Phase 2: kill -9 mid-stream; the leader tab closes while the gateway
     // is down; events are published as soon as it is back (before the new
     // leader's next retry), so it must resume from the shared last id.
-    for i in 40..46 {
+    for i in 43..46 {
         expected.push(publish_shared(&base, i).await);
     }
     gateway.kill9();
@@ -1347,8 +1377,50 @@ async fn client_js_shares_one_stream_across_tabs_through_leader_close_and_kill_9
     for i in 46..70 {
         expected.push(publish_shared(&gateway.base, i).await);
     }
-    assert_every_tab_got(&mut page, 3, &expected).await;
+    assert_every_tab_got(&mut page, 2, &expected).await;
     wait_subscribers(&gateway.base, "shared:a", 1).await;
+
+    // Phase 3: a tab that joined but has not received an event yet takes the
+    // stream over: it resumes from the shared id, not from its own (none:
+    // that would start live and miss what is published before it connects).
+    let newcomer = page
+        .command(
+            json!({"cmd": "open", "n": 1, "gateway": gateway.base, "topics": "shared:a,shared:b"}),
+        )
+        .await["tabs"][0]
+        .as_u64()
+        .expect("tab");
+    gateway.kill9();
+    page.wait_state("the tabs told the stream dropped", PAGE_WAIT, |s| {
+        open_tabs(s).len() == 3
+            && open_tabs(s).iter().all(|t| {
+                t["states"]
+                    .as_array()
+                    .is_some_and(|v| v.last() == Some(&json!("reconnecting")))
+            })
+    })
+    .await;
+    // The older tabs go one after the other, each handing over to the next.
+    loop {
+        let state = page.settle(Duration::from_millis(50)).await;
+        let leader = leaders(&state);
+        assert_eq!(leader.len(), 1, "one leader: {state:#}");
+        if leader[0] == newcomer {
+            break;
+        }
+        page.command(json!({"cmd": "close", "tab": leader[0]}))
+            .await;
+        let took = page
+            .command(json!({"cmd": "new_leader", "timeout_ms": 3000}))
+            .await;
+        assert!(took["ms"].as_u64().is_some_and(|ms| ms < 1000), "{took}");
+    }
+    let gateway = start_gateway(&data, &format!("127.0.0.1:{port}"), Some(&config)).await;
+    let mut after_join = Vec::new();
+    for i in 70..90 {
+        after_join.push(publish_shared(&gateway.base, i).await);
+    }
+    assert_every_tab_got(&mut page, 1, &after_join).await;
     page.screenshot("client-shared.png").await;
     page.assert_no_page_errors();
     page.exit().await;

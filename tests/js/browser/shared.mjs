@@ -13,6 +13,8 @@
 // Commands (besides screenshot/wait):
 //   {"cmd":"open","n":5,"gateway":"http://…","topics":"a,b"}  opens n tabs, one
 //                                     after the other, each loaded and subscribed
+//   {"cmd":"rewind","tab":2,"id":"…"}  sets the shared last id in localStorage
+//                                     back to an older id (a stale view)
 //   {"cmd":"close","tab":2}           closes tab 2 (the page goes: its lock is released)
 //   {"cmd":"snippet","n":2,"code":"import …"}  opens n tabs running `code` (a
 //                                     README snippet) as a module, after stubs
@@ -125,6 +127,17 @@ const handlers = {
   snippet: async ({ n, code }) => {
     snippet = code;
     return openTabs(n, `${origin}/snippet.html`);
+  },
+  rewind: async ({ tab, id }) => {
+    // What a tab sees when another renderer's localStorage write has not
+    // reached it yet (Chromium propagates them asynchronously).
+    const page = tabs.get(tab);
+    if (!page) throw new Error(`no open tab ${tab}`);
+    return page.evaluate((id) => {
+      const keys = Object.keys(localStorage).filter((k) => k.startsWith("sse-gateway:"));
+      for (const key of keys) localStorage.setItem(key, id);
+      return { keys };
+    }, id);
   },
   close: async ({ tab }) => {
     const page = tabs.get(tab);
