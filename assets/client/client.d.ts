@@ -52,7 +52,11 @@ export interface SubscribeOptions {
    * tab that joins one receives its events from then on.
    */
   from?: string | null;
-  /** Every event, once, in id order (across reconnects and leader changes). */
+  /**
+   * Every event, once, in id order (across reconnects and leader changes).
+   * A callback that throws does not stop the stream: the error is rethrown
+   * from a timer (so it shows in the console) and the next event comes.
+   */
   onEvent?: (event: GatewayEvent) => void;
   /**
    * The gateway could not resume from the last id (history trimmed, or
@@ -67,7 +71,10 @@ export interface SubscribeOptions {
    * set: the tab holding a Web Lock reads it and relays every event on a
    * BroadcastChannel; when that tab closes another takes the lock at once and
    * resumes from the last id it relayed. Falls back to one stream per tab
-   * where Web Locks or BroadcastChannel are missing.
+   * where Web Locks or BroadcastChannel are missing. A tab that joins, or
+   * becomes visible, asks the reading tab for the current state and to
+   * retry a pending reconnect at once (a hidden tab's timers may be
+   * throttled).
    */
   shareAcrossTabs?: boolean;
   /** Sent as `?access_token=` (a function is called on every (re)connect). */

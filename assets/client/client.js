@@ -1,12 +1,8 @@
-// sse-gateway browser client: an ES module, no dependencies. Types and docs:
-// client.d.ts beside it; README "Browser client".
-//   import { subscribe } from "https://gateway.example/client.js";
-//   const sub = subscribe(["projects:all"], { onEvent, onReset, shareAcrossTabs: true });
-// The stream is read with fetch (every event name arrives, refusals are
-// readable) and resumed from the last id, which is kept in localStorage.
-// With shareAcrossTabs, one tab per origin and topic set (the holder of a Web
-// Lock) reads the stream and relays it on a BroadcastChannel; when it goes,
-// the next tab takes the lock and resumes from the last id relayed.
+// sse-gateway's browser client (no dependencies); API: client.d.ts, docs/API.md.
+// Reads /events with fetch (every event name arrives, refusals are readable),
+// resumes from the last id (kept in localStorage). shareAcrossTabs: the tab
+// holding a Web Lock reads and relays on a BroadcastChannel; the next one
+// resumes from the last id relayed.
 
 /** `<epoch>-<seq>` -> [epoch, seq]; anything else -> null. */
 const parse = (id) => {
@@ -32,6 +28,7 @@ function read(base, topics, from, o, emit, state) {
   let timer;
   let stopped = false;
   const connect = async () => {
+    stop.poke = null;
     ctl = new AbortController();
     const url = new URL("events", base);
     for (const t of topics) url.searchParams.append("topic", t);
@@ -89,17 +86,25 @@ function read(base, topics, from, o, emit, state) {
     if (stopped) return;
     state("reconnecting");
     timer = setTimeout(connect, retry);
+    // Background tabs' timers may be throttled (to once a minute in Chrome):
+    // a tab that becomes visible asks for the reconnect now (`poke`).
+    stop.poke = () => {
+      stop.poke = null;
+      clearTimeout(timer);
+      connect();
+    };
   };
+  function stop() {
+    stopped = true;
+    clearTimeout(timer);
+    if (ctl) ctl.abort();
+  }
   // Not before subscribe() has returned its handle.
   timer = setTimeout(() => {
     state("connecting");
     connect();
   });
-  return () => {
-    stopped = true;
-    clearTimeout(timer);
-    if (ctl) ctl.abort();
-  };
+  return stop;
 }
 
 /** Subscribes to `topics`; returns {close(), lastId, leader}. See client.d.ts. */
@@ -122,16 +127,27 @@ export function subscribe(topics, o = {}) {
   let abort;
 
   // Every tab: deliver each event once, in id order.
+  // An app callback that throws must not break the (shared) stream.
+  const call = (f, ...args) => {
+    try {
+      if (f) f(...args);
+    } catch (e) {
+      setTimeout(() => { throw e; });
+    }
+  };
   const deliver = (m) => {
     if (closed) return;
-    if (m.state) return o.onState && o.onState(m.state, m.detail);
+    if (m.state) return call(o.onState, m.state, m.detail);
     if (m.event === "reset") {
       sub.lastId = m.id;
-      if (o.onReset) o.onReset(m.data, m.id);
+      call(o.onReset, m.data, m.id);
     } else if (m.event && (!sub.lastId || after(m.id, sub.lastId))) {
       sub.lastId = m.id;
-      if (o.onEvent) o.onEvent(m);
+      call(o.onEvent, m);
     }
+  };
+  const poke = () => {
+    if (stop && stop.poke) stop.poke();
   };
   let now;
   const state = (s, detail) => {
@@ -146,11 +162,15 @@ export function subscribe(topics, o = {}) {
     deliver(m);
   }, state);
 
-  const locks = typeof navigator !== "undefined" && navigator.locks;
-  if (o.shareAcrossTabs && locks && typeof BroadcastChannel !== "undefined") {
+  const locks = globalThis.navigator?.locks;
+  if (o.shareAcrossTabs && locks && globalThis.BroadcastChannel) {
     channel = new BroadcastChannel(key);
     // A tab that joins asks the leader where the stream is.
-    channel.onmessage = (e) => (e.data.ask ? sub.leader && now && channel.postMessage(now) : deliver(e.data));
+    channel.onmessage = (e) => {
+      if (!e.data.ask) return deliver(e.data);
+      if (sub.leader && now) channel.postMessage(now);
+      poke();
+    };
     channel.postMessage({ ask: 1 });
     const ctl = new AbortController();
     // Holds the lock until close() or the tab goes.
@@ -169,9 +189,17 @@ export function subscribe(topics, o = {}) {
   } else {
     stop = start(o.from !== undefined ? o.from : stored());
   }
+  const doc = globalThis.document;
+  const visible = () => {
+    if (doc.visibilityState !== "visible") return;
+    poke();
+    if (channel) channel.postMessage({ ask: 1 });
+  };
+  doc?.addEventListener("visibilitychange", visible);
 
   function close() {
     closed = true;
+    doc?.removeEventListener("visibilitychange", visible);
     if (stop) stop();
     if (release) release();
     if (abort) abort();

@@ -1356,11 +1356,12 @@ async fn client_js_shares_one_stream_across_tabs_through_leader_close_and_kill_9
     gateway.kill9();
     let state = page
         .wait_state("the tabs told the stream dropped", PAGE_WAIT, |s| {
-            open_tabs(s).iter().all(|t| {
-                t["states"]
-                    .as_array()
-                    .is_some_and(|v| v.last() == Some(&json!("reconnecting")))
-            })
+            leaders(s).len() == 1
+                && open_tabs(s).iter().all(|t| {
+                    t["states"]
+                        .as_array()
+                        .is_some_and(|v| v.last() == Some(&json!("reconnecting")))
+                })
         })
         .await;
     let leader = leaders(&state)[0];
@@ -1391,29 +1392,26 @@ async fn client_js_shares_one_stream_across_tabs_through_leader_close_and_kill_9
         .as_u64()
         .expect("tab");
     gateway.kill9();
-    page.wait_state("the tabs told the stream dropped", PAGE_WAIT, |s| {
-        open_tabs(s).len() == 3
-            && open_tabs(s).iter().all(|t| {
-                t["states"]
-                    .as_array()
-                    .is_some_and(|v| v.last() == Some(&json!("reconnecting")))
-            })
-    })
-    .await;
+    let state = page
+        .wait_state("the tabs told the stream dropped", PAGE_WAIT, |s| {
+            open_tabs(s).len() == 3
+                && leaders(s).len() == 1
+                && open_tabs(s).iter().all(|t| {
+                    t["states"]
+                        .as_array()
+                        .is_some_and(|v| v.last() == Some(&json!("reconnecting")))
+                })
+        })
+        .await;
     // The older tabs go one after the other, each handing over to the next.
-    loop {
-        let state = page.settle(Duration::from_millis(50)).await;
-        let leader = leaders(&state);
-        assert_eq!(leader.len(), 1, "one leader: {state:#}");
-        if leader[0] == newcomer {
-            break;
-        }
-        page.command(json!({"cmd": "close", "tab": leader[0]}))
-            .await;
+    let mut leader = leaders(&state)[0];
+    while leader != newcomer {
+        page.command(json!({"cmd": "close", "tab": leader})).await;
         let took = page
             .command(json!({"cmd": "new_leader", "timeout_ms": 3000}))
             .await;
         assert!(took["ms"].as_u64().is_some_and(|ms| ms < 1000), "{took}");
+        leader = took["tab"].as_u64().expect("tab");
     }
     let gateway = start_gateway(&data, &format!("127.0.0.1:{port}"), Some(&config)).await;
     let mut after_join = Vec::new();
