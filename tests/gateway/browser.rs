@@ -257,6 +257,11 @@ impl BrowserScript {
         path
     }
 
+    /// The uncaught exceptions seen so far.
+    pub(crate) fn page_errors(&self) -> &[String] {
+        &self.page_errors
+    }
+
     /// Uncaught exceptions in the page (a CSP violation or a script bug) fail the test.
     pub(crate) fn assert_no_page_errors(&mut self) {
         if !self.page_errors.is_empty() {
@@ -1421,6 +1426,119 @@ async fn client_js_shares_one_stream_across_tabs_through_leader_close_and_kill_9
     assert_every_tab_got(&mut page, 1, &after_join).await;
     page.screenshot("client-shared.png").await;
     page.assert_no_page_errors();
+    page.exit().await;
+}
+
+/// A shared stream whose gateway comes back with another log (a new data
+/// dir: the last id is unknown to it): the leader's `reset` reaches
+/// `onReset` in every tab once, and the new log's events published after it
+/// (another epoch, lower sequence numbers) reach every tab. Every tab's `onEvent`
+/// throws: the stream goes on regardless.
+#[tokio::test(flavor = "multi_thread")]
+async fn client_js_relays_a_reset_to_every_tab_and_survives_throwing_handlers() {
+    require_browser_tools();
+    let _one = ONE_BROWSER.lock().await;
+    let dir = TempDir::new().expect("tempdir");
+    let mut page = BrowserScript::spawn("shared.mjs");
+    let origin = page
+        .line_where("the static server's origin", PAGE_WAIT, |l| {
+            l.get("origin").is_some()
+        })
+        .await["origin"]
+        .as_str()
+        .expect("origin")
+        .to_owned();
+    page.line_where("the browser to start", PAGE_WAIT, |l| {
+        l["ready"] == json!(true)
+    })
+    .await;
+    let config = write_config(dir.path(), Some(&origin));
+    let gateway = start_gateway(&dir.path().join("data-a"), "127.0.0.1:0", Some(&config)).await;
+    let port = gateway.addr.port();
+    let base = gateway.base.clone();
+    page.command(json!({"cmd": "open", "n": 3, "gateway": base, "topics": "shared:a,shared:b", "throws": true}))
+        .await;
+    page.wait_state("3 tabs, one leading with its stream open", PAGE_WAIT, |s| {
+        open_tabs(s).len() == 3
+            && leaders(s).len() == 1
+            && open_tabs(s).iter().any(|t| {
+                t["leader"] == json!(true)
+                    && t["states"]
+                        .as_array()
+                        .is_some_and(|v| v.contains(&json!("open")))
+            })
+    })
+    .await;
+    wait_subscribers(&base, "shared:a", 1).await;
+    let mut first_log = Vec::new();
+    for i in 0..6 {
+        first_log.push(publish_shared(&base, i).await);
+    }
+    assert_every_tab_got(&mut page, 3, &first_log).await;
+    let state = page.settle(Duration::from_millis(50)).await;
+    for tab in open_tabs(&state) {
+        assert!(
+            !tab["states"]
+                .as_array()
+                .is_some_and(|v| v.contains(&json!("reconnecting"))),
+            "a throwing handler does not break the stream: {tab:#}"
+        );
+    }
+
+    // Another log behind the same address.
+    gateway.kill9();
+    let gateway = start_gateway(
+        &dir.path().join("data-b"),
+        &format!("127.0.0.1:{port}"),
+        Some(&config),
+    )
+    .await;
+    // Published before the leader is back: an unknown id resumes live (the
+    // app refetches on the reset), so these are not streamed.
+    let before_reset = publish_shared(&gateway.base, 0).await;
+    page.wait_state("the reset in every tab", PAGE_WAIT, |s| {
+        open_tabs(s)
+            .iter()
+            .all(|t| t["resets"].as_array().is_some_and(|r| !r.is_empty()))
+    })
+    .await;
+    let mut second_log = Vec::new();
+    for i in 1..5 {
+        second_log.push(publish_shared(&gateway.base, i).await);
+    }
+    let state = page
+        .wait_state("the new log's events in every tab", PAGE_WAIT, |s| {
+            open_tabs(s)
+                .iter()
+                .all(|t| ids_of(t).len() >= first_log.len() + second_log.len())
+        })
+        .await;
+    let later = page.settle(Duration::from_millis(600)).await;
+    let state = if later.is_null() { state } else { later };
+    let all: Vec<String> = first_log.iter().chain(&second_log).cloned().collect();
+    for tab in open_tabs(&state) {
+        assert_eq!(ids_of(&tab), all, "tab {}\n{state:#}", tab["tab"]);
+        let resets = tab["resets"].as_array().expect("resets");
+        assert_eq!(resets.len(), 1, "one reset per tab: {tab:#}");
+        assert_eq!(resets[0]["reason"], json!("unknown_id"), "{tab:#}");
+        let continues = resets[0]["id"].as_str().expect("reset id");
+        assert_eq!(common::epoch_of(continues), common::epoch_of(&before_reset));
+        assert!(
+            common::seq_of(continues) >= common::seq_of(&before_reset),
+            "the stream carries on from the new log's head: {tab:#}"
+        );
+        assert_eq!(
+            resets[0]["requested"],
+            json!(first_log.last().expect("ids")),
+            "{tab:#}"
+        );
+    }
+    // The only page errors are the handlers' own, rethrown.
+    let errors = page.page_errors().to_vec();
+    assert!(
+        !errors.is_empty() && errors.iter().all(|e| e.contains("app handler failed")),
+        "{errors:#?}"
+    );
     page.exit().await;
 }
 

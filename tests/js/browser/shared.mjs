@@ -11,8 +11,10 @@
 // Prints {"origin":"http://127.0.0.1:<port>"} first (the gateway's
 // [cors] allowed_origins needs it), then {"ready":true}.
 // Commands (besides screenshot/wait):
-//   {"cmd":"open","n":5,"gateway":"http://…","topics":"a,b"}  opens n tabs, one
-//                                     after the other, each loaded and subscribed
+//   {"cmd":"open","n":5,"gateway":"http://…","topics":"a,b","throws":false}
+//                                     opens n tabs, one after the other, each
+//                                     loaded and subscribed (with `throws`, its
+//                                     onEvent throws after recording the event)
 //   {"cmd":"rewind","tab":2,"id":"…"}  sets the shared last id in localStorage
 //                                     back to an older id (a stale view)
 //   {"cmd":"close","tab":2}           closes tab 2 (the page goes: its lock is released)
@@ -40,7 +42,12 @@ try {
   const { subscribe } = await import(params.get("gateway") + "/client.js");
   window.sub = subscribe(params.get("topics").split(","), {
     shareAcrossTabs: true,
-    onEvent: (e) => { got.push(e.id); document.getElementById("log").append(e.id + " " + e.event + " " + e.text + "\\n"); },
+    onEvent: (e) => {
+      got.push(e.id);
+      document.getElementById("log").append(e.id + " " + e.event + " " + e.text + "\\n");
+      // An app bug: the stream must go on.
+      if (params.get("throw")) throw new Error("app handler failed on " + e.id);
+    },
     onReset: (info, id) => resets.push({ ...info, id }),
     onState: (s) => states.push(s),
   });
@@ -122,8 +129,8 @@ const handlers = {
     await new Promise((resolve) => setTimeout(resolve, ms));
     return {};
   },
-  open: async ({ n, gateway, topics }) => openTabs(n,
-    `${origin}/shared.html?gateway=${encodeURIComponent(gateway)}&topics=${encodeURIComponent(topics)}`),
+  open: async ({ n, gateway, topics, throws }) => openTabs(n,
+    `${origin}/shared.html?gateway=${encodeURIComponent(gateway)}&topics=${encodeURIComponent(topics)}${throws ? "&throw=1" : ""}`),
   snippet: async ({ n, code }) => {
     snippet = code;
     return openTabs(n, `${origin}/snippet.html`);
