@@ -1320,6 +1320,7 @@ async fn client_js_shares_one_stream_across_tabs_through_leader_close_and_kill_9
         took["ms"].as_u64().is_some_and(|ms| ms < 1000),
         "another tab took the stream within 1 s: {took}"
     );
+    println!("another tab leads {} ms after the close", took["ms"]);
     publisher.await.expect("publisher");
     let mut expected = published.lock().expect("ids").clone();
     assert_every_tab_got(&mut page, 4, &expected).await;
@@ -1345,8 +1346,11 @@ async fn client_js_shares_one_stream_across_tabs_through_leader_close_and_kill_9
         "{rewound}"
     );
     page.command(json!({"cmd": "close", "tab": leader})).await;
-    page.command(json!({"cmd": "new_leader", "timeout_ms": 3000}))
+    let took = page
+        .command(json!({"cmd": "new_leader", "timeout_ms": 3000}))
         .await;
+    assert!(took["ms"].as_u64().is_some_and(|ms| ms < 1000), "{took}");
+    println!("another tab leads {} ms after the close", took["ms"]);
     for i in 40..43 {
         expected.push(publish_shared(&base, i).await);
     }
@@ -1378,6 +1382,7 @@ async fn client_js_shares_one_stream_across_tabs_through_leader_close_and_kill_9
         took["ms"].as_u64().is_some_and(|ms| ms < 1000),
         "another tab took the stream within 1 s: {took}"
     );
+    println!("another tab leads {} ms after the close", took["ms"]);
     let gateway = start_gateway(&data, &format!("127.0.0.1:{port}"), Some(&config)).await;
     assert_eq!(gateway.addr.port(), port, "restarted on the same port");
     for i in 46..70 {
@@ -1416,6 +1421,7 @@ async fn client_js_shares_one_stream_across_tabs_through_leader_close_and_kill_9
             .command(json!({"cmd": "new_leader", "timeout_ms": 3000}))
             .await;
         assert!(took["ms"].as_u64().is_some_and(|ms| ms < 1000), "{took}");
+        println!("another tab leads {} ms after the close", took["ms"]);
         leader = took["tab"].as_u64().expect("tab");
     }
     let gateway = start_gateway(&data, &format!("127.0.0.1:{port}"), Some(&config)).await;
