@@ -48,8 +48,10 @@ export interface SubscribeOptions {
    * Where to start: `"0"` (every retained event), an id (every event after
    * it), or `null` / `""` (live from now). Default: the last id kept in
    * localStorage for this gateway and topic set, else live. With
-   * `shareAcrossTabs` it applies to the tab that opens the shared stream; a
-   * tab that joins one receives its events from then on.
+   * `shareAcrossTabs`, a tab that joins a shared stream with a `from` older
+   * than the last id relayed first reads the events up to it on a stream of
+   * its own (holding what is relayed meanwhile), then follows; without
+   * `from`, it receives the shared stream's events from then on.
    */
   from?: string | null;
   /**

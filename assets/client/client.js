@@ -17,10 +17,8 @@ const after = (a, b) => {
   return !x || !y || x[0] !== y[0] || x[1] > y[1];
 };
 
-/**
- * Reads `/events` from `from` and reconnects after `retry:` ms until `stop()`.
- * `emit(message)` gets {id, event, data, text} events and {id} positions.
- */
+// Reads /events from `from`, reconnecting after `retry:` ms, until stop();
+// emit() gets {id, event, data, text} events and {id} positions.
 function read(base, topics, from, o, emit, state) {
   let last = from;
   let retry = 2000;
@@ -41,7 +39,7 @@ function read(base, topics, from, o, emit, state) {
         headers: { accept: "text/event-stream" },
       });
       if (!r.ok) {
-        // 400/401/403 will not change by retrying (EventSource gives up too).
+        // A 4xx will not change by retrying (EventSource gives up too).
         let error = { status: r.status };
         try { error = { ...error, ...(await r.json()).error }; } catch {}
         if (r.status < 500 && r.status !== 408 && r.status !== 429) return state("closed", error);
@@ -57,7 +55,7 @@ function read(base, topics, from, o, emit, state) {
         buf += value;
         let m;
         // A CR at the end may be the first half of a CRLF: wait for more.
-        while ((m = /\r\n|\r(?!$)|\n/.exec(buf))) {
+        while (!stopped && (m = /\r\n|\r(?!$)|\n/.exec(buf))) {
           const line = buf.slice(0, m.index);
           buf = buf.slice(m.index + m[0].length);
           if (!line) {
@@ -86,8 +84,7 @@ function read(base, topics, from, o, emit, state) {
     if (stopped) return;
     state("reconnecting");
     timer = setTimeout(connect, retry);
-    // Background tabs' timers may be throttled (to once a minute in Chrome):
-    // a tab that becomes visible asks for the reconnect now (`poke`).
+    // Hidden tabs' timers may be throttled: a tab that shows pokes.
     stop.poke = () => {
       stop.poke = null;
       clearTimeout(timer);
@@ -125,9 +122,9 @@ export function subscribe(topics, o = {}) {
   let release;
   let channel;
   let abort;
+  let catchUp;
 
-  // Every tab: deliver each event once, in id order.
-  // An app callback that throws must not break the (shared) stream.
+  // A callback that throws must not break the (shared) stream.
   const call = (f, ...args) => {
     try {
       if (f) f(...args);
@@ -155,7 +152,6 @@ export function subscribe(topics, o = {}) {
     deliver(now);
     if (channel) channel.postMessage(now);
   };
-  // Where a stream starts: `from` if given, else the stored id, else live.
   const start = (from) => read(base, topics, from, o, (m) => {
     if (m.id) store(m.id);
     if (channel) channel.postMessage(m);
@@ -181,11 +177,28 @@ export function subscribe(topics, o = {}) {
       stop = start(from);
     });
     abort = () => ctl.abort();
-    locks.request(key, { ifAvailable: true }, (lock) => lock
-      ? lead(o.from !== undefined ? o.from : stored())
-      // The stream is already read by another tab: follow it; when that tab
-      // goes, resume from the last id it relayed (what every tab has seen).
-      : locks.request(key, { signal: ctl.signal }, () => lead(stored()))).catch(() => {});
+    locks.request(key, { ifAvailable: true }, (lock) => {
+      if (lock) return lead(o.from !== undefined ? o.from : stored());
+      // Another tab reads the stream: follow it (from `from` if that is
+      // older: read up to the shared id, holding what the channel relays).
+      const to = stored();
+      if (o.from && to && after(to, o.from)) {
+        const held = [];
+        const relay = channel.onmessage;
+        channel.onmessage = (e) => (e.data.ask ? relay(e) : held.push(e.data));
+        const done = () => {
+          catchUp();
+          channel.onmessage = relay;
+          held.forEach(deliver);
+        };
+        catchUp = read(base, topics, o.from, o, (m) => {
+          deliver(m);
+          if (m.id && !after(to, m.id)) done();
+        }, (s) => s === "closed" && done());
+      }
+      // When that tab goes, resume from the last id it relayed.
+      return locks.request(key, { signal: ctl.signal }, () => lead(stored()));
+    }).catch(() => {});
   } else {
     stop = start(o.from !== undefined ? o.from : stored());
   }
@@ -203,6 +216,7 @@ export function subscribe(topics, o = {}) {
     if (stop) stop();
     if (release) release();
     if (abort) abort();
+    if (catchUp) catchUp();
     if (channel) channel.close();
   }
   return sub;

@@ -1549,6 +1549,88 @@ async fn client_js_relays_a_reset_to_every_tab_and_survives_throwing_handlers() 
     page.exit().await;
 }
 
+/// A tab that joins a shared stream with `from` older than the last id
+/// relayed gets every event after its `from` exactly once, in order: it
+/// reads up to the shared id on a stream of its own, holding what the
+/// leader relays meanwhile (events are published all along), then follows
+/// the shared stream, whose one connection is all that stays open.
+#[tokio::test(flavor = "multi_thread")]
+async fn client_js_joining_tab_catches_up_from_an_older_from() {
+    require_browser_tools();
+    let _one = ONE_BROWSER.lock().await;
+    let dir = TempDir::new().expect("tempdir");
+    let mut page = BrowserScript::spawn("shared.mjs");
+    let origin = page
+        .line_where("the static server's origin", PAGE_WAIT, |l| {
+            l.get("origin").is_some()
+        })
+        .await["origin"]
+        .as_str()
+        .expect("origin")
+        .to_owned();
+    page.line_where("the browser to start", PAGE_WAIT, |l| {
+        l["ready"] == json!(true)
+    })
+    .await;
+    let config = write_config(dir.path(), Some(&origin));
+    let gateway = start_gateway(&dir.path().join("data"), "127.0.0.1:0", Some(&config)).await;
+    let base = gateway.base.clone();
+    page.command(json!({"cmd": "open", "n": 2, "gateway": base, "topics": "shared:a,shared:b"}))
+        .await;
+    page.wait_state("2 tabs, one leading", PAGE_WAIT, |s| {
+        open_tabs(s).len() == 2 && leaders(s).len() == 1
+    })
+    .await;
+    wait_subscribers(&base, "shared:a", 1).await;
+    let mut before = Vec::new();
+    for i in 0..30 {
+        before.push(publish_shared(&base, i).await);
+    }
+    assert_every_tab_got(&mut page, 2, &before).await;
+
+    let published = Arc::new(Mutex::new(Vec::<String>::new()));
+    let publisher = {
+        let (base, published) = (base.clone(), Arc::clone(&published));
+        tokio::spawn(async move {
+            for i in 30..60 {
+                let id = publish_shared(&base, i).await;
+                published.lock().expect("ids").push(id);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    let from = before[4].clone();
+    let joined = page
+        .command(json!({"cmd": "open", "n": 1, "gateway": base, "topics": "shared:a,shared:b", "from": from}))
+        .await["tabs"][0]
+        .as_u64()
+        .expect("tab");
+    publisher.await.expect("publisher");
+    let during = published.lock().expect("ids").clone();
+    let all: Vec<String> = before.iter().chain(&during).cloned().collect();
+    let last = all.last().cloned();
+    page.wait_state("every tab at the last event", PAGE_WAIT, |s| {
+        open_tabs(s).len() == 3
+            && open_tabs(s)
+                .iter()
+                .all(|t| ids_of(t).last() == last.as_ref())
+    })
+    .await;
+    let state = page.settle(Duration::from_millis(600)).await;
+    for tab in open_tabs(&state) {
+        let want = if tab["tab"].as_u64() == Some(joined) {
+            &all[5..]
+        } else {
+            &all[..]
+        };
+        assert_eq!(ids_of(&tab), want, "tab {}\n{state:#}", tab["tab"]);
+    }
+    // The catch-up stream is closed: one stream again.
+    wait_subscribers(&base, "shared:a", 1).await;
+    page.assert_no_page_errors();
+    page.exit().await;
+}
+
 /// `GET /client.js` from the real binary is at most 3 KB gzipped (`gzip -9`),
 /// and `GET /client.d.ts` declares what it exports.
 #[tokio::test(flavor = "multi_thread")]

@@ -11,10 +11,11 @@
 // Prints {"origin":"http://127.0.0.1:<port>"} first (the gateway's
 // [cors] allowed_origins needs it), then {"ready":true}.
 // Commands (besides screenshot/wait):
-//   {"cmd":"open","n":5,"gateway":"http://…","topics":"a,b","throws":false}
+//   {"cmd":"open","n":5,"gateway":"http://…","topics":"a,b","throws":false,"from":null}
 //                                     opens n tabs, one after the other, each
 //                                     loaded and subscribed (with `throws`, its
-//                                     onEvent throws after recording the event)
+//                                     onEvent throws after recording the event;
+//                                     `from`: the client's option)
 //   {"cmd":"rewind","tab":2,"id":"…"}  sets the shared last id in localStorage
 //                                     back to an older id (a stale view)
 //   {"cmd":"close","tab":2}           closes tab 2 (the page goes: its lock is released)
@@ -42,6 +43,7 @@ try {
   const { subscribe } = await import(params.get("gateway") + "/client.js");
   window.sub = subscribe(params.get("topics").split(","), {
     shareAcrossTabs: true,
+    ...(params.has("from") ? { from: params.get("from") } : {}),
     onEvent: (e) => {
       got.push(e.id);
       document.getElementById("log").append(e.id + " " + e.event + " " + e.text + "\\n");
@@ -129,8 +131,9 @@ const handlers = {
     await new Promise((resolve) => setTimeout(resolve, ms));
     return {};
   },
-  open: async ({ n, gateway, topics, throws }) => openTabs(n,
-    `${origin}/shared.html?gateway=${encodeURIComponent(gateway)}&topics=${encodeURIComponent(topics)}${throws ? "&throw=1" : ""}`),
+  open: async ({ n, gateway, topics, throws, from }) => openTabs(n,
+    `${origin}/shared.html?gateway=${encodeURIComponent(gateway)}&topics=${encodeURIComponent(topics)}`
+      + `${throws ? "&throw=1" : ""}${from ? `&from=${encodeURIComponent(from)}` : ""}`),
   snippet: async ({ n, code }) => {
     snippet = code;
     return openTabs(n, `${origin}/snippet.html`);
