@@ -1582,9 +1582,12 @@ async fn client_js_joining_tab_catches_up_from_an_older_from() {
     })
     .await;
     wait_subscribers(&base, "shared:a", 1).await;
+    // Large events, so that the joining tab's replay of them takes a while
+    // and the leader relays newer ones meanwhile.
+    let pad = "x".repeat(32 * 1024);
     let mut before = Vec::new();
-    for i in 0..30 {
-        before.push(publish_shared(&base, i).await);
+    for i in 0..120 {
+        before.push(publish(&base, "shared:a", "big", json!({"i": i, "pad": pad})).await);
     }
     assert_every_tab_got(&mut page, 2, &before).await;
 
@@ -1592,13 +1595,15 @@ async fn client_js_joining_tab_catches_up_from_an_older_from() {
     let publisher = {
         let (base, published) = (base.clone(), Arc::clone(&published));
         tokio::spawn(async move {
-            for i in 30..60 {
+            for i in 120..300 {
                 let id = publish_shared(&base, i).await;
                 published.lock().expect("ids").push(id);
-                tokio::time::sleep(Duration::from_millis(10)).await;
             }
         })
     };
+    while published.lock().expect("ids").len() < 5 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
     let from = before[4].clone();
     let joined = page
         .command(json!({"cmd": "open", "n": 1, "gateway": base, "topics": "shared:a,shared:b", "from": from}))
