@@ -1,8 +1,5 @@
-// sse-gateway's browser client (no dependencies); API: client.d.ts, docs/API.md.
-// Reads /events with fetch (every event name arrives, refusals are readable),
-// resumes from the last id (kept in localStorage). shareAcrossTabs: the tab
-// holding a Web Lock reads and relays on a BroadcastChannel; the next one
-// resumes from the last id relayed.
+// sse-gateway's browser client, no dependencies. API: client.d.ts, docs/API.md.
+// fetch, not EventSource: every event name arrives, refusals are readable.
 
 /** `<epoch>-<seq>` -> [epoch, seq]; anything else -> null. */
 const parse = (id) => {
@@ -104,7 +101,7 @@ function read(base, topics, from, o, emit, state) {
   return stop;
 }
 
-/** Subscribes to `topics`; returns {close(), lastId, leader}. See client.d.ts. */
+/** See client.d.ts. */
 export function subscribe(topics, o = {}) {
   topics = [...new Set([].concat(topics))].sort();
   const base = new URL(o.url || ".", import.meta.url);
@@ -161,15 +158,21 @@ export function subscribe(topics, o = {}) {
   const locks = globalThis.navigator?.locks;
   if (o.shareAcrossTabs && locks && globalThis.BroadcastChannel) {
     channel = new BroadcastChannel(key);
-    // A tab that joins asks the leader where the stream is.
-    channel.onmessage = (e) => {
-      if (!e.data.ask) return deliver(e.data);
+    // With `from`, what is relayed is held until this tab has caught up.
+    let held = o.from && [];
+    const flush = () => {
+      const h = held;
+      held = null;
+      if (h) h.forEach(deliver);
+    };
+    channel.onmessage = ({ data }) => {
+      // A tab that joins (or shows) asks where the stream is.
+      if (!data.ask) return held ? held.push(data) : deliver(data);
       if (sub.leader && now) channel.postMessage(now);
       poke();
     };
     channel.postMessage({ ask: 1 });
     const ctl = new AbortController();
-    // Holds the lock until close() or the tab goes.
     const lead = (from) => new Promise((resolve) => {
       if (closed) return resolve();
       release = resolve;
@@ -178,26 +181,27 @@ export function subscribe(topics, o = {}) {
     });
     abort = () => ctl.abort();
     locks.request(key, { ifAvailable: true }, (lock) => {
-      if (lock) return lead(o.from !== undefined ? o.from : stored());
-      // Another tab reads the stream: follow it (from `from` if that is
-      // older: read up to the shared id, holding what the channel relays).
+      if (lock) {
+        held = null;
+        return lead(o.from !== undefined ? o.from : stored());
+      }
+      // Another tab reads the stream: follow it, after reading from an older
+      // `from` up to the id it relayed last.
       const to = stored();
       if (o.from && to && after(to, o.from)) {
-        const held = [];
-        const relay = channel.onmessage;
-        channel.onmessage = (e) => (e.data.ask ? relay(e) : held.push(e.data));
-        const done = () => {
-          catchUp();
-          channel.onmessage = relay;
-          held.forEach(deliver);
-        };
         catchUp = read(base, topics, o.from, o, (m) => {
           deliver(m);
-          if (m.id && !after(to, m.id)) done();
-        }, (s) => s === "closed" && done());
-      }
-      // When that tab goes, resume from the last id it relayed.
-      return locks.request(key, { signal: ctl.signal }, () => lead(stored()));
+          if (m.id && !after(to, m.id)) catchUp(flush());
+        }, (s) => s === "closed" && catchUp(flush()));
+      } else flush();
+      // When that tab goes, resume from the last id it relayed (or, still
+      // catching up, from where this tab is).
+      return locks.request(key, { signal: ctl.signal }, () => {
+        catchUp && catchUp();
+        const from = held ? sub.lastId || o.from : stored();
+        held = null;
+        return lead(from);
+      });
     }).catch(() => {});
   } else {
     stop = start(o.from !== undefined ? o.from : stored());
