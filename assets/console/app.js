@@ -2,25 +2,16 @@
 //
 // It uses only the gateway's public HTTP API, from the same origin:
 //   GET /topics, GET /metrics, GET /readyz     refreshed every REFRESH_MS
-//   GET /topics/{t} or /events?topic=…          the live tail, with EventSource
+//   GET /events?topic=…                         the live tail, with /client.js
 //   POST /topics/{t} or /publish                the publish form
 // Auth: the token field stores the `sse_gateway_token` cookie, which the
-// browser sends with every same-origin request (EventSource included).
-"use strict";
+// browser sends with every same-origin request (the tail's stream included).
+// A module (strict, deferred), so that it can import the client.
+import { subscribe } from "/client.js";
 
 const REFRESH_MS = 2000;
 const MAX_ROWS = 300;
 const TOKEN_COOKIE = "sse_gateway_token";
-// EventSource delivers only the event names it listens to. These are listened
-// to from the start; names used in the publish form, typed in, or found on the
-// tailed topics (see `discover`) are added as they come.
-const DEFAULT_NAMES = [
-  "message", "reset",
-  "project_created", "project_updated", "project_deleted", "project_archived", "project_restored",
-  "task_created", "task_updated", "task_deleted",
-  "assignment_created", "assignment_updated", "assignment_deleted",
-  "dependency_created", "dependency_deleted",
-];
 
 const $ = (id) => document.getElementById(id);
 
@@ -66,17 +57,11 @@ function splitTopics(text) {
 // Topic characters are [A-Za-z0-9._~:@-]: all fine in a URL as they are.
 const encTopic = (topic) => encodeURIComponent(topic).replace(/%3A/gi, ":").replace(/%40/g, "@");
 
+/** The stream the client reads (shown in the tail's header). */
 function streamUrl(topics, fromId) {
-  const query = [];
-  let path;
-  if (topics.length === 1) {
-    path = `/topics/${encTopic(topics[0])}`;
-  } else {
-    path = "/events";
-    for (const topic of topics) query.push(`topic=${encTopic(topic)}`);
-  }
+  const query = topics.map((topic) => `topic=${encTopic(topic)}`);
   if (fromId) query.push(`last_event_id=${encodeURIComponent(fromId)}`);
-  return query.length ? `${path}?${query.join("&")}` : path;
+  return `/events?${query.join("&")}`;
 }
 
 // ------------------------------------------------------------------ formatting
@@ -241,7 +226,6 @@ async function refreshTopics() {
   topicsView.headId = answer.json.head_id;
   $("head-id").textContent = answer.json.head_id || "–";
   renderTopics();
-  discover();
   return answer.json;
 }
 
@@ -381,28 +365,24 @@ async function refresh() {
 
 // ------------------------------------------------------------------ live tail
 
+// The tail reads its stream with the gateway's browser client (/client.js):
+// every event name arrives, it reconnects and resumes from the last id by
+// itself, and says why the gateway refused a stream. One stream per tail (not
+// shared across tabs: each tab tails what its form says).
 const tail = {
-  es: null,
-  gen: 0,            // bumps on every new EventSource; stale callbacks compare it
+  sub: null,
   topics: [],
   fromId: "",
   url: "",
-  names: new Set(DEFAULT_NAMES),
-  added: new Set(),  // names beyond the defaults (shown highlighted)
   state: "idle",
-  opened: false,     // this EventSource opened at least once
-  lastId: null,      // id of the last event received: what EventSource resumes after
+  opened: false,     // this subscription opened at least once
+  lastId: null,      // id of the last event received: what the client resumes after
   maxShown: null,    // highest id shown (parsed)
-  // For `discover`: a point of the tailed topics up to which every event has a
-  // listened-to name, and the topics' counts there (null: unknown).
-  base: null,        // {id, counts: Map(topic → count) | null}
   shown: new Set(),  // ids shown, to flag a duplicate (never expected)
-  replayUpTo: null,  // after a re-subscribe: already shown ids up to here are skipped
   events: 0,
   connects: 0,
   lostRow: null,
   attempts: 0,
-  probing: false,
 };
 
 function setTailState(state) {
@@ -421,12 +401,6 @@ function renderTailInfo() {
   $("tail-count").textContent = rows < tail.events ? `${tail.events} (newest ${rows} shown)` : String(tail.events);
   $("tail-connects").textContent = String(tail.connects);
   $("tail-empty").hidden = $("tail").children.length > 0;
-  // The defaults as one summary (hover for the list), added names as chips.
-  const defaults = el("span", { className: "names-defaults", textContent: `message, reset + ${DEFAULT_NAMES.length - 2} projects-module names`,
-    title: DEFAULT_NAMES.join("\n") });
-  const chips = [...tail.names].filter((name) => !DEFAULT_NAMES.includes(name)).map((name) =>
-    el("span", { className: "chip", textContent: name, dataset: { new: String(tail.added.has(name)) } }));
-  $("tail-names").replaceChildren(defaults, ...chips);
 }
 
 function trimTail() {
@@ -438,7 +412,7 @@ function trimTail() {
 function connRow(kind, ...content) {
   const li = el("li", { className: "conn", dataset: { kind } },
     el("span", { className: "ev-time", textContent: clock() }),
-    el("span", { className: "icon", textContent: { open: "●", reopen: "↻", lost: "○", closed: "✕", discover: "+" }[kind] || "•" }),
+    el("span", { className: "icon", textContent: { open: "●", reopen: "↻", lost: "○", closed: "✕" }[kind] || "•" }),
     el("span", { className: "text" }, ...content));
   $("tail").prepend(li);
   trimTail();
@@ -446,49 +420,39 @@ function connRow(kind, ...content) {
   return li;
 }
 
-function listen(es, name, gen) {
-  es.addEventListener(name, (event) => onTailEvent(event, gen));
-}
-
-/** Adds an event name to listen to (also on the open EventSource, for what comes next). */
-function addName(name, highlight = true) {
-  if (!name || tail.names.has(name)) return false;
-  tail.names.add(name);
-  if (highlight) tail.added.add(name);
-  if (tail.es) listen(tail.es, name, tail.gen);
-  renderTailInfo();
-  return true;
-}
-
 function closeStream() {
-  if (tail.es) tail.es.close();
-  tail.es = null;
-  tail.gen += 1;
+  if (tail.sub) tail.sub.close();
+  tail.sub = null;
 }
 
-/** Opens an EventSource on the tail's topics from `fromId` ("" = live). */
-function openStream(fromId, firstOpenText, firstKind = "open") {
+/** Subscribes to the tail's topics from `fromId` ("" = live). */
+function openStream(fromId, firstOpenText) {
   closeStream();
-  const gen = tail.gen;
   tail.url = streamUrl(tail.topics, fromId);
   tail.opened = false;
   tail.lostRow = null;
   tail.attempts = 0;
-  // Same origin: the token cookie, when set, goes along.
-  const es = new EventSource(tail.url);
-  tail.es = es;
-  for (const name of tail.names) listen(es, name, gen);
   setTailState("connecting");
   renderTailInfo();
+  // Same origin: the token cookie, when set, goes along. A closed
+  // subscription calls nothing, so no callback below is stale.
+  tail.sub = subscribe(tail.topics, {
+    from: fromId || null,
+    storageKey: "sse-gateway-console:tail",
+    onEvent: onTailEvent,
+    onReset: (info, id) => onTailEvent({ id, event: "reset", text: JSON.stringify(info) }),
+    onState: onTailState,
+  });
+}
 
-  es.addEventListener("open", () => {
-    if (gen !== tail.gen) return;
+function onTailState(state, error) {
+  if (state === "open") {
     tail.connects += 1;
     if (!tail.opened) {
       tail.opened = true;
-      connRow(firstKind, ...firstOpenText);
+      connRow("open", ...firstOpenText());
     } else {
-      // EventSource reconnected by itself, sending Last-Event-ID.
+      // The client reconnected by itself, resuming after the last id.
       const li = connRow("reopen", "reconnected — resumed after ",
         tail.lastId ? code(tail.lastId) : "the position the gateway gave at connect",
         tail.attempts > 1 ? ` (after ${tail.attempts} attempts)` : "");
@@ -497,73 +461,49 @@ function openStream(fromId, firstOpenText, firstKind = "open") {
     tail.lostRow = null;
     tail.attempts = 0;
     setTailState("open");
-  });
-
-  es.addEventListener("error", () => {
-    if (gen !== tail.gen) return;
-    if (es.readyState === EventSource.CONNECTING) {
-      tail.attempts += 1;
-      setTailState("reconnecting");
-      const resume = tail.lastId ? code(tail.lastId) : "the position the gateway gave at connect";
-      const text = ["connection lost — reconnecting, will resume after ", resume,
-        tail.attempts > 1 ? ` (attempt ${tail.attempts})` : ""];
-      if (!tail.lostRow) tail.lostRow = connRow("lost", ...text);
-      else tail.lostRow.querySelector(".text").replaceChildren(...text);
-    } else {
-      setTailState("closed");
-      const li = connRow("closed", "the gateway refused the stream; EventSource gives up (no retry)");
-      explainRefusal(tail.url, li);
-    }
-  });
-}
-
-/** EventSource hides the status of a refused stream: ask once with fetch. */
-async function explainRefusal(url, li) {
-  const controller = new AbortController();
-  try {
-    const response = await fetch(url, { cache: "no-store", signal: controller.signal });
-    if (!response.ok) {
-      const text = await response.text();
-      let json = null;
-      try { json = JSON.parse(text); } catch { /* not JSON */ }
-      li.querySelector(".text").append(" — ", code(describeError({ status: response.status, json, text })));
-    }
-  } catch { /* unreachable */ } finally {
-    controller.abort();
+  } else if (state === "reconnecting") {
+    tail.attempts += 1;
+    setTailState("reconnecting");
+    const resume = tail.lastId ? code(tail.lastId) : "the position the gateway gave at connect";
+    const text = ["connection lost — reconnecting, will resume after ", resume,
+      tail.attempts > 1 ? ` (attempt ${tail.attempts})` : ""];
+    if (!tail.lostRow) tail.lostRow = connRow("lost", ...text);
+    else tail.lostRow.querySelector(".text").replaceChildren(...text);
+  } else if (state === "closed") {
+    setTailState("closed");
+    const answer = { status: error ? error.status : 0, json: error && error.code ? { error } : null, text: "" };
+    connRow("closed", "the gateway refused the stream; no retry — ", code(describeError(answer)));
   }
 }
 
-function onTailEvent(event, gen) {
-  if (gen !== tail.gen) return;
-  const id = event.lastEventId;
+/** What the first "connected" row says (set by startTail). */
+let firstOpenText = () => ["connected"];
+
+/** One event from the client: {id, event, text}. */
+function onTailEvent(event) {
+  const id = event.id;
   const parsed = parseId(id);
   const duplicate = tail.shown.has(id);
-  tail.lastId = id; // what EventSource itself resumes after, skipped events included
-  if (duplicate && tail.replayUpTo !== null && parsed && parsed.seq <= tail.replayUpTo) {
-    renderTailInfo();
-    return;
-  }
-  if (tail.replayUpTo !== null && parsed && parsed.seq > tail.replayUpTo) tail.replayUpTo = null;
+  tail.lastId = id;
   tail.shown.add(id);
   if (tail.shown.size > 50000) tail.shown.delete(tail.shown.values().next().value);
   tail.events += 1;
-  if (event.type === "reset") tail.base = { id, counts: null };
 
-  const li = el("li", { className: "ev", dataset: { id, event: event.type, duplicate: String(duplicate) } },
+  const li = el("li", { className: "ev", dataset: { id, event: event.event, duplicate: String(duplicate) } },
     el("div", { className: "ev-head" },
       el("span", { className: "ev-time", textContent: clock() }),
       el("span", { className: "ev-id", textContent: id || "(no id)" }),
-      el("span", { className: "ev-name", textContent: event.type }),
+      el("span", { className: "ev-name", textContent: event.event }),
       duplicate && el("span", { className: "ev-flag", textContent: "duplicate id" })));
-  if (event.type === "reset") li.append(resetText(event.data, id));
-  li.append(el("pre", { className: "ev-data" }, prettyJson(event.data)));
+  if (event.event === "reset") li.append(resetText(event.text, id));
+  li.append(el("pre", { className: "ev-data" }, prettyJson(event.text)));
 
   const list = $("tail");
   if (!parsed || !tail.maxShown || after(parsed, tail.maxShown)) {
     list.prepend(li);
     if (parsed) tail.maxShown = parsed;
   } else {
-    // An older id (shown after a re-subscribe): put it in id order.
+    // An older id (a reset to an older position): put it in id order.
     const later = [...list.querySelectorAll("li.ev")].find((row) => {
       const p = parseId(row.dataset.id);
       return p && p.epoch === parsed.epoch && p.seq < parsed.seq;
@@ -586,7 +526,7 @@ function resetText(data, id) {
     ", oldest retained ", code(String(info.oldest ?? "none")), ", continuing from ", code(id || "?"), ".");
 }
 
-async function startTail() {
+function startTail() {
   const topics = splitTopics($("tail-topics").value);
   if (!topics.length) {
     $("tail-topics").focus();
@@ -594,25 +534,14 @@ async function startTail() {
   }
   const fromId = $("tail-from").value.trim();
   closeStream();
-  setTailState("connecting");
   tail.topics = topics;
   tail.fromId = fromId;
   tail.lastId = null;
   tail.maxShown = null;
-  tail.replayUpTo = null;
-  tail.base = fromId === "0" ? { id: "0", counts: new Map() } : fromId ? { id: fromId, counts: null } : null;
-  if (!fromId) {
-    // A live-only stream starts at the head: note it and the counts there, so
-    // events after it under names nobody listens to can be found (`discover`).
-    const now = await refreshTopics();
-    if (now && now.head_id) {
-      const counts = new Map(now.topics.filter((t) => topics.includes(t.topic)).map((t) => [t.topic, t.count]));
-      tail.base = { id: now.head_id, counts };
-    }
-  }
   const where = fromId === "0" ? ["all retained history, then live"]
     : fromId ? ["replaying after ", code(fromId)] : ["live from now"];
-  openStream(fromId, ["connected to ", code(decodeURIComponent(streamUrl(topics, ""))), " — ", ...where]);
+  firstOpenText = () => ["connected to ", code(decodeURIComponent(streamUrl(topics, ""))), " — ", ...where];
+  openStream(fromId);
   const url = new URL(location.href);
   url.searchParams.set("tail", topics.join(" "));
   history.replaceState(null, "", url);
@@ -622,102 +551,6 @@ function stopTail() {
   closeStream();
   setTailState("idle");
   connRow("closed", "stopped");
-}
-
-/**
- * EventSource drops events whose name it does not listen to. After each
- * `/topics` refresh: if the tailed topics' counts grew by more than the events
- * shown since `tail.base` (each shown event adds at least one), read that
- * stretch once with fetch to learn the names; if some are new, listen to them
- * and re-subscribe from `tail.base` so those events are shown too (in id
- * order; the ones already shown are skipped).
- */
-async function discover() {
-  if (tail.state !== "open" || tail.probing || !tail.base) return;
-  const base = parseId(tail.base.id);
-  if (!base) return;
-  const rows = topicsView.rows.filter((row) => tail.topics.includes(row.topic));
-  let target = null;
-  for (const row of rows) {
-    const last = parseId(row.last_id);
-    if (!last || (base.epoch !== null && last.epoch !== base.epoch)) continue;
-    if (last.seq > base.seq && (!target || last.seq > target.seq)) target = last;
-  }
-  if (!target) return;
-  const targetId = `${target.epoch}-${target.seq}`;
-  const counts = new Map(rows.map((row) => [row.topic, row.count]));
-  if (tail.base.counts) {
-    let grew = 0;
-    for (const [topic, n] of counts) grew += n - (tail.base.counts.get(topic) || 0);
-    let shown = 0;
-    for (const id of tail.shown) {
-      const p = parseId(id);
-      if (p && p.epoch === target.epoch && p.seq > base.seq && p.seq <= target.seq) shown += 1;
-    }
-    if (grew === shown) {
-      tail.base = { id: targetId, counts };
-      return;
-    }
-  }
-
-  const from = tail.base.id;
-  const gen = tail.gen;
-  tail.probing = true;
-  const found = new Set();
-  let complete = false;
-  const controller = new AbortController();
-  const timer = setTimeout(() => controller.abort(), 2000);
-  try {
-    const response = await fetch(streamUrl(tail.topics, from), {
-      cache: "no-store", signal: controller.signal, headers: { accept: "text/event-stream" },
-    });
-    if (response.ok && response.body) {
-      const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
-      let buffer = "";
-      let block = {};
-      reading: for (;;) {
-        const { value, done } = await reader.read();
-        if (done) break;
-        buffer += value;
-        let nl;
-        while ((nl = buffer.indexOf("\n")) >= 0) {
-          const line = buffer.slice(0, nl).replace(/\r$/, "");
-          buffer = buffer.slice(nl + 1);
-          if (line === "") {
-            const p = parseId(block.id);
-            if (block.data !== undefined) {
-              const name = block.event || "message";
-              if (!tail.names.has(name)) found.add(name);
-            }
-            if (p && p.seq >= target.seq) {
-              complete = true;
-              break reading;
-            }
-            block = {};
-          } else if (!line.startsWith(":")) {
-            const colon = line.indexOf(":");
-            const field = colon < 0 ? line : line.slice(0, colon);
-            block[field] = colon < 0 ? "" : line.slice(colon + 1).replace(/^ /, "");
-          }
-        }
-      }
-    }
-  } catch { /* aborted or unreachable: try again on the next refresh */ } finally {
-    clearTimeout(timer);
-    controller.abort();
-    tail.probing = false;
-  }
-  if (gen !== tail.gen) return;
-  if (!found.size) {
-    // Every event up to the target has a listened-to name (shown, or in flight).
-    if (complete) tail.base = { id: targetId, counts };
-    return;
-  }
-  for (const name of found) addName(name);
-  tail.replayUpTo = tail.maxShown ? tail.maxShown.seq : null;
-  const names = [...found].flatMap((n, i) => (i ? [", ", code(n)] : [code(n)]));
-  openStream(from, ["listening to new event name(s) ", ...names, " — re-subscribed after ", code(from), " to show them"],
-    "discover");
 }
 
 // ------------------------------------------------------------------ publish
@@ -766,8 +599,6 @@ async function publish(event) {
   }
   if (name) parts.push(`"event":${JSON.stringify(name)}`);
   if (data) parts.push(`"data":${data}`);
-  // Listen before publishing: the event may arrive before the answer.
-  const newName = name ? addName(name) : false;
 
   const button = $("pub-submit");
   button.disabled = true;
@@ -790,11 +621,6 @@ async function publish(event) {
       el("span", { className: "hint", textContent: `  ${clock().slice(0, 8)}` }));
     refresh();
   } else {
-    if (newName && answer.status !== 0) {
-      tail.names.delete(name); // refused: nothing was stored under it
-      tail.added.delete(name);
-      renderTailInfo();
-    }
     delete box.dataset.id;
     const err = answer.json && answer.json.error;
     box.dataset.code = err ? err.code : "";
@@ -817,11 +643,6 @@ function start() {
     tail.events = 0;
     renderTailInfo();
   });
-  $("tail-name-form").addEventListener("submit", (e) => {
-    e.preventDefault();
-    addName($("tail-name-input").value.trim());
-    $("tail-name-input").value = "";
-  });
   $("publish-form").addEventListener("submit", publish);
   $("pub-topics").addEventListener("input", updatePublishRoute);
   $("pub-data").addEventListener("input", updateJsonState);
@@ -829,7 +650,10 @@ function start() {
     e.preventDefault();
     setTokenCookie($("token-input").value.trim());
     refresh();
-    if (tail.es) openStream(tail.lastId || tail.fromId, ["reconnected with the new token"]);
+    if (tail.sub) {
+      firstOpenText = () => ["reconnected with the new token"];
+      openStream(tail.lastId || tail.fromId);
+    }
   });
   $("token-clear").addEventListener("click", () => {
     $("token-input").value = "";

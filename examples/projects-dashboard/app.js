@@ -2,41 +2,42 @@
 //
 //   index.html?gateway=http://127.0.0.1:8080&project=<uuid>
 //
-// It follows `projects:all` and `projects:project:<uuid>` over ONE EventSource
-// (`GET /events?topic=…&topic=…`: an event in both topics comes once) and keeps
-// a list of projects up to date from PhoenixKit's project events.
+// It follows `projects:all` and `projects:project:<uuid>` with the gateway's
+// own browser client, `<gateway>/client.js` (docs/API.md, "Browser client"):
+// ONE stream (`GET /events?topic=…&topic=…`: an event in both topics comes
+// once), and keeps a list of projects up to date from PhoenixKit's project
+// events. This page is served from another origin than the gateway, so the
+// gateway's `[cors] allowed_origins` must name it (for the module and the
+// stream alike).
 //
 // Nothing missed, nothing applied twice, also across gateway restarts:
-// - EventSource reconnects by itself and sends `Last-Event-ID`; the gateway
-//   replays what was missed, then goes live.
+// - The client reconnects by itself after the gateway's `retry:` delay and
+//   resumes from the last id; the gateway replays what was missed, then goes live.
 // - The state and the id of the last event applied to it are saved together in
-//   localStorage; a reload resumes with `?last_event_id=<saved id>` (an
-//   EventSource cannot send headers on its first connection).
-// - Every event's id is checked against the last one applied (ids grow within
-//   one log), so even a repeated event would be ignored, and counted.
+//   localStorage; a reload resumes with `from: <saved id>`.
+// - The client delivers each id once, in order; the page checks every id
+//   against the last one applied too (ids grow within one log), so even a
+//   repeated event would be ignored, and counted.
 // - A `reset` event means the gateway cannot resume from our id (history
 //   trimmed, or another log): the state is refetched. A real app would
 //   GET its own API here (e.g. `GET /api/projects`) and carry on from the id in
 //   the reset block; this example has no backend, so it clears the list and
-//   replays the log from the start (`last_event_id=0`).
-"use strict";
-
+//   replays the log from the start (`from: "0"`).
+// One stream per tab here: this example's stand-in for a refetch (replay the
+// log from 0 into this tab's list) is per tab. An app whose refetch is an API
+// call passes `shareAcrossTabs: true` and all its tabs share one stream.
 const params = new URLSearchParams(location.search);
 const GATEWAY = (params.get("gateway") || "http://127.0.0.1:8080").replace(/\/+$/, "");
 const PROJECT = (params.get("project") || "").trim().toLowerCase();
-// With `[auth]` on the gateway: an EventSource cannot send headers, so the
-// token goes as `?access_token=` (keep it short-lived).
+// With `[auth]` on the gateway, a token for `?access_token=`.
 const TOKEN = params.get("token") || "";
+const { subscribe } = await import(`${GATEWAY}/client.js`);
 const TOPICS = ["projects:all", ...(PROJECT ? [`projects:project:${PROJECT}`] : [])];
 const STORE_KEY = `projects-dashboard:v1:${GATEWAY}:${PROJECT}`;
 const ACTIVITY_MAX = 30;
 
-// EventSource delivers only the names it listens to.
 const PROJECT_EVENTS = ["project_created", "project_updated", "project_deleted",
   "project_archived", "project_restored", "project_status_changed"];
-const OTHER_EVENTS = ["task_created", "task_updated", "task_deleted", "task_completed",
-  "assignment_created", "assignment_updated", "assignment_deleted",
-  "dependency_created", "dependency_deleted", "message"];
 
 const $ = (id) => document.getElementById(id);
 
@@ -77,15 +78,15 @@ function alreadyApplied(id) {
 
 // ------------------------------------------------------------------ applying events
 
+/** One event from the client: {id, event, data (parsed JSON), text}. */
 function apply(event) {
-  if (alreadyApplied(event.lastEventId)) {
+  if (alreadyApplied(event.id)) {
     session.duplicates += 1;
     render();
     return;
   }
-  let payload = {};
-  try { payload = JSON.parse(event.data) || {}; } catch { /* not JSON: nothing to apply */ }
-  const name = event.type;
+  const payload = event.data && typeof event.data === "object" ? event.data : {};
+  const name = event.event;
   const uuid = String(payload.uuid || "").toLowerCase();
 
   if (PROJECT_EVENTS.includes(name) && uuid) {
@@ -94,17 +95,17 @@ function apply(event) {
     } else {
       const project = { ...(state.projects[uuid] || { uuid }), ...payload, uuid };
       if (name === "project_archived" && !payload.status) project.status = "archived";
-      project.lastChange = { event: name, id: event.lastEventId, at: Date.now() };
+      project.lastChange = { event: name, id: event.id, at: Date.now() };
       state.projects[uuid] = project;
       session.fresh.add(uuid);
     }
   }
   const about = uuid || String(payload.project_uuid || "").toLowerCase();
   if (PROJECT && about === PROJECT) {
-    state.activity.unshift({ id: event.lastEventId, event: name, at: Date.now(), detail: summary(payload) });
+    state.activity.unshift({ id: event.id, event: name, at: Date.now(), detail: summary(payload) });
     state.activity.length = Math.min(state.activity.length, ACTIVITY_MAX);
   }
-  state.lastEventId = event.lastEventId;
+  state.lastEventId = event.id;
   state.applied += 1;
   saveState();
   render();
@@ -119,13 +120,11 @@ function summary(payload) {
 }
 
 /** The gateway cannot resume from our id: refetch the whole state. */
-function onReset(event) {
-  let info = {};
-  try { info = JSON.parse(event.data); } catch { /* keep going */ }
+function onReset(info) {
   session.refetches += 1;
   session.notice = { ...info, at: new Date() };
   // A real app: `state = await (await fetch("/api/projects")).json()`, then keep
-  // following from `event.lastEventId`. Here the log is the only source of
+  // following from the reset's id. Here the log is the only source of
   // truth: clear, and replay it from the start.
   state = emptyState();
   saveState();
@@ -135,33 +134,32 @@ function onReset(event) {
 
 // ------------------------------------------------------------------ the stream
 
-let source = null;
+let sub = null;
 
+/** (Re)subscribes from `fromId` ("0": everything retained). */
 function connect(fromId) {
-  if (source) source.close();
+  if (sub) sub.close();
+  // What the client asks for first (shown in the footer; the token hidden).
   const url = new URL(`${GATEWAY}/events`);
   for (const topic of TOPICS) url.searchParams.append("topic", topic);
   if (fromId) url.searchParams.set("last_event_id", fromId);
-  if (TOKEN) url.searchParams.set("access_token", TOKEN);
-  const es = new EventSource(url);
-  source = es;
+  $("stream-url").textContent = decodeURIComponent(url.href);
   let opened = false;
-  setConnection("connecting");
-  $("stream-url").textContent = decodeURIComponent(url.href).replace(/access_token=[^&]*/, "access_token=…");
-
-  for (const name of [...PROJECT_EVENTS, ...OTHER_EVENTS]) {
-    es.addEventListener(name, (e) => { if (source === es) apply(e); });
-  }
-  es.addEventListener("reset", (e) => { if (source === es) onReset(e); });
-  es.addEventListener("open", () => {
-    if (source !== es) return;
-    if (opened) session.reconnects += 1; // EventSource came back, resuming with Last-Event-ID
-    opened = true;
-    setConnection("live");
-  });
-  es.addEventListener("error", () => {
-    if (source !== es) return;
-    setConnection(es.readyState === EventSource.CLOSED ? "closed" : "reconnecting");
+  // After close() a subscription calls nothing: no stale callbacks.
+  sub = subscribe(TOPICS, {
+    url: GATEWAY,
+    from: fromId,
+    // With `[auth]` on the gateway: sent as `?access_token=` (keep it short-lived).
+    token: TOKEN || undefined,
+    onEvent: apply,
+    onReset,
+    onState: (s) => {
+      if (s === "open") {
+        if (opened) session.reconnects += 1; // came back, resuming from the last id
+        opened = true;
+      }
+      setConnection({ open: "live" }[s] || s);
+    },
   });
 }
 

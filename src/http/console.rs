@@ -1,4 +1,5 @@
-//! The web console: `GET /` and its static files under `/console/…`.
+//! The embedded static files: the web console (`GET /` and its files under
+//! `/console/…`) and the browser client (`GET /client.js`, `GET /client.d.ts`).
 //!
 //! Plain HTML, CSS and JavaScript from `assets/console/`, embedded in the
 //! binary with `include_bytes!` (no build step, nothing fetched at run time).
@@ -85,6 +86,18 @@ static FILES: &[(&str, Asset)] = &[
     ),
 ];
 
+/// `assets/client/client.js`: the browser client, an ES module.
+static CLIENT_JS: Asset = Asset::new(
+    include_bytes!("../../assets/client/client.js"),
+    "text/javascript; charset=utf-8",
+);
+
+/// `assets/client/client.d.ts`: the client's TypeScript declarations.
+static CLIENT_DTS: Asset = Asset::new(
+    include_bytes!("../../assets/client/client.d.ts"),
+    "application/typescript; charset=utf-8",
+);
+
 /// What the page may load and connect to: itself only.
 const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; \
      style-src 'self'; img-src 'self' data:; connect-src 'self'; base-uri 'none'; \
@@ -112,6 +125,17 @@ pub async fn asset(Path(file): Path<String>, headers: HeaderMap) -> Result<Respo
         .find(|(name, _)| *name == file)
         .map(|(_, asset)| serve(asset, &headers))
         .ok_or_else(|| ApiError::not_found(format!("the console has no file named {file:?}")))
+}
+
+/// `GET /client.js`: the browser client (cross-origin pages may import it
+/// when `[cors]` allows them, like the streams it opens).
+pub async fn client_js(headers: HeaderMap) -> Response {
+    serve(&CLIENT_JS, &headers)
+}
+
+/// `GET /client.d.ts`: the browser client's TypeScript declarations.
+pub async fn client_dts(headers: HeaderMap) -> Response {
+    serve(&CLIENT_DTS, &headers)
 }
 
 /// The asset, or `304` when the client's copy is current.
@@ -154,6 +178,8 @@ mod tests {
         Router::new()
             .route("/", get(index))
             .route("/console/{file}", get(asset))
+            .route("/client.js", get(client_js))
+            .route("/client.d.ts", get(client_dts))
     }
 
     async fn get_path(path: &str, if_none_match: Option<&str>) -> Response {
@@ -217,6 +243,8 @@ mod tests {
             ("/console/app.js", "text/javascript; charset=utf-8"),
             ("/console/style.css", "text/css; charset=utf-8"),
             ("/console/favicon.svg", "image/svg+xml"),
+            ("/client.js", "text/javascript; charset=utf-8"),
+            ("/client.d.ts", "application/typescript; charset=utf-8"),
         ] {
             let response = get_path(path, None).await;
             assert_eq!(response.status(), StatusCode::OK, "{path}");
@@ -321,8 +349,8 @@ mod tests {
         let tags: std::collections::HashSet<u64> = FILES
             .iter()
             .map(|(_, a)| a.hash)
-            .chain([INDEX.hash])
+            .chain([INDEX.hash, CLIENT_JS.hash, CLIENT_DTS.hash])
             .collect();
-        assert_eq!(tags.len(), FILES.len() + 1);
+        assert_eq!(tags.len(), FILES.len() + 3);
     }
 }

@@ -77,6 +77,8 @@ fn method_router(route: &table::Route) -> MethodRouter<Arc<App>> {
     match route.endpoint {
         Endpoint::Console => on(filter, console::index),
         Endpoint::ConsoleAsset => on(filter, console::asset),
+        Endpoint::ClientJs => on(filter, console::client_js),
+        Endpoint::ClientDts => on(filter, console::client_dts),
         Endpoint::Healthz => on(filter, ops::healthz),
         Endpoint::Readyz => on(filter, ops::readyz),
         Endpoint::Metrics => on(filter, ops::metrics),

@@ -39,6 +39,8 @@ impl Verb {
 pub(crate) enum Endpoint {
     Console,
     ConsoleAsset,
+    ClientJs,
+    ClientDts,
     Healthz,
     Readyz,
     Metrics,
@@ -61,6 +63,8 @@ impl Endpoint {
             Self::SubscribeTopic | Self::SubscribeEvents => true,
             Self::Console
             | Self::ConsoleAsset
+            | Self::ClientJs
+            | Self::ClientDts
             | Self::Healthz
             | Self::Readyz
             | Self::Metrics
@@ -95,6 +99,8 @@ const fn route(verb: Verb, path: &'static str, endpoint: Endpoint) -> Route {
 pub(crate) const ROUTES: &[Route] = &[
     route(Verb::Get, "/", Endpoint::Console),
     route(Verb::Get, "/console/{file}", Endpoint::ConsoleAsset),
+    route(Verb::Get, "/client.js", Endpoint::ClientJs),
+    route(Verb::Get, "/client.d.ts", Endpoint::ClientDts),
     route(Verb::Get, "/healthz", Endpoint::Healthz),
     route(Verb::Get, "/readyz", Endpoint::Readyz),
     route(Verb::Get, "/metrics", Endpoint::Metrics),

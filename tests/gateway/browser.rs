@@ -1,5 +1,6 @@
-//! Browser tests: the web console (`GET /`) and `examples/projects-dashboard`
-//! in Debian's headless Chromium, driven by `playwright-core` from the scripts
+//! Browser tests: the web console (`GET /`), `examples/projects-dashboard` and
+//! the browser client (`GET /client.js`, shared across tabs) in Debian's
+//! headless Chromium, driven by `playwright-core` from the scripts
 //! in `tests/js/browser/`, against the real binary (`GatewayProcess`), which
 //! is `kill -9`ed and restarted on the same port and data dir under them.
 //!
@@ -28,13 +29,13 @@ const SETUP_HINT: &str = "run `bash scripts/test.sh` from the repo root: it inst
      nodejs and npm (apt) and tests/js/node_modules with playwright-core (npm ci, no browser \
      download)";
 
-/// How long a page may take to show something expected (covers an
-/// EventSource reconnect: `retry_ms` below, plus a restart).
-const PAGE_WAIT: Duration = Duration::from_secs(12);
+/// How long a page may take to show something expected (covers the
+/// client's reconnect: `retry_ms` below, plus a restart).
+pub(crate) const PAGE_WAIT: Duration = Duration::from_secs(12);
 
 /// One Chromium at a time: on a small CI machine several at once make
 /// every test slow and the timings noisy.
-static ONE_BROWSER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+pub(crate) static ONE_BROWSER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 // ---------------------------------------------------------------- tools
 
@@ -43,7 +44,7 @@ fn chromium_path() -> String {
 }
 
 /// Panics (never skips) unless node, playwright-core and Chromium are there.
-fn require_browser_tools() {
+pub(crate) fn require_browser_tools() {
     match Command::new("node").arg("--version").output() {
         Ok(out) if out.status.success() => {}
         Ok(out) => panic!("`node --version` failed ({}); {SETUP_HINT}", out.status),
@@ -83,7 +84,7 @@ fn screenshot_dir() -> PathBuf {
 // ---------------------------------------------------------------- the node script
 
 /// `node tests/js/browser/<script>`: commands in, JSON lines out.
-struct BrowserScript {
+pub(crate) struct BrowserScript {
     what: String,
     child: Child,
     stdin: ChildStdin,
@@ -97,7 +98,7 @@ struct BrowserScript {
 }
 
 impl BrowserScript {
-    fn spawn(script: &str) -> Self {
+    pub(crate) fn spawn(script: &str) -> Self {
         require_browser_tools();
         let path = common::repo_path(&format!("tests/js/browser/{script}"));
         assert!(path.is_file(), "{} is missing", path.display());
@@ -178,7 +179,7 @@ impl BrowserScript {
     }
 
     /// Reads until a line satisfies `pick`; returns it.
-    async fn line_where(
+    pub(crate) async fn line_where(
         &mut self,
         what: &str,
         wait: Duration,
@@ -199,7 +200,7 @@ impl BrowserScript {
     }
 
     /// Waits until the page shows a state where `done` holds; returns that state.
-    async fn wait_state(
+    pub(crate) async fn wait_state(
         &mut self,
         what: &str,
         wait: Duration,
@@ -218,7 +219,7 @@ impl BrowserScript {
     }
 
     /// Sends a command and waits for its answer (`done`); panics on `failed`.
-    async fn command(&mut self, command: Value) -> Value {
+    pub(crate) async fn command(&mut self, command: Value) -> Value {
         let name = command["cmd"].as_str().expect("cmd").to_owned();
         writeln!(self.stdin, "{command}").expect("write to the node script");
         self.stdin.flush().expect("flush");
@@ -236,6 +237,13 @@ impl BrowserScript {
         answer
     }
 
+    /// Reads what the page prints for `quiet`, then returns the latest state.
+    pub(crate) async fn settle(&mut self, quiet: Duration) -> Value {
+        let until = Instant::now() + quiet;
+        while self.next_line(until).await.is_some() {}
+        self.state.clone()
+    }
+
     async fn screenshot(&mut self, name: &str) -> PathBuf {
         let path = screenshot_dir().join(name);
         self.command(json!({"cmd": "screenshot", "path": path}))
@@ -249,15 +257,20 @@ impl BrowserScript {
         path
     }
 
+    /// The uncaught exceptions seen so far.
+    pub(crate) fn page_errors(&self) -> &[String] {
+        &self.page_errors
+    }
+
     /// Uncaught exceptions in the page (a CSP violation or a script bug) fail the test.
-    fn assert_no_page_errors(&mut self) {
+    pub(crate) fn assert_no_page_errors(&mut self) {
         if !self.page_errors.is_empty() {
             let message = self.failure(&format!("the page threw: {:?}", self.page_errors));
             panic!("{message}");
         }
     }
 
-    async fn exit(mut self) {
+    pub(crate) async fn exit(mut self) {
         let _ = writeln!(self.stdin, "{}", json!({"cmd": "exit"}));
         let _ = self.stdin.flush();
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -276,7 +289,7 @@ impl Drop for BrowserScript {
 
 /// A `--config` file: quick reconnects, quick subscriber bookkeeping, and
 /// `origin` allowed by CORS when given.
-fn write_config(dir: &Path, origin: Option<&str>) -> PathBuf {
+pub(crate) fn write_config(dir: &Path, origin: Option<&str>) -> PathBuf {
     let path = dir.join("config.toml");
     let cors = origin.map_or_else(String::new, |o| {
         format!("\n[cors]\nallowed_origins = [{}]\n", json!(o))
@@ -426,7 +439,7 @@ async fn console_lists_topics_tails_publishes_and_resumes_across_kill_9() {
             s["tail"]["state"] == json!("open")
         })
         .await;
-    assert_eq!(state["tail"]["url"], json!("/topics/demo"));
+    assert_eq!(state["tail"]["url"], json!("/events?topic=demo"));
     page.wait_state("the console's own stream counted on demo", PAGE_WAIT, |s| {
         topic_row(s, "demo").is_some_and(|r| r["subscribers"] == json!(1))
             && s["metrics"]["streams"] == json!("1")
@@ -643,7 +656,7 @@ async fn console_tail_shows_reset_for_an_unknown_from_id() {
     );
     assert_eq!(
         state["tail"]["url"],
-        json!("/topics/projects:all?last_event_id=zzzz-999")
+        json!("/events?topic=projects:all&last_event_id=zzzz-999")
     );
 
     // Then live.
@@ -721,7 +734,7 @@ async fn console_sends_the_token_cookie_when_auth_is_on() {
     .await;
     assert_eq!(page.state["token_set"], json!(false));
 
-    // No token: the stream is refused (EventSource gives up) and the console says why.
+    // No token: the stream is refused (the client gives up) and the console says why.
     page.command(json!({"cmd": "tail", "topics": "orders:eu", "from": ""}))
         .await;
     let state = page
@@ -1134,4 +1147,548 @@ async fn dashboard_example_refetches_on_reset() {
     page.screenshot("dashboard-reset.png").await;
     page.assert_no_page_errors();
     page.exit().await;
+}
+
+// ---------------------------------------------------------------- the browser client (/client.js)
+
+/// The open tabs of `shared.mjs`'s state.
+pub(crate) fn open_tabs(state: &Value) -> Vec<Value> {
+    state["tabs"].as_array().cloned().unwrap_or_default()
+}
+
+fn ids_of(tab: &Value) -> Vec<String> {
+    tab["ids"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|id| id.as_str().map(str::to_owned))
+        .collect()
+}
+
+fn leaders(state: &Value) -> Vec<u64> {
+    open_tabs(state)
+        .iter()
+        .filter(|t| t["leader"] == json!(true))
+        .filter_map(|t| t["tab"].as_u64())
+        .collect()
+}
+
+/// `POST /publish` to both shared topics; the id.
+async fn publish_both(base: &str, i: usize) -> String {
+    let body = json!({"topics": ["shared:a", "shared:b"], "event": "both", "data": {"i": i}});
+    let (status, answer) = common::post_raw(
+        &fresh_client(),
+        &format!("{base}/publish"),
+        body.to_string(),
+    )
+    .await;
+    assert_eq!(
+        status,
+        reqwest::StatusCode::CREATED,
+        "publish answered {answer}"
+    );
+    answer["id"].as_str().expect("id").to_owned()
+}
+
+/// Event `i` of a run: to one topic, the other, or both (sent once).
+async fn publish_shared(base: &str, i: usize) -> String {
+    match i % 3 {
+        0 => publish(base, "shared:a", "tick", json!({"i": i})).await,
+        1 => publish(base, "shared:b", "tock", json!({"i": i})).await,
+        _ => publish_both(base, i).await,
+    }
+}
+
+/// The number of open streams of `topic`, once it equals `want` (they drop
+/// within a heartbeat of a client leaving).
+async fn wait_subscribers(base: &str, topic: &str, want: u64) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, info) =
+            common::get_json(&fresh_client(), &format!("{base}/topics/{topic}/info")).await;
+        if info["subscribers"] == json!(want) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{topic} has {} streams open, want {want}",
+            info["subscribers"]
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until every open tab delivered exactly `expected` (no more, no
+/// fewer, same order), then checks they stay so and nothing was reset.
+async fn assert_every_tab_got(page: &mut BrowserScript, tabs: usize, expected: &[String]) {
+    let want = expected.len();
+    let state = page
+        .wait_state(
+            &format!("{tabs} tabs with {want} events each"),
+            PAGE_WAIT,
+            |s| {
+                let open = open_tabs(s);
+                open.len() == tabs && open.iter().all(|t| ids_of(t).len() >= want)
+            },
+        )
+        .await;
+    // Anything late (a duplicate) would show within this.
+    let later = page.settle(Duration::from_millis(600)).await;
+    let state = if later.is_null() { state } else { later };
+    for tab in open_tabs(&state) {
+        assert_eq!(
+            ids_of(&tab),
+            expected,
+            "tab {} got every event exactly once, in order\n{state:#}",
+            tab["tab"]
+        );
+        assert_eq!(tab["resets"], json!([]), "no reset: {tab:#}");
+        assert_eq!(tab["errors"], json!([]), "{tab:#}");
+    }
+}
+
+/// `/client.js` with `shareAcrossTabs` in 5 tabs of one browser: ONE stream
+/// for all of them (the gateway counts one subscriber); the leader tab closed
+/// while events are published: another tab leads within 1 s and every tab
+/// gets every event exactly once, in order; a next leader that reads a stale
+/// shared id replays, and every tab drops the repeats; then the gateway `kill -9`ed
+/// with the leader tab closed during the outage and events published as soon
+/// as it is back: the same; last, a tab that joined and has not received an
+/// event yet becomes the leader during an outage: it resumes from the shared
+/// last id and misses nothing published after it joined.
+#[tokio::test(flavor = "multi_thread")]
+async fn client_js_shares_one_stream_across_tabs_through_leader_close_and_kill_9() {
+    require_browser_tools();
+    let _one = ONE_BROWSER.lock().await;
+    let dir = TempDir::new().expect("tempdir");
+    let data = dir.path().join("data");
+    let mut page = BrowserScript::spawn("shared.mjs");
+    let origin = page
+        .line_where("the static server's origin", PAGE_WAIT, |l| {
+            l.get("origin").is_some()
+        })
+        .await["origin"]
+        .as_str()
+        .expect("origin")
+        .to_owned();
+    page.line_where("the browser to start", PAGE_WAIT, |l| {
+        l["ready"] == json!(true)
+    })
+    .await;
+    let config = write_config(dir.path(), Some(&origin));
+    let gateway = start_gateway(&data, "127.0.0.1:0", Some(&config)).await;
+    let port = gateway.addr.port();
+    let base = gateway.base.clone();
+
+    page.command(json!({"cmd": "open", "n": 5, "gateway": base, "topics": "shared:a,shared:b"}))
+        .await;
+    let state = page
+        .wait_state("5 tabs, one leading with its stream open", PAGE_WAIT, |s| {
+            open_tabs(s).len() == 5
+                && leaders(s).len() == 1
+                && open_tabs(s).iter().any(|t| {
+                    t["leader"] == json!(true)
+                        && t["states"]
+                            .as_array()
+                            .is_some_and(|v| v.contains(&json!("open")))
+                })
+        })
+        .await;
+    let first_leader = leaders(&state)[0];
+    // One stream for five tabs.
+    wait_subscribers(&base, "shared:a", 1).await;
+    wait_subscribers(&base, "shared:b", 1).await;
+
+    // Phase 1: publish steadily; close the leader tab mid-stream.
+    let published = Arc::new(Mutex::new(Vec::<String>::new()));
+    let publisher = {
+        let (base, published) = (base.clone(), Arc::clone(&published));
+        tokio::spawn(async move {
+            for i in 0..40 {
+                let id = publish_shared(&base, i).await;
+                published.lock().expect("ids").push(id);
+                tokio::time::sleep(Duration::from_millis(15)).await;
+            }
+        })
+    };
+    while published.lock().expect("ids").len() < 12 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    page.command(json!({"cmd": "close", "tab": first_leader}))
+        .await;
+    let took = page
+        .command(json!({"cmd": "new_leader", "timeout_ms": 3000}))
+        .await;
+    assert!(
+        took["ms"].as_u64().is_some_and(|ms| ms < 1000),
+        "another tab took the stream within 1 s: {took}"
+    );
+    println!("another tab leads {} ms after the close", took["ms"]);
+    publisher.await.expect("publisher");
+    let mut expected = published.lock().expect("ids").clone();
+    assert_every_tab_got(&mut page, 4, &expected).await;
+    wait_subscribers(&base, "shared:a", 1).await;
+
+    // Phase 1b: the next leader reads a stale shared id (another renderer's
+    // localStorage write not arrived yet, which Chromium allows): it replays
+    // events every tab already has, and every tab drops them by id.
+    let state = page.settle(Duration::from_millis(50)).await;
+    let leader = leaders(&state)[0];
+    let follower = open_tabs(&state)
+        .iter()
+        .filter_map(|t| t["tab"].as_u64())
+        .find(|t| *t != leader)
+        .expect("a follower");
+    let stale = &expected[expected.len() - 6];
+    let rewound = page
+        .command(json!({"cmd": "rewind", "tab": follower, "id": stale}))
+        .await;
+    assert_eq!(
+        rewound["keys"].as_array().map(Vec::len),
+        Some(1),
+        "{rewound}"
+    );
+    page.command(json!({"cmd": "close", "tab": leader})).await;
+    let took = page
+        .command(json!({"cmd": "new_leader", "timeout_ms": 3000}))
+        .await;
+    assert!(took["ms"].as_u64().is_some_and(|ms| ms < 1000), "{took}");
+    println!("another tab leads {} ms after the close", took["ms"]);
+    for i in 40..43 {
+        expected.push(publish_shared(&base, i).await);
+    }
+    assert_every_tab_got(&mut page, 3, &expected).await;
+
+    // Phase 2: kill -9 mid-stream; the leader tab closes while the gateway
+    // is down; events are published as soon as it is back (before the new
+    // leader's next retry), so it must resume from the shared last id.
+    for i in 43..46 {
+        expected.push(publish_shared(&base, i).await);
+    }
+    gateway.kill9();
+    let state = page
+        .wait_state("the tabs told the stream dropped", PAGE_WAIT, |s| {
+            leaders(s).len() == 1
+                && open_tabs(s).iter().all(|t| {
+                    t["states"]
+                        .as_array()
+                        .is_some_and(|v| v.last() == Some(&json!("reconnecting")))
+                })
+        })
+        .await;
+    let leader = leaders(&state)[0];
+    page.command(json!({"cmd": "close", "tab": leader})).await;
+    let took = page
+        .command(json!({"cmd": "new_leader", "timeout_ms": 3000}))
+        .await;
+    assert!(
+        took["ms"].as_u64().is_some_and(|ms| ms < 1000),
+        "another tab took the stream within 1 s: {took}"
+    );
+    println!("another tab leads {} ms after the close", took["ms"]);
+    let gateway = start_gateway(&data, &format!("127.0.0.1:{port}"), Some(&config)).await;
+    assert_eq!(gateway.addr.port(), port, "restarted on the same port");
+    for i in 46..70 {
+        expected.push(publish_shared(&gateway.base, i).await);
+    }
+    assert_every_tab_got(&mut page, 2, &expected).await;
+    wait_subscribers(&gateway.base, "shared:a", 1).await;
+
+    // Phase 3: a tab that joined but has not received an event yet takes the
+    // stream over: it resumes from the shared id, not from its own (none:
+    // that would start live and miss what is published before it connects).
+    let newcomer = page
+        .command(
+            json!({"cmd": "open", "n": 1, "gateway": gateway.base, "topics": "shared:a,shared:b"}),
+        )
+        .await["tabs"][0]
+        .as_u64()
+        .expect("tab");
+    gateway.kill9();
+    let state = page
+        .wait_state("the tabs told the stream dropped", PAGE_WAIT, |s| {
+            open_tabs(s).len() == 3
+                && leaders(s).len() == 1
+                && open_tabs(s).iter().all(|t| {
+                    t["states"]
+                        .as_array()
+                        .is_some_and(|v| v.last() == Some(&json!("reconnecting")))
+                })
+        })
+        .await;
+    // The older tabs go one after the other, each handing over to the next.
+    let mut leader = leaders(&state)[0];
+    while leader != newcomer {
+        page.command(json!({"cmd": "close", "tab": leader})).await;
+        let took = page
+            .command(json!({"cmd": "new_leader", "timeout_ms": 3000}))
+            .await;
+        assert!(took["ms"].as_u64().is_some_and(|ms| ms < 1000), "{took}");
+        println!("another tab leads {} ms after the close", took["ms"]);
+        leader = took["tab"].as_u64().expect("tab");
+    }
+    let gateway = start_gateway(&data, &format!("127.0.0.1:{port}"), Some(&config)).await;
+    let mut after_join = Vec::new();
+    for i in 70..90 {
+        after_join.push(publish_shared(&gateway.base, i).await);
+    }
+    assert_every_tab_got(&mut page, 1, &after_join).await;
+    page.screenshot("client-shared.png").await;
+    page.assert_no_page_errors();
+    page.exit().await;
+}
+
+/// A shared stream whose gateway comes back with another log (a new data
+/// dir: the last id is unknown to it): the leader's `reset` reaches
+/// `onReset` in every tab once, and the new log's events published after it
+/// (another epoch, lower sequence numbers) reach every tab. Every tab's `onEvent`
+/// throws: the stream goes on regardless.
+#[tokio::test(flavor = "multi_thread")]
+async fn client_js_relays_a_reset_to_every_tab_and_survives_throwing_handlers() {
+    require_browser_tools();
+    let _one = ONE_BROWSER.lock().await;
+    let dir = TempDir::new().expect("tempdir");
+    let mut page = BrowserScript::spawn("shared.mjs");
+    let origin = page
+        .line_where("the static server's origin", PAGE_WAIT, |l| {
+            l.get("origin").is_some()
+        })
+        .await["origin"]
+        .as_str()
+        .expect("origin")
+        .to_owned();
+    page.line_where("the browser to start", PAGE_WAIT, |l| {
+        l["ready"] == json!(true)
+    })
+    .await;
+    let config = write_config(dir.path(), Some(&origin));
+    let gateway = start_gateway(&dir.path().join("data-a"), "127.0.0.1:0", Some(&config)).await;
+    let port = gateway.addr.port();
+    let base = gateway.base.clone();
+    page.command(json!({"cmd": "open", "n": 3, "gateway": base, "topics": "shared:a,shared:b", "throws": true}))
+        .await;
+    page.wait_state("3 tabs, one leading with its stream open", PAGE_WAIT, |s| {
+        open_tabs(s).len() == 3
+            && leaders(s).len() == 1
+            && open_tabs(s).iter().any(|t| {
+                t["leader"] == json!(true)
+                    && t["states"]
+                        .as_array()
+                        .is_some_and(|v| v.contains(&json!("open")))
+            })
+    })
+    .await;
+    wait_subscribers(&base, "shared:a", 1).await;
+    let mut first_log = Vec::new();
+    for i in 0..6 {
+        first_log.push(publish_shared(&base, i).await);
+    }
+    assert_every_tab_got(&mut page, 3, &first_log).await;
+    let state = page.settle(Duration::from_millis(50)).await;
+    for tab in open_tabs(&state) {
+        assert!(
+            !tab["states"]
+                .as_array()
+                .is_some_and(|v| v.contains(&json!("reconnecting"))),
+            "a throwing handler does not break the stream: {tab:#}"
+        );
+    }
+
+    // Another log behind the same address.
+    gateway.kill9();
+    let gateway = start_gateway(
+        &dir.path().join("data-b"),
+        &format!("127.0.0.1:{port}"),
+        Some(&config),
+    )
+    .await;
+    // Published while the leader may or may not be back: an unknown id
+    // resumes live from the head (the app refetches on the reset), so this
+    // one is streamed only if the reset's id is below it.
+    let before_reset = publish_shared(&gateway.base, 0).await;
+    page.wait_state("the reset in every tab", PAGE_WAIT, |s| {
+        open_tabs(s)
+            .iter()
+            .all(|t| t["resets"].as_array().is_some_and(|r| !r.is_empty()))
+    })
+    .await;
+    let mut second_log = Vec::new();
+    for i in 1..5 {
+        second_log.push(publish_shared(&gateway.base, i).await);
+    }
+    let state = page
+        .wait_state("the new log's events in every tab", PAGE_WAIT, |s| {
+            open_tabs(s)
+                .iter()
+                .all(|t| ids_of(t).last() == second_log.last())
+        })
+        .await;
+    let later = page.settle(Duration::from_millis(600)).await;
+    let state = if later.is_null() { state } else { later };
+    for tab in open_tabs(&state) {
+        let resets = tab["resets"].as_array().expect("resets");
+        assert_eq!(resets.len(), 1, "one reset per tab: {tab:#}");
+        assert_eq!(resets[0]["reason"], json!("unknown_id"), "{tab:#}");
+        let continues = resets[0]["id"].as_str().expect("reset id");
+        assert_eq!(common::epoch_of(continues), common::epoch_of(&before_reset));
+        let mut all = first_log.clone();
+        if common::seq_of(continues) < common::seq_of(&before_reset) {
+            all.push(before_reset.clone());
+        }
+        all.extend(second_log.iter().cloned());
+        assert_eq!(ids_of(&tab), all, "tab {}\n{state:#}", tab["tab"]);
+        assert_eq!(
+            resets[0]["requested"],
+            json!(first_log.last().expect("ids")),
+            "{tab:#}"
+        );
+    }
+    // The only page errors are the handlers' own, rethrown.
+    let errors = page.page_errors().to_vec();
+    assert!(
+        !errors.is_empty() && errors.iter().all(|e| e.contains("app handler failed")),
+        "{errors:#?}"
+    );
+    page.exit().await;
+}
+
+/// A tab that joins a shared stream with `from` older than the last id
+/// relayed gets every event after its `from` exactly once, in order: it
+/// reads up to the shared id on a stream of its own, holding what the
+/// leader relays meanwhile (events are published all along), then follows
+/// the shared stream, whose one connection is all that stays open.
+#[tokio::test(flavor = "multi_thread")]
+async fn client_js_joining_tab_catches_up_from_an_older_from() {
+    require_browser_tools();
+    let _one = ONE_BROWSER.lock().await;
+    let dir = TempDir::new().expect("tempdir");
+    let mut page = BrowserScript::spawn("shared.mjs");
+    let origin = page
+        .line_where("the static server's origin", PAGE_WAIT, |l| {
+            l.get("origin").is_some()
+        })
+        .await["origin"]
+        .as_str()
+        .expect("origin")
+        .to_owned();
+    page.line_where("the browser to start", PAGE_WAIT, |l| {
+        l["ready"] == json!(true)
+    })
+    .await;
+    let config = write_config(dir.path(), Some(&origin));
+    let gateway = start_gateway(&dir.path().join("data"), "127.0.0.1:0", Some(&config)).await;
+    let base = gateway.base.clone();
+    page.command(json!({"cmd": "open", "n": 2, "gateway": base, "topics": "shared:a,shared:b"}))
+        .await;
+    page.wait_state("2 tabs, one leading", PAGE_WAIT, |s| {
+        open_tabs(s).len() == 2 && leaders(s).len() == 1
+    })
+    .await;
+    wait_subscribers(&base, "shared:a", 1).await;
+    // Large events, so that the joining tab's replay of them takes a while
+    // and the leader relays newer ones meanwhile.
+    let pad = "x".repeat(32 * 1024);
+    let mut before = Vec::new();
+    for i in 0..120 {
+        before.push(publish(&base, "shared:a", "big", json!({"i": i, "pad": pad})).await);
+    }
+    assert_every_tab_got(&mut page, 2, &before).await;
+
+    let published = Arc::new(Mutex::new(Vec::<String>::new()));
+    let publisher = {
+        let (base, published) = (base.clone(), Arc::clone(&published));
+        tokio::spawn(async move {
+            for i in 120..300 {
+                let id = publish_shared(&base, i).await;
+                published.lock().expect("ids").push(id);
+            }
+        })
+    };
+    while published.lock().expect("ids").len() < 5 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let from = before[4].clone();
+    let joined = page
+        .command(json!({"cmd": "open", "n": 1, "gateway": base, "topics": "shared:a,shared:b", "from": from}))
+        .await["tabs"][0]
+        .as_u64()
+        .expect("tab");
+    publisher.await.expect("publisher");
+    let during = published.lock().expect("ids").clone();
+    let all: Vec<String> = before.iter().chain(&during).cloned().collect();
+    let last = all.last().cloned();
+    page.wait_state("every tab at the last event", PAGE_WAIT, |s| {
+        open_tabs(s).len() == 3
+            && open_tabs(s)
+                .iter()
+                .all(|t| ids_of(t).last() == last.as_ref())
+    })
+    .await;
+    let state = page.settle(Duration::from_millis(600)).await;
+    for tab in open_tabs(&state) {
+        let want = if tab["tab"].as_u64() == Some(joined) {
+            &all[5..]
+        } else {
+            &all[..]
+        };
+        assert_eq!(ids_of(&tab), want, "tab {}\n{state:#}", tab["tab"]);
+    }
+    // The catch-up stream is closed: one stream again.
+    wait_subscribers(&base, "shared:a", 1).await;
+    page.assert_no_page_errors();
+    page.exit().await;
+}
+
+/// `GET /client.js` from the real binary is at most 3 KB gzipped (`gzip -9`),
+/// and `GET /client.d.ts` declares what it exports.
+#[tokio::test(flavor = "multi_thread")]
+async fn client_js_is_at_most_3_kb_gzipped() {
+    let dir = TempDir::new().expect("tempdir");
+    let gateway = start_gateway(&dir.path().join("data"), "127.0.0.1:0", None).await;
+    let response = fresh_client()
+        .get(format!("{}/client.js", gateway.base))
+        .send()
+        .await
+        .expect("GET /client.js");
+    assert_eq!(response.status(), reqwest::StatusCode::OK);
+    assert_eq!(
+        response.headers()[reqwest::header::CONTENT_TYPE],
+        "text/javascript; charset=utf-8"
+    );
+    let body = response.bytes().await.expect("body");
+    assert!(
+        std::str::from_utf8(&body).is_ok_and(|s| s.contains("export function subscribe(")),
+        "an ES module exporting subscribe"
+    );
+    let mut gzip = Command::new("gzip")
+        .args(["-9", "-c"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("gzip (apt gzip) is installed");
+    gzip.stdin
+        .take()
+        .expect("stdin")
+        .write_all(&body)
+        .expect("feed gzip");
+    let out = gzip.wait_with_output().expect("gzip output");
+    assert!(out.status.success());
+    let gzipped = out.stdout.len();
+    println!(
+        "client.js: {} bytes, {gzipped} bytes gzipped (gzip -9)",
+        body.len()
+    );
+    assert!(
+        gzipped <= 3 * 1024,
+        "client.js is {gzipped} bytes gzipped; the budget is 3072"
+    );
+
+    let types = fresh_client()
+        .get(format!("{}/client.d.ts", gateway.base))
+        .send()
+        .await
+        .expect("GET /client.d.ts");
+    assert_eq!(types.status(), reqwest::StatusCode::OK);
+    let types = types.text().await.expect("text");
+    assert!(types.contains("export function subscribe("), "{types}");
 }

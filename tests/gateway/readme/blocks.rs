@@ -266,6 +266,9 @@ pub(super) enum Rule {
     Tree,
     /// The browser snippet, in node.
     Browser,
+    /// A snippet of the gateway's browser client (it imports `/client.js`),
+    /// in two tabs of headless Chromium.
+    Client,
     /// The Python follower.
     Python,
     /// A `redis.conf` block: `redis-server` starts with it.
@@ -349,6 +352,7 @@ pub(super) fn classify(blocks: &[Block]) -> Vec<Rule> {
             }
             "nginx" => Rule::Nginx,
             "python" => Rule::Python,
+            "js" | "javascript" if block.text.contains("/client.js\"") => Rule::Client,
             "js" | "javascript" => Rule::Browser,
             _ => Rule::Unknown(UNKNOWN.to_owned()),
         };

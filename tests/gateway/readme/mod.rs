@@ -2,7 +2,7 @@
 //! `examples/projects-dashboard/README.md` and `docs/API.md` is extracted with its line,
 //! info string and section, and [`classify`] gives it a rule: run against a
 //! real gateway (the shell walk-through with its expected outputs, the browser
-//! snippet in node, the Python follower, nginx in front of one or three
+//! snippet in node, the `/client.js` snippets in Chromium tabs, the Python follower, nginx in front of one or three
 //! gateways, `redis-server` started from the config block, a Redis Cluster), or
 //! not run, with the one-line reason. A block no rule knows fails
 //! [`readme_every_block_is_run_or_excused`].
@@ -200,6 +200,99 @@ async fn readme_dashboard_run_it_steps_run_as_written() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readme_api_reference_commands_run_as_written() {
     run_session(API_MD).await;
+}
+
+/// Each `/client.js` snippet, as written, in 2 tabs of one headless Chromium
+/// (`tests/js/browser/shared.mjs`: stubs for `applyUpdate`,
+/// `refetchEverything` and `showState` record their calls) on a page origin
+/// that `[cors]` allows: the tabs share ONE stream (the gateway counts one
+/// subscriber) and each applies a published update exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readme_client_snippets_share_one_stream_across_tabs() {
+    use crate::browser::{open_tabs, write_config, BrowserScript, ONE_BROWSER, PAGE_WAIT};
+    crate::browser::require_browser_tools();
+    let _one = ONE_BROWSER.lock().await;
+    for block in blocks_with(Rule::Client) {
+        let dir = TempDir::new().expect("tempdir");
+        let mut page = BrowserScript::spawn("shared.mjs");
+        let origin = page
+            .line_where("the static server's origin", PAGE_WAIT, |l| {
+                l.get("origin").is_some()
+            })
+            .await["origin"]
+            .as_str()
+            .expect("origin")
+            .to_owned();
+        page.line_where("the browser", PAGE_WAIT, |l| l["ready"] == json!(true))
+            .await;
+        let config = write_config(dir.path(), Some(&origin));
+        let gateway = GatewayProcess::start_with_config(
+            &dir.path().join("data"),
+            "127.0.0.1:0",
+            Some(&config),
+            &[],
+        );
+        let subst = Subst {
+            gateway: Some(gateway.addr),
+            ..Subst::default()
+        };
+        let code = subst.apply(&block.text);
+        page.command(json!({"cmd": "snippet", "n": 2, "code": code}))
+            .await;
+        let info = gateway.url("/topics/projects:all/info");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let (_, body) = get_json(&fresh_client(), &info).await;
+            if body["subscribers"] == json!(1) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{}: the 2 tabs should share one stream: {body}",
+                block.at()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let payload = json!({"uuid": "3f1c2b4a-1111-4222-8333-444455556666", "name": "Roof"});
+        let (status, answer) = post_raw(
+            &fresh_client(),
+            &gateway.url("/projects/broadcast/project"),
+            json!({"event": "project_updated", "payload": payload}).to_string(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED, "{answer}");
+        let applied = |tab: &Value| -> Vec<Value> {
+            tab["calls"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|c| c.get("applyUpdate").is_some())
+                .cloned()
+                .collect()
+        };
+        page.wait_state(
+            &format!("{}: both tabs applying the update", block.at()),
+            PAGE_WAIT,
+            |s| {
+                let tabs = open_tabs(s);
+                tabs.len() == 2 && tabs.iter().all(|t| !applied(t).is_empty())
+            },
+        )
+        .await;
+        // A repeat would show within this.
+        let state = page.settle(Duration::from_millis(400)).await;
+        for tab in open_tabs(&state) {
+            assert_eq!(
+                applied(&tab),
+                vec![json!({"applyUpdate": payload})],
+                "{}: once per tab\n{state:#}",
+                block.at()
+            );
+            assert_eq!(tab["errors"], json!([]), "{}: {tab:#}", block.at());
+        }
+        page.assert_no_page_errors();
+        page.exit().await;
+    }
 }
 
 /// The browser snippet in node, with the `eventsource` package as
