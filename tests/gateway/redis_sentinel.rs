@@ -18,13 +18,13 @@ use tempfile::TempDir;
 use crate::common::*;
 use crate::redis::{free_port, gateways, redis_cli, redis_config, require, spawn_redis};
 
-const MASTER: &str = "mymaster";
+pub(crate) const MASTER: &str = "mymaster";
 /// How long the gateways may take to follow a failover (Sentinel needs
 /// `down-after-milliseconds` plus an election and a promotion).
 const FAILOVER_BOUND: Duration = Duration::from_secs(15);
 
 /// A child process killed when dropped.
-struct Proc(Child);
+pub(crate) struct Proc(Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -97,41 +97,64 @@ fn wait_until(what: &str, bound: Duration, mut check: impl FnMut() -> bool) -> D
     started.elapsed()
 }
 
+/// A primary, two replicas and three Sentinels (quorum 2) on loopback, the
+/// Sentinels agreeing and knowing both replicas (a failover can happen).
+pub(crate) struct SentinelGroup {
+    pub(crate) primary: Proc,
+    pub(crate) replicas: Vec<(Proc, u16)>,
+    pub(crate) sentinels: Vec<(Proc, u16)>,
+    _dirs: Vec<TempDir>,
+}
+
+impl SentinelGroup {
+    pub(crate) fn start() -> Self {
+        let dirs: Vec<TempDir> = (0..4).map(|_| TempDir::new().unwrap()).collect();
+        let aof: Vec<String> = ["--appendonly", "yes", "--appendfsync", "always"]
+            .map(String::from)
+            .to_vec();
+        let (primary, primary_port) = data_server(dirs[0].path(), &aof);
+        let mut replica_args = aof.clone();
+        replica_args.extend([
+            "--replicaof".into(),
+            "127.0.0.1".into(),
+            primary_port.to_string(),
+        ]);
+        let replicas: Vec<(Proc, u16)> = (1..3)
+            .map(|i| data_server(dirs[i].path(), &replica_args))
+            .collect();
+        for (_, port) in &replicas {
+            wait_until("the replica to sync", Duration::from_secs(10), || {
+                redis_cli(*port, &["info", "replication"]).contains("master_link_status:up")
+            });
+        }
+        let sentinels: Vec<(Proc, u16)> = (0..3)
+            .map(|_| sentinel(dirs[3].path(), primary_port))
+            .collect();
+        // The Sentinels found each other and the replicas: a failover can happen.
+        wait_until(
+            "the sentinels to reach quorum",
+            Duration::from_secs(15),
+            || {
+                let quorum = redis_cli(sentinels[0].1, &["sentinel", "ckquorum", MASTER]);
+                let known = redis_cli(sentinels[0].1, &["sentinel", "replicas", MASTER]);
+                quorum.contains("3 usable")
+                    && replicas.iter().all(|(_, p)| known.contains(&p.to_string()))
+            },
+        );
+        Self {
+            primary,
+            replicas,
+            sentinels,
+            _dirs: dirs,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redis_sentinel_failover_under_load_loses_no_acknowledged_event() {
-    let dirs: Vec<TempDir> = (0..4).map(|_| TempDir::new().unwrap()).collect();
-    let aof: Vec<String> = ["--appendonly", "yes", "--appendfsync", "always"]
-        .map(String::from)
-        .to_vec();
-    let (primary, primary_port) = data_server(dirs[0].path(), &aof);
-    let mut replica_args = aof.clone();
-    replica_args.extend([
-        "--replicaof".into(),
-        "127.0.0.1".into(),
-        primary_port.to_string(),
-    ]);
-    let replicas: Vec<(Proc, u16)> = (1..3)
-        .map(|i| data_server(dirs[i].path(), &replica_args))
-        .collect();
-    for (_, port) in &replicas {
-        wait_until("the replica to sync", Duration::from_secs(10), || {
-            redis_cli(*port, &["info", "replication"]).contains("master_link_status:up")
-        });
-    }
-    let sentinels: Vec<(Proc, u16)> = (0..3)
-        .map(|_| sentinel(dirs[3].path(), primary_port))
-        .collect();
-    // The Sentinels found each other and the replicas: a failover can happen.
-    wait_until(
-        "the sentinels to reach quorum",
-        Duration::from_secs(15),
-        || {
-            let quorum = redis_cli(sentinels[0].1, &["sentinel", "ckquorum", MASTER]);
-            let known = redis_cli(sentinels[0].1, &["sentinel", "replicas", MASTER]);
-            quorum.contains("3 usable")
-                && replicas.iter().all(|(_, p)| known.contains(&p.to_string()))
-        },
-    );
+    let group = SentinelGroup::start();
+    let primary = group.primary;
+    let (replicas, sentinels) = (group.replicas, group.sentinels);
 
     let list: Vec<String> = sentinels
         .iter()
