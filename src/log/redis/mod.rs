@@ -1,5 +1,6 @@
 //! The Redis backend: several gateways share one log kept in Redis (a single
-//! server or a Cluster), with the same guarantees as the sled log.
+//! server, a primary found through Sentinel, or a Cluster), with the same
+//! guarantees as the sled log.
 //!
 //! **Keys.** One log lives under one hash tag, `{<tag>}` (`{sse}`, or
 //! `{sse:org:<org>}` for an org's own log), so every key of it is in one
