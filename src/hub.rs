@@ -98,3 +98,25 @@ impl Drop for SubscriberGuard {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by `cargo mutants` (`== 0` → `!= 0` in the guard's drop survived):
+    /// the count follows each stream, and a topic nobody follows any more
+    /// leaves no entry behind.
+    #[test]
+    fn a_topic_counts_each_stream_until_its_guard_drops() {
+        let hub = Arc::new(Hub::new(16));
+        let topic = Topic::parse("t").expect("topic");
+        let first = hub.track(std::slice::from_ref(&topic));
+        let second = hub.track(std::slice::from_ref(&topic));
+        assert_eq!(hub.subscriber_count(&topic), 2);
+        drop(first);
+        assert_eq!(hub.subscriber_count(&topic), 1);
+        drop(second);
+        assert_eq!(hub.subscriber_count(&topic), 0);
+        assert!(hub.subscribers.lock().is_empty(), "no entry left behind");
+    }
+}

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use sse_gateway::auth::{mint_hs256, unix_now, Claims};
 use sse_gateway::config::AuthConfig;
 use tempfile::TempDir;
 
@@ -376,19 +375,7 @@ async fn the_same_key_in_two_orgs_is_two_keys() {
         c.tenancy.enabled = true;
     })
     .await;
-    let token = |org: &str| {
-        mint_hs256(
-            SECRET,
-            &Claims {
-                exp: unix_now() + 3600,
-                subscribe: vec!["*".into()],
-                publish: vec!["*".into()],
-                org: Some(org.into()),
-                sub: None,
-            },
-        )
-        .unwrap()
-    };
+    let token = |org: &str| org_token(SECRET, org);
     let (a, b) = (token("orgA"), token("orgB"));
     let url = server.url("/topics/t");
     let in_a = post(

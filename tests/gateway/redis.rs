@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use sse_gateway::auth::{mint_hs256, unix_now, Claims};
 use tempfile::TempDir;
 
 use crate::common::*;
@@ -555,17 +554,7 @@ impl Cluster {
 }
 
 pub(crate) fn token(org: &str) -> String {
-    mint_hs256(
-        SECRET,
-        &Claims {
-            exp: unix_now() + 3600,
-            subscribe: vec!["*".into()],
-            publish: vec!["*".into()],
-            org: Some(org.into()),
-            sub: None,
-        },
-    )
-    .expect("token")
+    org_token(SECRET, org)
 }
 
 async fn subscribe_as(

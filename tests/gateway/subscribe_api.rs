@@ -341,3 +341,75 @@ async fn shutdown_ends_open_streams() {
     );
     stopped.await.unwrap();
 }
+
+/// A replay's reads adapt to event sizes: a run of large events shrinks the
+/// read (a write stays within its byte budget), and the small events after
+/// them are read in growing batches again, not one per read. Every
+/// replayed event is counted as delivered. (Both survived `cargo mutants`
+/// before this test: `sent += 1` → `*=`, the growth condition inverted, and
+/// doubling made linear.)
+#[tokio::test]
+async fn replay_reads_shrink_for_large_events_and_grow_back_for_small_ones() {
+    const LARGE: usize = 3;
+    const SMALL: usize = 3000;
+    let server = TestServer::start(|_| {}).await;
+    let client = reqwest::Client::new();
+    let big = "x".repeat(200 * 1024);
+    let mut items: Vec<serde_json::Value> = (0..LARGE)
+        .map(|i| json!({ "topics": ["r"], "data": { "i": i, "big": big } }))
+        .collect();
+    items.extend((LARGE..LARGE + SMALL).map(|i| json!({ "topics": ["r"], "data": { "i": i } })));
+    for chunk in items.chunks(1000) {
+        let body = json!({ "events": chunk }).to_string();
+        let (status, answer) = post_raw(&client, &server.url("/publish/batch"), body).await;
+        assert_eq!(status, reqwest::StatusCode::CREATED, "{answer}");
+    }
+    let before = metrics_text(&client, &server.url("")).await;
+    let mut stream = server.subscribe("/topics/r", Some("0")).await;
+    let events = stream.take(LARGE + SMALL).await;
+    for (i, event) in events.iter().enumerate() {
+        assert_eq!(seq_of(&event.id), i as u64 + 1, "in order, none missing");
+    }
+    let after = metrics_text(&client, &server.url("")).await;
+    let delta = |name: &str| metric_value(&after, name) - metric_value(&before, name);
+    assert_eq!(
+        delta("sse_gateway_events_delivered_total"),
+        (LARGE + SMALL) as f64,
+        "every replayed event counted as delivered"
+    );
+    let reads = delta("sse_gateway_replay_reads_total");
+    // Shrunk to one event by the large ones, then doubling back to 512 per
+    // read: about 15 reads (one per read growing linearly: 56; never
+    // growing: 3,003).
+    assert!(
+        reads <= 30.0,
+        "{reads} log reads for {SMALL} small events after {LARGE} large ones: \
+         reads must grow back (doubling) after the large events shrank them"
+    );
+}
+
+/// A subscriber that keeps up is served from the live ring: no event sends
+/// it back to the log. (`cargo mutants` turned the in-order check of the
+/// live path into its opposite and nothing failed: every event then took a
+/// detour through the log, same bytes, one read each.)
+#[tokio::test]
+async fn a_subscriber_that_keeps_up_never_falls_back_to_the_log() {
+    let server = TestServer::start(|_| {}).await;
+    let client = reqwest::Client::new();
+    let mut stream = server.subscribe("/topics/live", None).await;
+    stream.until_blocks(2).await;
+    let before = metrics_text(&client, &server.url("")).await;
+    for i in 0..20 {
+        let id = server.publish("live", "tick", json!({ "i": i })).await;
+        assert_eq!(stream.next_event().await.id, id, "delivered live, in order");
+    }
+    let after = metrics_text(&client, &server.url("")).await;
+    let delta = |name: &str| metric_value(&after, name) - metric_value(&before, name);
+    assert_eq!(
+        delta("sse_gateway_lag_fallbacks_total"),
+        0.0,
+        "no fallback to the log"
+    );
+    assert_eq!(delta("sse_gateway_replay_reads_total"), 0.0, "no log reads");
+    assert_eq!(delta("sse_gateway_events_delivered_total"), 20.0);
+}

@@ -118,9 +118,10 @@ impl AckMark {
             .create(true)
             .truncate(false)
             .open(&path)?;
-        let generation = found
-            .filter(|m| m.epoch == epoch.as_str())
-            .map_or(0, |m| m.generation);
+        // Numbering goes on from the mark found, whatever its epoch: a
+        // slot of an older epoch with a higher generation would otherwise
+        // outrank every slot written from now on.
+        let generation = found.map_or(0, |m| m.generation);
         let mut mark = Self {
             file,
             generation,
@@ -261,6 +262,28 @@ mod tests {
         // A mark of another epoch that acknowledged nothing is no loss.
         let nothing = Marked { seq: 0, ..mark };
         assert!(verify(Some(&nothing), dir.path(), &epoch("newEpoch"), 0).is_ok());
+    }
+
+    #[test]
+    fn a_new_epoch_over_an_old_mark_outranks_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = epoch("oldEpoch");
+        let mut mark = AckMark::open(dir.path(), None, &old, 0).unwrap();
+        for _ in 0..5 {
+            mark.write(&old, 0).unwrap();
+        }
+        drop(mark);
+        // sled recovered an empty tree: a new epoch; the old mark had
+        // acknowledged nothing, so the log is accepted and marked anew.
+        let new = epoch("newEpoch");
+        let found = read(dir.path()).unwrap();
+        verify(found.as_ref(), dir.path(), &new, 0).unwrap();
+        let mut mark = AckMark::open(dir.path(), found, &new, 0).unwrap();
+        // Right after the open (one slot written), the new epoch counts.
+        assert_eq!(read(dir.path()).unwrap().unwrap().epoch, "newEpoch");
+        mark.write(&new, 3).unwrap();
+        let now = read(dir.path()).unwrap().unwrap();
+        assert_eq!((now.epoch.as_str(), now.seq), ("newEpoch", 3));
     }
 
     #[test]

@@ -71,7 +71,7 @@ pub struct SledLog {
     trimmer: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Keeps the `acked-head` mark (`mark.rs`) about a second behind the
     /// durable head; returns it for the last write at close.
-    marker: Mutex<Option<tokio::task::JoinHandle<AckMark>>>,
+    marker: Mutex<Option<tokio::task::JoinHandle<Option<AckMark>>>>,
     writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -137,17 +137,18 @@ impl SledLog {
 const MARK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Writes the durable head into the mark every [`MARK_INTERVAL`] while it
-/// moves, until `stop`; hands the mark back for the last write at close.
+/// moves, until `stop`; hands the mark back for the last write at close
+/// (`None` if a write's blocking task was lost, e.g. to a panic).
 async fn run_marker(
     shared: Arc<Shared>,
     mut ack_mark: AckMark,
     stop: CancellationToken,
-) -> AckMark {
+) -> Option<AckMark> {
     let mut tick = tokio::time::interval(MARK_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = stop.cancelled() => return ack_mark,
+            _ = stop.cancelled() => return Some(ack_mark),
             _ = tick.tick() => {}
         }
         if shared.durable_head.load(Ordering::Acquire) == ack_mark.written() {
@@ -161,8 +162,12 @@ async fn run_marker(
         .await
         {
             Ok(back) => ack_mark = back,
-            // The blocking pool is shutting down: nothing left to mark.
-            Err(_) => return std::future::pending().await,
+            // The task that held the mark is gone (a panic, or the runtime
+            // shutting down): stop marking rather than hang `close`.
+            Err(e) => {
+                tracing::error!(error = %e, "the acked-head mark writer stopped");
+                return None;
+            }
         }
     }
 }
@@ -260,8 +265,11 @@ impl Log for SledLog {
             self.shared.db.flush_async().await?;
             // The writer is gone: the mark gets the final durable head.
             let marker = self.marker.lock().take();
-            if let Some(marker) = marker {
-                let mut ack_mark = marker.await?;
+            let ack_mark = match marker {
+                Some(marker) => marker.await?,
+                None => None,
+            };
+            if let Some(mut ack_mark) = ack_mark {
                 let shared = Arc::clone(&self.shared);
                 tokio::task::spawn_blocking(move || mark_durable_head(&shared, &mut ack_mark))
                     .await?;

@@ -72,3 +72,19 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// An HS256 token signed with `secret` for `org`, allowed to subscribe and
+/// publish everywhere in it, valid for an hour (tenancy tests).
+pub fn org_token(secret: &str, org: &str) -> String {
+    sse_gateway::auth::mint_hs256(
+        secret,
+        &sse_gateway::auth::Claims {
+            exp: sse_gateway::auth::unix_now() + 3600,
+            subscribe: vec!["*".into()],
+            publish: vec!["*".into()],
+            org: Some(org.into()),
+            sub: None,
+        },
+    )
+    .expect("token")
+}
