@@ -144,7 +144,27 @@ impl RedisLog {
                 "the epoch of {log_key} changed while opening it"
             )));
         }
-        let head = snapshot.head;
+        // With wait_replicas, events above the replicated watermark are not
+        // delivered yet: the tail starts below them and holds them until a
+        // commit marker covers them (see `tailer`). A log that never had a
+        // marker has nothing to hold.
+        let (head, tail) = match snapshot.replicated {
+            Some(replicated) if options.wait_replicas > 0 && replicated < snapshot.head => (
+                replicated,
+                tailer::TailState::new(StreamPos(replicated, 0), replicated),
+            ),
+            _ => {
+                let released = if options.wait_replicas > 0 {
+                    snapshot.head
+                } else {
+                    u64::MAX
+                };
+                (
+                    snapshot.head,
+                    tailer::TailState::new(snapshot.last_id, released),
+                )
+            }
+        };
         let stats = StatsTable::default();
         stats.replace(snapshot.topics);
         tracing::info!(
@@ -161,6 +181,7 @@ impl RedisLog {
             log_key,
             epoch,
             durable_head: AtomicU64::new(head),
+            held: AtomicU64::new(0),
             head_tx,
             stats,
             failed: Mutex::new(None),
@@ -176,11 +197,7 @@ impl RedisLog {
         let (writer_tx, writer_rx) = mpsc::channel(shared.options.publish_queue.max(1));
         let tasks = vec![
             tokio::spawn(writer::run_writer(Arc::clone(&shared), writer_rx)),
-            tokio::spawn(tailer::run_tailer(
-                Arc::clone(&shared),
-                snapshot.last_id,
-                stop.clone(),
-            )),
+            tokio::spawn(tailer::run_tailer(Arc::clone(&shared), tail, stop.clone())),
             tokio::spawn(trimmer::run_trimmer(Arc::clone(&shared), stop.clone())),
             tokio::spawn(probe::run_prober(Arc::clone(&shared), stop.clone())),
         ];

@@ -6,6 +6,17 @@
 //! Redis executed the script and answered, and, with `storage.wait_replicas`,
 //! that `WAIT` saw that many replicas. The writer does not hand events to the
 //! hub: this node's tailer does, for events appended by any node.
+//!
+//! With `wait_replicas >= 1`, once `WAIT` succeeded the writer sends the
+//! script's `commit` with the chunk's highest sequence: a commit marker in
+//! the stream that lets every node's tailer deliver the events up to it
+//! (replication is one ordered stream, so the replicas then hold every
+//! earlier entry too, whoever appended it). A marker that is lost (the
+//! primary died right after the `WAIT`) is covered by the next one; when
+//! this node's tailer holds events and no publish came for [`IDLE_CHECK`],
+//! the idle writer confirms: `confirm` (one write, answering the head),
+//! `WAIT`, then `commit` of that head. So an acknowledged event is delivered
+//! even when its own marker was lost and nobody publishes again.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -98,7 +109,18 @@ impl Shared {
         }
         let Some((c, _)) = conn.as_mut() else { return };
         let pong: Result<String, _> = redis::cmd("PING").query_async(c).await;
-        let ok = pong.is_ok();
+        let mut ok = pong.is_ok();
+        if ok && self.options.wait_replicas > 0 {
+            // Held events no marker covered (their marker was lost in a
+            // failover, or their writer died after WAIT): confirm them.
+            let held = self.held.load(Ordering::Acquire);
+            if held > self.durable_head.load(Ordering::Acquire) {
+                if let Err(e) = self.confirm(c).await {
+                    tracing::debug!(log = %self.log_key, error = %e, "replication confirm failed");
+                    ok = !matches!(e, LogError::Redis(_));
+                }
+            }
+        }
         if !ok {
             *conn = None;
         }
@@ -200,20 +222,74 @@ impl Shared {
         }
         let answers: Vec<String> = invocation.invoke_async(c).await.map_err(redis_err)?;
         if self.options.wait_replicas > 0 {
-            let acked: u64 = redis::cmd("WAIT")
-                .arg(self.options.wait_replicas)
-                .arg(self.options.wait_timeout.as_millis() as u64)
-                .query_async(c)
-                .await
-                .map_err(redis_err)?;
-            if acked < u64::from(self.options.wait_replicas) {
-                return Err(LogError::Replication {
-                    acked,
-                    wanted: self.options.wait_replicas,
-                });
+            self.wait_replicas(c).await?;
+            // The highest sequence answered (stored now or earlier: a
+            // replayed key's event is older still); `c…` answers are no
+            // sequence and do not parse.
+            let through = answers
+                .iter()
+                .filter_map(|a| a.strip_prefix('r').unwrap_or(a).parse::<u64>().ok())
+                .max();
+            if let Some(through) = through {
+                // The events are on the replicas: the publishes get their
+                // 201 even if the marker fails (a later one covers them).
+                if let Err(e) = self.commit_marker(c, through).await {
+                    tracing::warn!(log = %self.log_key, error = %e, through, "commit marker not written");
+                }
             }
         }
         Ok(answers)
+    }
+
+    /// `WAIT` for `storage.wait_replicas` replicas to hold every write sent
+    /// on `c` so far.
+    async fn wait_replicas(&self, c: &mut Conn) -> Result<(), LogError> {
+        let acked: u64 = redis::cmd("WAIT")
+            .arg(self.options.wait_replicas)
+            .arg(self.options.wait_timeout.as_millis() as u64)
+            .query_async(c)
+            .await
+            .map_err(redis_err)?;
+        if acked < u64::from(self.options.wait_replicas) {
+            return Err(LogError::Replication {
+                acked,
+                wanted: self.options.wait_replicas,
+            });
+        }
+        Ok(())
+    }
+
+    /// The script's `commit`: every event up to `through` is replicated.
+    async fn commit_marker(&self, c: &mut Conn, through: u64) -> Result<(), LogError> {
+        let _: String = self
+            .script
+            .key(&self.log_key)
+            .arg("commit")
+            .arg(self.epoch.as_str())
+            .arg(through)
+            .invoke_async(c)
+            .await
+            .map_err(redis_err)?;
+        Ok(())
+    }
+
+    /// Confirms that everything up to the current head is replicated and
+    /// says so with a commit marker (`confirm`, `WAIT`, `commit`).
+    async fn confirm(&self, c: &mut Conn) -> Result<(), LogError> {
+        let head: String = self
+            .script
+            .key(&self.log_key)
+            .arg("confirm")
+            .arg(self.epoch.as_str())
+            .invoke_async(c)
+            .await
+            .map_err(redis_err)?;
+        let head: u64 = head.parse().map_err(|_| LogError::Corrupt {
+            key: self.log_key.clone(),
+            what: format!("confirm answered {head:?}"),
+        })?;
+        self.wait_replicas(c).await?;
+        self.commit_marker(c, head).await
     }
 }
 
