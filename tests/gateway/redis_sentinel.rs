@@ -520,3 +520,81 @@ async fn redis_sentinel_failover_under_load_loses_no_acknowledged_event() {
     live_task.abort();
     resumed_task.abort();
 }
+
+/// Every event entry of the log on the Redis at `port`: seq → data.
+fn events_on(port: u16) -> HashMap<u64, String> {
+    let dump = redis_cli(port, &["xrange", "{sse}:log", "-", "+"]);
+    let lines: Vec<&str> = dump.lines().collect();
+    let mut events = HashMap::new();
+    for (i, line) in lines.iter().enumerate() {
+        let Some(seq) = line.strip_suffix("-0").and_then(|s| s.parse::<u64>().ok()) else {
+            continue;
+        };
+        if lines.get(i + 1) != Some(&"n") {
+            continue;
+        }
+        if let Some(at) = (i + 1..lines.len().min(i + 12)).find(|j| lines[*j] == "d") {
+            events.insert(seq, lines[at + 1].to_owned());
+        }
+    }
+    events
+}
+
+/// What `wait_replicas = 0` costs, shown: the same crash (writes in flight
+/// when the primary dies) loses events that were acknowledged with `201`
+/// and already delivered to subscribers. Operators who cannot lose them set
+/// `wait_replicas = 1` (the test above).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_sentinel_failover_without_wait_replicas_loses_acknowledged_events() {
+    let group = SentinelGroup::start();
+    let (primary, links) = (group.primary, group.links);
+    let (replicas, sentinels) = (group.replicas, group.sentinels);
+
+    let work = TempDir::new().unwrap();
+    let config = redis_config(work.path(), &sentinel_storage(&sentinels, 0), "");
+    let nodes = gateways(work.path(), &config, 1);
+    let client = reqwest::Client::new();
+    let mut live = SseReader::connect(&client, &nodes[0].url("/topics/fo"), None).await;
+    live.until_blocks(1).await;
+    let seen: Arc<Mutex<Vec<SseEvent>>> = Arc::default();
+    let stop_reading = Arc::new(AtomicBool::new(false));
+    let reading = read_into(live, Arc::clone(&seen), Arc::clone(&stop_reading));
+
+    let publishers = AckingPublishers::start(&client, &nodes[0].base, "fo", 4);
+    publishers.wait_for(200).await;
+    let (promoted_port, _) = tokio::task::block_in_place(|| {
+        crash_primary_with_writes_in_flight(
+            primary,
+            &links,
+            &replicas,
+            &sentinels,
+            Duration::from_millis(400),
+        )
+    });
+    let acked = publishers.stop().await;
+    stop_reading.store(true, Ordering::SeqCst);
+    reading.await.expect("reader");
+
+    let kept = events_on(promoted_port);
+    let lost: Vec<&String> = acked
+        .iter()
+        .filter(|(id, data)| kept.get(&seq_of(id)) != Some(*data))
+        .map(|(id, _)| id)
+        .collect();
+    let seen = seen.lock().unwrap();
+    let seen_lost = seen.iter().filter(|e| lost.contains(&&e.id)).count();
+    println!(
+        "without wait_replicas: {} of {} acknowledged events lost by the failover, {seen_lost} of \
+         them already delivered to a subscriber",
+        lost.len(),
+        acked.len()
+    );
+    assert!(
+        !lost.is_empty(),
+        "the writes in flight at the crash were acknowledged and are lost"
+    );
+    assert!(
+        seen_lost > 0,
+        "a subscriber saw events that the log no longer has"
+    );
+}
