@@ -42,7 +42,16 @@ use crate::log::{hand_off, LogError, StoredEvent};
 /// Entries taken per `XREAD`.
 const TAIL_COUNT: usize = 1024;
 
-/// Where the tail stands: what it read, delivered and holds.
+/// Most entries held undelivered, and most bytes of event data in them.
+/// Past either (a long replica outage: every publish `503`, yet stored on
+/// the primary) the tail drops what comes next and reads it again once a
+/// commit marker releases what it holds, so memory stays bounded.
+const HOLD_MAX_ENTRIES: usize = 65_536;
+const HOLD_MAX_BYTES: usize = 64 * 1024 * 1024;
+
+/// Where the tail stands: what it read, delivered and holds. Pure
+/// bookkeeping, no I/O: `Shared` feeds it entries and delivers what it
+/// releases.
 pub(super) struct TailState {
     /// The last entry read: the next `XREAD` continues after it.
     read: StreamPos,
@@ -54,6 +63,13 @@ pub(super) struct TailState {
     released: u64,
     /// Read, not yet covered by a commit marker; stream order.
     held: VecDeque<Held>,
+    /// Event data bytes in `held`.
+    held_bytes: usize,
+    /// Entries were read past a full `held` and dropped: they are read
+    /// again (from the last one held) once a marker releases some.
+    dropped: bool,
+    /// Most entries and bytes `held` may take.
+    max: (usize, usize),
 }
 
 /// One entry read and held.
@@ -73,6 +89,15 @@ enum HeldEntry {
     Skip,
 }
 
+impl HeldEntry {
+    fn bytes(&self) -> usize {
+        match self {
+            Self::Event(event, _) => event.data.len(),
+            _ => 0,
+        }
+    }
+}
+
 impl TailState {
     /// A tail that starts after `start`, with events up to `released`
     /// known replicated.
@@ -82,7 +107,84 @@ impl TailState {
             delivered: start,
             released,
             held: VecDeque::new(),
+            held_bytes: 0,
+            dropped: false,
+            max: (HOLD_MAX_ENTRIES, HOLD_MAX_BYTES),
         }
+    }
+
+    /// A new connection: what was held may not be on this server (a
+    /// promoted replica), so it is dropped and read again from the last
+    /// entry delivered.
+    fn restart(&mut self) {
+        self.read = self.delivered;
+        self.held.clear();
+        self.held_bytes = 0;
+        self.dropped = false;
+    }
+
+    /// Takes entry `id`, read from the stream; false when it was read
+    /// before (the answer overlaps).
+    fn advance(&mut self, id: StreamPos) -> bool {
+        if id <= self.read {
+            return false;
+        }
+        self.read = id;
+        true
+    }
+
+    /// Holds an entry until a marker covers it (or drops it, to be read
+    /// again, while `held` is full).
+    fn hold(&mut self, id: StreamPos, what: HeldEntry, counted: bool) {
+        let bytes = what.bytes();
+        let full = self.held.len() >= self.max.0
+            || (!self.held.is_empty() && self.held_bytes + bytes > self.max.1);
+        if full && id.0 > self.released {
+            self.dropped = true;
+            return;
+        }
+        self.held_bytes += bytes;
+        self.held.push_back(Held { id, what, counted });
+    }
+
+    /// A commit marker: every event up to `through` is replicated. True
+    /// when entries were dropped meanwhile: the caller then releases, and
+    /// reads again from [`TailState::rewind`].
+    fn cover(&mut self, through: u64) -> bool {
+        let raised = through > self.released;
+        self.released = self.released.max(through);
+        // Only a raise can release more: an old marker read again after a
+        // rewind does not rewind again.
+        raised && self.dropped
+    }
+
+    /// After a [`cover`](TailState::cover) that answered true: the next
+    /// read starts after the last entry still held (or delivered), so the
+    /// dropped ones come again.
+    fn rewind(&mut self) {
+        self.read = self.held.back().map_or(self.delivered, |h| h.id);
+        self.dropped = false;
+    }
+
+    /// The next held entry a marker covers, in stream order.
+    fn next_released(&mut self) -> Option<Held> {
+        if self.held.front()?.id.0 > self.released {
+            return None;
+        }
+        let held = self.held.pop_front()?;
+        self.held_bytes -= held.what.bytes();
+        self.delivered = held.id;
+        Some(held)
+    }
+
+    /// After releasing: with nothing held or dropped, a reconnect may
+    /// continue after the probes and markers read since. The highest
+    /// sequence still held (0 when none).
+    fn settle(&mut self) -> u64 {
+        if self.held.is_empty() && !self.dropped {
+            self.delivered = self.read;
+        }
+        self.held.back().map_or(0, |h| h.id.0)
     }
 }
 
@@ -103,10 +205,7 @@ pub(super) async fn run_tailer(shared: Arc<Shared>, mut tail: TailState, stop: C
                 continue;
             }
         };
-        // What was held may not be on this server (a promoted replica):
-        // read it again from what was delivered.
-        tail.read = tail.delivered;
-        tail.held.clear();
+        tail.restart();
         shared.held.store(0, Ordering::Release);
         // Trims of entries this node never saw may have happened meanwhile:
         // take fresh stats; entries up to the snapshot skip the stats update.
@@ -190,7 +289,7 @@ impl Shared {
         self.stats.replace(snap.topics);
         // A watermark on this server covers events it holds (it was written
         // after them, once WAIT saw them replicated).
-        tail.released = tail.released.max(snap.replicated.unwrap_or(0));
+        tail.cover(snap.replicated.unwrap_or(0));
         // Everything up to the Redis head (with wait_replicas: up to the
         // replicated watermark) is stored or trimmed: readable now.
         self.raise_head(snap.head.min(tail.released));
@@ -229,23 +328,30 @@ impl Shared {
                     tracing::error!(log = %self.log_key, "malformed entry in the redis log; skipped");
                     continue;
                 };
-                if id <= tail.read {
+                if !tail.advance(id) {
                     continue;
                 }
-                tail.read = id;
-                self.take_entry(id, &fields, id <= stats_through, tail);
+                if self.take_entry(id, &fields, id <= stats_through, tail) {
+                    // Entries were dropped while the hold was full: what
+                    // follows in this answer is read again after it.
+                    self.release(tail);
+                    tail.rewind();
+                    break;
+                }
             }
         }
         self.release(tail);
     }
 
+    /// Holds one entry (a probe or a marker is taken at once); true when
+    /// a marker arrived after entries were dropped (see [`TailState::cover`]).
     fn take_entry(
         &self,
         id: StreamPos,
         fields: &HashMap<String, &Value>,
         counted: bool,
         tail: &mut TailState,
-    ) {
+    ) -> bool {
         let trim = || fields.get("x").and_then(|v| text(v));
         let what = if id.1 != 0 {
             // A delivery probe (ours or another node's): not held, it says
@@ -254,17 +360,17 @@ impl Shared {
                 if text(node).as_deref() == Some(self.probe.node.as_str()) {
                     self.probe.returned(id);
                 }
-                return;
+                return false;
             }
             // A commit marker: every event up to `c` is on the replicas.
             if let Some(through) = fields.get("c") {
-                match number(through) {
-                    Some(c) => tail.released = tail.released.max(c),
+                return match number(through) {
+                    Some(c) => tail.cover(c),
                     None => {
-                        tracing::error!(log = %self.log_key, "malformed commit marker; skipped")
+                        tracing::error!(log = %self.log_key, "malformed commit marker; skipped");
+                        false
                     }
-                }
-                return;
+                };
             }
             // A trim marker.
             HeldEntry::Trim(trim())
@@ -277,25 +383,17 @@ impl Shared {
                 }
             }
         };
-        tail.held.push_back(Held { id, what, counted });
+        tail.hold(id, what, counted);
+        false
     }
 
     /// Delivers, in stream order, every held entry a commit marker covers
     /// (all of them with `wait_replicas = 0`).
     fn release(&self, tail: &mut TailState) {
-        while tail.held.front().is_some_and(|h| h.id.0 <= tail.released) {
-            let Some(held) = tail.held.pop_front() else {
-                break;
-            };
-            tail.delivered = held.id;
+        while let Some(held) = tail.next_released() {
             self.deliver(held);
         }
-        if tail.held.is_empty() {
-            // Nothing waits: a reconnect may continue after probes and markers.
-            tail.delivered = tail.read;
-        }
-        let holding = tail.held.back().map_or(0, |h| h.id.0);
-        self.held.store(holding, Ordering::Release);
+        self.held.store(tail.settle(), Ordering::Release);
     }
 
     fn deliver(&self, held: Held) {
@@ -329,5 +427,110 @@ impl Shared {
                 );
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::EventName;
+
+    fn event(seq: u64) -> HeldEntry {
+        HeldEntry::Event(
+            StoredEvent {
+                seq,
+                time_ms: 0,
+                name: EventName::default_name(),
+                topics: Vec::new(),
+                data: bytes::Bytes::from_static(b"1234"),
+            },
+            None,
+        )
+    }
+
+    /// Reads `seq-0` into `tail` as the tailer does.
+    fn read(tail: &mut TailState, seq: u64) {
+        assert!(tail.advance(StreamPos(seq, 0)));
+        tail.hold(StreamPos(seq, 0), event(seq), false);
+    }
+
+    fn released(tail: &mut TailState) -> Vec<u64> {
+        let mut out = Vec::new();
+        while let Some(held) = tail.next_released() {
+            out.push(held.id.0);
+        }
+        tail.settle();
+        out
+    }
+
+    #[test]
+    fn events_wait_for_a_marker_covering_them_and_go_out_in_order() {
+        let mut tail = TailState::new(StreamPos(0, 0), 0);
+        for seq in 1..=4 {
+            read(&mut tail, seq);
+        }
+        assert!(released(&mut tail).is_empty(), "nothing replicated yet");
+        assert!(!tail.cover(2));
+        assert_eq!(released(&mut tail), [1, 2]);
+        assert_eq!(tail.delivered, StreamPos(2, 0));
+        assert!(!tail.cover(4));
+        assert_eq!(released(&mut tail), [3, 4]);
+        // Without wait_replicas everything goes out at once.
+        let mut open = TailState::new(StreamPos(0, 0), u64::MAX);
+        read(&mut open, 1);
+        assert_eq!(released(&mut open), [1]);
+    }
+
+    #[test]
+    fn a_new_connection_drops_what_is_held_and_reads_again_from_the_delivered() {
+        let mut tail = TailState::new(StreamPos(0, 0), 0);
+        for seq in 1..=3 {
+            read(&mut tail, seq);
+        }
+        tail.cover(1);
+        assert_eq!(released(&mut tail), [1]);
+        // A probe read meanwhile does not move what was delivered.
+        assert!(tail.advance(StreamPos(3, 1)));
+        tail.settle();
+        tail.restart();
+        assert_eq!(tail.read, StreamPos(1, 0));
+        assert!(tail.held.is_empty());
+        // The promoted replica has 2 but not 3, then a new 3.
+        read(&mut tail, 2);
+        read(&mut tail, 3);
+        tail.cover(3);
+        assert_eq!(released(&mut tail), [2, 3]);
+        // Nothing held: a reconnect continues after the last entry read.
+        assert!(tail.advance(StreamPos(3, 5)));
+        tail.settle();
+        tail.restart();
+        assert_eq!(tail.read, StreamPos(3, 5));
+    }
+
+    #[test]
+    fn a_full_hold_drops_entries_and_reads_them_again_after_a_marker() {
+        let mut tail = TailState::new(StreamPos(0, 0), 0);
+        tail.max = (2, usize::MAX);
+        for seq in 1..=4 {
+            read(&mut tail, seq);
+        }
+        assert_eq!(tail.held.len(), 2, "3 and 4 dropped");
+        // A marker for all four: 1 and 2 go out, reading restarts after 2.
+        assert!(tail.cover(4));
+        assert_eq!(released(&mut tail), [1, 2]);
+        tail.rewind();
+        assert_eq!(tail.read, StreamPos(2, 0));
+        read(&mut tail, 3);
+        read(&mut tail, 4);
+        assert_eq!(released(&mut tail), [3, 4]);
+        // An old marker read again does not rewind again.
+        assert!(!tail.cover(4));
+        // The byte bound too: one event always fits.
+        let mut tail = TailState::new(StreamPos(0, 0), 0);
+        tail.max = (usize::MAX, 6);
+        read(&mut tail, 1);
+        read(&mut tail, 2);
+        assert_eq!(tail.held.len(), 1);
+        assert!(tail.dropped);
     }
 }
