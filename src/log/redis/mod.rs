@@ -11,12 +11,13 @@
 //! | `{tag}:version`      | string | layout version (1), checked at start          |
 //! | `{tag}:epoch`        | string | the log's epoch                               |
 //! | `{tag}:head`         | string | last assigned sequence (`INCR`)               |
-//! | `{tag}:log`          | stream | one entry `<seq>-0` per event: `n` name, `ms` time, `t` topics, `d` data, `x` trim state; trim markers and probes `<head>-<k>` |
+//! | `{tag}:log`          | stream | one entry `<seq>-0` per event: `n` name, `ms` time, `t` topics, `d` data, `x` trim state; trim markers, probes and commit markers `<head>-<k>` |
 //! | `{tag}:t:<topic>`    | zset   | the topic index: member = score = seq         |
 //! | `{tag}:w`            | hash   | topic → highest sequence trimmed              |
 //! | `{tag}:rc`           | hash   | seq → topic indexes still holding the event   |
 //! | `{tag}:topics`       | set    | every topic ever published to                 |
 //! | `{tag}:p:<node>`     | list   | a node's last delivery probes (see `probe`)   |
+//! | `{tag}:r`            | hash   | replicated watermark: `seq` (every event up to it seen by `WAIT` on the replicas), `id` (the newest commit marker), `confirms` |
 //! | `{tag}:i:<org>:<key>`| string | idempotency key: `<seq> <digest hex>`, TTL `publish.idempotency_window_s` |
 //!
 //! **Script.** `migrations/redis/v1.lua` does every operation in one atomic
@@ -31,13 +32,33 @@
 //! each (see the README for what a `201` means under each persistence
 //! setting). The `tailer` follows the stream and hands every event, whoever
 //! appended it, to this node's hub; subscribers never talk to Redis except
-//! for replay reads. The `trimmer` applies age retention to quiet logs.
+//! for replay reads.
+//!
+//! **What a `201` means across a failover.** With `wait_replicas = 0`: the
+//! primary executed the append; a replica promoted before it got the event
+//! lacks it, although subscribers may have seen it. With `wait_replicas =
+//! N ≥ 1`: `WAIT` also saw N replicas hold it, and no node delivers an event
+//! (to its hub or to replay reads) before a commit marker says it is
+//! replicated: the writer appends one (`commit`) after each successful
+//! `WAIT`, and an idle writer whose tail holds events confirms them
+//! (`confirm`, `WAIT`, `commit`), which covers a marker lost in a failover
+//! or a writer that died between its `WAIT` and its marker. A failover then
+//! loses nothing acknowledged (if Sentinel promotes a replica `WAIT` counted)
+//! and un-says nothing delivered: the tails drop what they held and read
+//! again from what they delivered, and sequences of lost, never delivered
+//! events are reused safely. The `trimmer` applies age retention to quiet logs.
 //! They share `shared::Shared` and never call each other; `connections`
 //! and `replies` are below them all.
 //!
 //! **Faults.** A failed command answers `503` (the script is atomic: nothing
-//! half-stored). The tailer reconnects, and a Redis that lost the log makes
-//! it refuse writes until the gateway restarts (see `tailer`). The `probe`
+//! half-stored). The tailer reconnects, and a Redis that lost the log (its
+//! epoch changed, or its head is below what this node delivered) makes it
+//! refuse writes until the gateway restarts (see `tailer`).
+//!
+//! **Connections** (size Redis `maxclients` by them): per node one shared,
+//! multiplexed connection for the deployment (replay reads, trims, probes),
+//! plus two per open log, the writer's (`WAIT` blocks it) and the tailer's
+//! (`XREAD BLOCK`): 3 per node without tenancy, `1 + 2 × orgs served` with it. The `probe`
 //! checks delivery itself: a probe appended every interval must come back
 //! through this node's tail, or the log is not ready and the tailer replaces
 //! its connection.
