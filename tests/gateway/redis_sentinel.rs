@@ -164,6 +164,11 @@ impl Link {
         self.frozen.store(true, Ordering::SeqCst);
     }
 
+    /// What the primary sends flows again (with what was held first).
+    pub(crate) fn thaw(&self) {
+        self.frozen.store(false, Ordering::SeqCst);
+    }
+
     /// Drops what is held and closes every connection for good.
     pub(crate) fn cut(&self) {
         self.cut.store(true, Ordering::SeqCst);
@@ -597,4 +602,102 @@ async fn redis_sentinel_failover_without_wait_replicas_loses_acknowledged_events
         seen_lost > 0,
         "a subscriber saw events that the log no longer has"
     );
+}
+
+/// An event appended and never confirmed (its writer died between the
+/// append and its commit marker, or its replica had not got it yet) is
+/// delivered to nobody while no replica has it, and without any further
+/// publish once one has: the idle writer confirms it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_wait_replicas_delivers_only_replicated_events_and_confirms_when_idle() {
+    let dirs: Vec<TempDir> = (0..2).map(|_| TempDir::new().unwrap()).collect();
+    let (_primary, primary_port) = data_server(dirs[0].path(), &[]);
+    let link = Link::start(primary_port);
+    let replica_args: Vec<String> = ["--replicaof", "127.0.0.1", &link.port.to_string()]
+        .map(String::from)
+        .to_vec();
+    let (_replica, replica_port) = data_server(dirs[1].path(), &replica_args);
+    wait_until("the replica to sync", Duration::from_secs(10), || {
+        redis_cli(replica_port, &["info", "replication"]).contains("master_link_status:up")
+    });
+    let work = TempDir::new().unwrap();
+    let storage = format!(
+        "{}\nwait_replicas = 1\nwait_timeout_ms = 300",
+        crate::redis::single(&format!("redis://127.0.0.1:{primary_port}"))
+    );
+    let config = redis_config(work.path(), &storage, "");
+    let nodes = gateways(work.path(), &config, 1);
+    let client = reqwest::Client::new();
+    let mut live = SseReader::connect(&client, &nodes[0].url("/topics/held"), None).await;
+    live.until_blocks(1).await;
+
+    // Another writer appends with the script and never confirms: the
+    // replica does not get it while the link is frozen.
+    link.freeze();
+    let sha = redis_cli(
+        primary_port,
+        &[
+            "script",
+            "load",
+            include_str!("../../migrations/redis/v1.lua"),
+        ],
+    );
+    let epoch = redis_cli(primary_port, &["get", "{sse}:epoch"]);
+    let appended = redis_cli(
+        primary_port,
+        &[
+            "evalsha",
+            &sha,
+            "1",
+            "{sse}:log",
+            "append",
+            &epoch,
+            "1000000",
+            "86400000",
+            "1000",
+            "1",
+            "1",
+            "message",
+            "held",
+            r#"{"n":1}"#,
+            "",
+            "",
+        ],
+    );
+    assert_eq!(appended, "1", "the script stored the event as 1");
+    assert!(
+        live.next_event_within(Duration::from_millis(2500))
+            .await
+            .is_none(),
+        "an event no replica has is not delivered"
+    );
+    // Not after the tail reconnects either (it resyncs from a snapshot
+    // whose head includes the event).
+    let killed = redis_cli(primary_port, &["client", "kill", "type", "normal"]);
+    assert_ne!(killed, "0", "the gateway's connections were dropped");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        live.next_event_within(Duration::from_millis(200))
+            .await
+            .is_none(),
+        "an event no replica has is not delivered after a reconnect"
+    );
+    let mut replay = SseReader::connect(&client, &nodes[0].url("/topics/held"), Some("0")).await;
+    assert!(
+        replay
+            .next_event_within(Duration::from_millis(300))
+            .await
+            .is_none(),
+        "nor readable by a replay"
+    );
+
+    // The replica gets it; nobody publishes: the idle writer confirms it.
+    link.thaw();
+    let event = live
+        .next_event_within(Duration::from_secs(5))
+        .await
+        .expect("the event is delivered once replicated, without another publish");
+    assert_eq!((seq_of(&event.id), event.data.as_str()), (1, r#"{"n":1}"#));
+    let marker = redis_cli(primary_port, &["hget", "{sse}:r", "seq"]);
+    assert_eq!(marker, "1", "a commit marker covers it");
 }
