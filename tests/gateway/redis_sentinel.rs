@@ -631,6 +631,18 @@ async fn redis_wait_replicas_delivers_only_replicated_events_and_confirms_when_i
     let mut live = SseReader::connect(&client, &nodes[0].url("/topics/held"), None).await;
     live.until_blocks(1).await;
 
+    // One publish: a commit marker exists.
+    let first = client
+        .post(nodes[0].url("/topics/held"))
+        .header("content-type", "application/json")
+        .body(r#"{"data":{"n":0}}"#)
+        .send()
+        .await
+        .expect("publish");
+    assert_eq!(first.status(), StatusCode::CREATED);
+    let event = live.next_event_within(WAIT).await.expect("the first event");
+    assert_eq!(seq_of(&event.id), 1);
+
     // Another writer appends with the script and never confirms: the
     // replica does not get it while the link is frozen.
     link.freeze();
@@ -664,7 +676,7 @@ async fn redis_wait_replicas_delivers_only_replicated_events_and_confirms_when_i
             "",
         ],
     );
-    assert_eq!(appended, "1", "the script stored the event as 1");
+    assert_eq!(appended, "2", "the script stored the event as 2");
     assert!(
         live.next_event_within(Duration::from_millis(2500))
             .await
@@ -683,6 +695,13 @@ async fn redis_wait_replicas_delivers_only_replicated_events_and_confirms_when_i
         "an event no replica has is not delivered after a reconnect"
     );
     let mut replay = SseReader::connect(&client, &nodes[0].url("/topics/held"), Some("0")).await;
+    assert_eq!(
+        replay
+            .next_event_within(Duration::from_millis(300))
+            .await
+            .map(|e| seq_of(&e.id)),
+        Some(1)
+    );
     assert!(
         replay
             .next_event_within(Duration::from_millis(300))
@@ -690,6 +709,22 @@ async fn redis_wait_replicas_delivers_only_replicated_events_and_confirms_when_i
             .is_none(),
         "nor readable by a replay"
     );
+    // Nor on a node opening the log now (its replicas cannot confirm).
+    let late = gateways(work.path(), &config, 1);
+    let mut replay = SseReader::connect(&client, &late[0].url("/topics/held"), Some("0")).await;
+    assert_eq!(
+        replay.next_event_within(WAIT).await.map(|e| seq_of(&e.id)),
+        Some(1)
+    );
+    assert!(
+        replay
+            .next_event_within(Duration::from_millis(300))
+            .await
+            .is_none(),
+        "nor readable on a node opened meanwhile"
+    );
+    let mut late_live =
+        SseReader::connect(&client, &late[0].url("/topics/held"), Some(&event.id)).await;
 
     // The replica gets it; nobody publishes: the idle writer confirms it.
     link.thaw();
@@ -697,7 +732,12 @@ async fn redis_wait_replicas_delivers_only_replicated_events_and_confirms_when_i
         .next_event_within(Duration::from_secs(5))
         .await
         .expect("the event is delivered once replicated, without another publish");
-    assert_eq!((seq_of(&event.id), event.data.as_str()), (1, r#"{"n":1}"#));
+    assert_eq!((seq_of(&event.id), event.data.as_str()), (2, r#"{"n":1}"#));
+    let event = late_live
+        .next_event_within(Duration::from_secs(5))
+        .await
+        .expect("the late node delivers it too");
+    assert_eq!((seq_of(&event.id), event.data.as_str()), (2, r#"{"n":1}"#));
     let marker = redis_cli(primary_port, &["hget", "{sse}:r", "seq"]);
-    assert_eq!(marker, "1", "a commit marker covers it");
+    assert_eq!(marker, "2", "a commit marker covers it");
 }

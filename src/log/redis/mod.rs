@@ -167,18 +167,36 @@ impl RedisLog {
         }
         // With wait_replicas, events above the replicated watermark are not
         // delivered yet: the tail starts below them and holds them until a
-        // commit marker covers them (see `tailer`). A log that never had a
-        // marker has nothing to hold.
-        let (head, tail) = match snapshot.replicated {
-            Some(replicated) if options.wait_replicas > 0 && replicated < snapshot.head => (
+        // commit marker covers them (see `tailer`). Confirming first makes
+        // that nothing, normally (replicas up).
+        let mut replicated = snapshot.replicated;
+        let gated = options.wait_replicas > 0;
+        if gated && replicated.is_none_or(|r| r < snapshot.head) {
+            let limits = (options.wait_replicas, options.wait_timeout);
+            let confirmed = match clients.dedicated(false).await {
+                Ok(mut c) => writer::confirm(&script, &log_key, &epoch, limits, &mut c).await,
+                Err(e) => Err(e),
+            };
+            match confirmed {
+                Ok(head) => replicated = Some(head),
+                Err(e) => tracing::warn!(
+                    log = %log_key,
+                    error = %e,
+                    "replicas did not confirm the log at open; events not known replicated are held"
+                ),
+            }
+        }
+        let (head, tail) = match replicated {
+            Some(replicated) if gated && replicated < snapshot.head => (
                 replicated,
                 tailer::TailState::new(StreamPos(replicated, 0), replicated),
             ),
+            // No marker was ever written (a log used without wait_replicas,
+            // whose replicas do not answer now): nothing known to hold.
             _ => {
-                let released = if options.wait_replicas > 0 {
-                    snapshot.head
-                } else {
-                    u64::MAX
+                let released = match gated {
+                    true => replicated.unwrap_or(0).max(snapshot.head),
+                    false => u64::MAX,
                 };
                 (
                     snapshot.head,

@@ -29,7 +29,7 @@ use super::shared::Shared;
 use crate::idempotency;
 use crate::log::queue::{Pending, WriterMsg};
 use crate::log::{Appended, LogError};
-use crate::model::Topic;
+use crate::model::{Epoch, Topic};
 
 /// Most bytes of event data sent in one append call.
 const MAX_BATCH_BYTES: usize = 8 * 1024 * 1024;
@@ -244,53 +244,79 @@ impl Shared {
     /// `WAIT` for `storage.wait_replicas` replicas to hold every write sent
     /// on `c` so far.
     async fn wait_replicas(&self, c: &mut Conn) -> Result<(), LogError> {
-        let acked: u64 = redis::cmd("WAIT")
-            .arg(self.options.wait_replicas)
-            .arg(self.options.wait_timeout.as_millis() as u64)
-            .query_async(c)
-            .await
-            .map_err(redis_err)?;
-        if acked < u64::from(self.options.wait_replicas) {
-            return Err(LogError::Replication {
-                acked,
-                wanted: self.options.wait_replicas,
-            });
-        }
-        Ok(())
+        wait_for_replicas(c, self.options.wait_replicas, self.options.wait_timeout).await
     }
 
     /// The script's `commit`: every event up to `through` is replicated.
     async fn commit_marker(&self, c: &mut Conn, through: u64) -> Result<(), LogError> {
-        let _: String = self
-            .script
-            .key(&self.log_key)
-            .arg("commit")
-            .arg(self.epoch.as_str())
-            .arg(through)
-            .invoke_async(c)
-            .await
-            .map_err(redis_err)?;
-        Ok(())
+        commit_marker(&self.script, &self.log_key, &self.epoch, c, through).await
     }
 
     /// Confirms that everything up to the current head is replicated and
     /// says so with a commit marker (`confirm`, `WAIT`, `commit`).
-    async fn confirm(&self, c: &mut Conn) -> Result<(), LogError> {
-        let head: String = self
-            .script
-            .key(&self.log_key)
-            .arg("confirm")
-            .arg(self.epoch.as_str())
-            .invoke_async(c)
-            .await
-            .map_err(redis_err)?;
-        let head: u64 = head.parse().map_err(|_| LogError::Corrupt {
-            key: self.log_key.clone(),
-            what: format!("confirm answered {head:?}"),
-        })?;
-        self.wait_replicas(c).await?;
-        self.commit_marker(c, head).await
+    async fn confirm(&self, c: &mut Conn) -> Result<u64, LogError> {
+        let options = &self.options;
+        let (n, timeout) = (options.wait_replicas, options.wait_timeout);
+        confirm(&self.script, &self.log_key, &self.epoch, (n, timeout), c).await
     }
+}
+
+/// `WAIT n timeout` on `c`: every write sent on it so far is on `n` replicas.
+async fn wait_for_replicas(c: &mut Conn, n: u32, timeout: Duration) -> Result<(), LogError> {
+    let acked: u64 = redis::cmd("WAIT")
+        .arg(n)
+        .arg(timeout.as_millis() as u64)
+        .query_async(c)
+        .await
+        .map_err(redis_err)?;
+    if acked < u64::from(n) {
+        return Err(LogError::Replication { acked, wanted: n });
+    }
+    Ok(())
+}
+
+/// The script's `commit`: every event up to `through` is replicated.
+async fn commit_marker(
+    script: &redis::Script,
+    log_key: &str,
+    epoch: &Epoch,
+    c: &mut Conn,
+    through: u64,
+) -> Result<(), LogError> {
+    let _: String = script
+        .key(log_key)
+        .arg("commit")
+        .arg(epoch.as_str())
+        .arg(through)
+        .invoke_async(c)
+        .await
+        .map_err(redis_err)?;
+    Ok(())
+}
+
+/// `confirm`, `WAIT n timeout`, `commit`: marks every event up to the head
+/// as replicated, and answers that head. Also used when a log is opened.
+pub(super) async fn confirm(
+    script: &redis::Script,
+    log_key: &str,
+    epoch: &Epoch,
+    (n, timeout): (u32, Duration),
+    c: &mut Conn,
+) -> Result<u64, LogError> {
+    let head: String = script
+        .key(log_key)
+        .arg("confirm")
+        .arg(epoch.as_str())
+        .invoke_async(c)
+        .await
+        .map_err(redis_err)?;
+    let head: u64 = head.parse().map_err(|_| LogError::Corrupt {
+        key: log_key.to_owned(),
+        what: format!("confirm answered {head:?}"),
+    })?;
+    wait_for_replicas(c, n, timeout).await?;
+    commit_marker(script, log_key, epoch, c, head).await?;
+    Ok(head)
 }
 
 /// Splits the script's answers (one per event: `<seq>`, `r<seq>` or
