@@ -123,6 +123,18 @@ impl TailState {
         self.dropped = false;
     }
 
+    /// After a new connection's snapshot of a server with head `head` and
+    /// replicated watermark `replicated`: a watermark there covers events
+    /// it holds (it was written after them, once WAIT saw them replicated);
+    /// sequences above its head are not on it, so whatever takes them next
+    /// waits for a marker of its own, even if an older server's marker
+    /// covered those numbers.
+    fn resynced(&mut self, replicated: Option<u64>, head: u64) {
+        if self.released != u64::MAX {
+            self.released = self.released.max(replicated.unwrap_or(0)).min(head);
+        }
+    }
+
     /// Takes entry `id`, read from the stream; false when it was read
     /// before (the answer overlaps).
     fn advance(&mut self, id: StreamPos) -> bool {
@@ -287,9 +299,7 @@ impl Shared {
             )));
         }
         self.stats.replace(snap.topics);
-        // A watermark on this server covers events it holds (it was written
-        // after them, once WAIT saw them replicated).
-        tail.cover(snap.replicated.unwrap_or(0));
+        tail.resynced(snap.replicated, snap.head);
         // Everything up to the Redis head (with wait_replicas: up to the
         // replicated watermark) is stored or trimmed: readable now.
         self.raise_head(snap.head.min(tail.released));
@@ -500,6 +510,17 @@ mod tests {
         read(&mut tail, 3);
         tail.cover(3);
         assert_eq!(released(&mut tail), [2, 3]);
+        // A server whose head is below what a marker covered (a promoted
+        // replica that lacks the end): its next events wait for a marker.
+        tail.resynced(Some(2), 2);
+        assert_eq!(tail.released, 2);
+        tail.resynced(None, 5);
+        assert_eq!(tail.released, 2);
+        tail.cover(3);
+        // Without wait_replicas nothing is ever held.
+        let mut open = TailState::new(StreamPos(0, 0), u64::MAX);
+        open.resynced(Some(1), 1);
+        assert_eq!(open.released, u64::MAX);
         // Nothing held: a reconnect continues after the last entry read.
         assert!(tail.advance(StreamPos(3, 5)));
         tail.settle();

@@ -232,9 +232,13 @@ impl Shared {
                 .max();
             if let Some(through) = through {
                 // The events are on the replicas: the publishes get their
-                // 201 even if the marker fails (a later one covers them).
+                // 201 even if the marker fails (a later one, or the idle
+                // confirm, covers them); a broken connection is replaced.
                 if let Err(e) = self.commit_marker(c, through).await {
                     tracing::warn!(log = %self.log_key, error = %e, through, "commit marker not written");
+                    if matches!(e, LogError::Redis(_)) {
+                        *conn = None;
+                    }
                 }
             }
         }
