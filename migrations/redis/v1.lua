@@ -7,7 +7,8 @@
 --
 --   init      ARGV: candidate_epoch             -> {version, epoch}
 --   append    ARGV: epoch, max_events, max_age_ms, window_ms, m,
---                   m times: (k, (name, topics, data, key, digest)*k)
+--                   m times: (k, (name, topics, data, key, digest)*k),
+--                   [commit_seq]                (a `commit` first, if given and not 0)
 --                                               -> one answer per event (below)
 --   read      ARGV: after, upto, limit, n, topic*n
 --                                               -> {through, {watermark*n}, entry...}
@@ -109,6 +110,23 @@ local function trim_state(touched)
   return table.concat(parts, ',')
 end
 
+-- A commit marker: WAIT saw the replicas hold every entry up to seq.
+-- Raises the replicated watermark "{tag}:r" seq and appends a marker entry
+-- <head>-<n> with field `c` (the watermark) and `ms`, deleting the previous
+-- marker (its id is "{tag}:r" id): the stream holds one. Tailers deliver an
+-- event only once a marker covering it has arrived. A seq at or below the
+-- watermark changes nothing (a later marker covers it).
+local function commit(seq)
+  local cur = tonumber(redis.call('HGET', K_r, 'seq') or '0')
+  if seq <= cur then return s(cur) end
+  local id = redis.call('XADD', log, (redis.call('GET', K_head) or '0') .. '-*', 'ms', s(now_ms()),
+    'c', s(seq))
+  local old = redis.call('HGET', K_r, 'id')
+  if old then redis.call('XDEL', log, old) end
+  redis.call('HSET', K_r, 'seq', s(seq), 'id', id)
+  return s(seq)
+end
+
 if cmd == 'init' then
   local version = redis.call('GET', K_version)
   if not version then
@@ -129,6 +147,11 @@ elseif cmd == 'append' then
   local max_age = tonumber(ARGV[4])
   local window = ARGV[5]
   local m = tonumber(ARGV[6])
+  -- After the appends, optionally: the previous append's commit marker
+  -- (its WAIT succeeded), written here to save a call and an fsync.
+  local q = 7
+  for _ = 1, m do q = q + 1 + 5 * tonumber(ARGV[q]) end
+  if ARGV[q] and ARGV[q] ~= '0' then commit(tonumber(ARGV[q])) end
   local now = now_ms()
   local touched = {}
   age_trim(now - max_age, 64, touched)
@@ -295,23 +318,10 @@ elseif cmd == 'confirm' then
   return redis.call('GET', K_head) or '0'
 
 elseif cmd == 'commit' then
-  -- A commit marker: WAIT saw the replicas hold every entry up to seq.
-  -- Raises the replicated watermark "{tag}:r" seq and appends a marker
-  -- entry <head>-<n> with field `c` (the watermark) and `ms`, deleting the
-  -- previous marker (its id is "{tag}:r" id): the stream holds one. Tailers
-  -- deliver an event only once a marker covering it has arrived. A seq at
-  -- or below the watermark changes nothing (a later marker covers it).
+  -- The marker alone (see commit above), when no append follows soon.
   local bad = check_epoch(ARGV[2])
   if bad then return bad end
-  local seq = tonumber(ARGV[3])
-  local cur = tonumber(redis.call('HGET', K_r, 'seq') or '0')
-  if seq <= cur then return s(cur) end
-  local id = redis.call('XADD', log, (redis.call('GET', K_head) or '0') .. '-*', 'ms', s(now_ms()),
-    'c', s(seq))
-  local old = redis.call('HGET', K_r, 'id')
-  if old then redis.call('XDEL', log, old) end
-  redis.call('HSET', K_r, 'seq', s(seq), 'id', id)
-  return s(seq)
+  return commit(tonumber(ARGV[3]))
 end
 
 return redis.error_reply('SSEUNKNOWN unknown command ' .. tostring(cmd))

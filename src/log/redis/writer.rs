@@ -7,11 +7,14 @@
 //! that `WAIT` saw that many replicas. The writer does not hand events to the
 //! hub: this node's tailer does, for events appended by any node.
 //!
-//! With `wait_replicas >= 1`, once `WAIT` succeeded the writer sends the
-//! script's `commit` with the chunk's highest sequence: a commit marker in
-//! the stream that lets every node's tailer deliver the events up to it
+//! With `wait_replicas >= 1`, once `WAIT` succeeded the publishes get their
+//! `201` and the chunk's highest sequence becomes a commit marker in the
+//! stream, which lets every node's tailer deliver the events up to it
 //! (replication is one ordered stream, so the replicas then hold every
-//! earlier entry too, whoever appended it). A marker that is lost (the
+//! earlier entry too, whoever appended it). The next append carries the
+//! marker (the script writes it first, in the same call and fsync); when
+//! the queue is empty it is written alone (`commit`), so under load a
+//! marker costs no extra call or fsync. A marker that is lost (the
 //! primary died right after the `WAIT`) is covered by the next one; when
 //! this node's tailer holds events and no publish came for [`IDLE_CHECK`],
 //! the idle writer confirms: `confirm` (one write, answering the head),
@@ -38,6 +41,13 @@ const MAX_BATCH_BYTES: usize = 8 * 1024 * 1024;
 /// `/readyz` turns green only once the next publish would be stored.
 const IDLE_CHECK: Duration = Duration::from_secs(1);
 
+/// How long a commit marker waits for an append to carry it before it is
+/// written alone: an extra write costs Redis an extra fsync (with
+/// `appendfsync always`), and a publisher that just got its `201` usually
+/// sends again within this. Subscribers get the events that much later when
+/// publishes are sparse.
+const MARKER_LINGER: Duration = Duration::from_millis(2);
+
 /// The writer's connection and the outage count when it was made: one made
 /// before the latest outage is stale (Redis restarted under it).
 type WriterConn = Option<(Conn, u64)>;
@@ -48,11 +58,24 @@ pub(super) async fn run_writer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Write
     let mut msgs = Vec::with_capacity(max);
     // Its own connection: `WAIT` blocks the connection it is sent on.
     let mut conn: WriterConn = None;
+    // The last successful WAIT's commit marker, not written yet: the next
+    // append carries it, or it is written alone after MARKER_LINGER without
+    // one.
+    let mut marker: Option<u64> = None;
     loop {
+        let idle = if marker.is_some() {
+            MARKER_LINGER
+        } else {
+            IDLE_CHECK
+        };
         let received = tokio::select! {
             received = rx.recv_many(&mut msgs, max) => received,
-            () = tokio::time::sleep(IDLE_CHECK) => {
-                shared.check_writer_connection(&mut conn).await;
+            () = tokio::time::sleep(idle) => {
+                if marker.is_some() {
+                    shared.flush_marker(&mut conn, &mut marker).await;
+                } else {
+                    shared.check_writer_connection(&mut conn).await;
+                }
                 continue;
             }
         };
@@ -81,9 +104,10 @@ pub(super) async fn run_writer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Write
                 take += 1;
             }
             let chunk: Vec<Pending> = batch.drain(..take).collect();
-            shared.commit(&mut conn, chunk).await;
+            shared.commit(&mut conn, chunk, &mut marker).await;
         }
         if let Some(reply) = shutdown {
+            shared.flush_marker(&mut conn, &mut marker).await;
             let _ = reply.send(());
             return;
         }
@@ -134,7 +158,7 @@ impl Shared {
     }
 
     /// Appends one chunk and answers every publish in it.
-    async fn commit(&self, conn: &mut WriterConn, chunk: Vec<Pending>) {
+    async fn commit(&self, conn: &mut WriterConn, chunk: Vec<Pending>, marker: &mut Option<u64>) {
         if let Some(cause) = self.failure() {
             for (_, reply) in chunk {
                 let _ = reply.send(Err(LogError::Failed(Arc::clone(&cause))));
@@ -143,7 +167,7 @@ impl Shared {
         }
         let started = Instant::now();
         let result = self
-            .append_chunk(conn, &chunk)
+            .append_chunk(conn, &chunk, marker)
             .await
             .and_then(|answers| outcomes(&chunk, &answers));
         match result {
@@ -180,11 +204,14 @@ impl Shared {
         }
     }
 
-    /// One `append` script call (and `WAIT`); its answer per event.
+    /// One `append` script call (and `WAIT`); its answer per event. The
+    /// call carries `marker` (the previous WAIT's commit marker) and, after
+    /// a successful WAIT, leaves this one's there.
     async fn append_chunk(
         &self,
         conn: &mut WriterConn,
         chunk: &[Pending],
+        marker: &mut Option<u64>,
     ) -> Result<Vec<String>, LogError> {
         let outages = self.outages.load(Ordering::Acquire);
         if conn.as_ref().is_some_and(|(_, made)| *made != outages) {
@@ -220,29 +247,47 @@ impl Shared {
                     .arg(digest);
             }
         }
-        let answers: Vec<String> = invocation.invoke_async(c).await.map_err(redis_err)?;
+        // The script writes the carried marker first, in the same atomic
+        // call (one fsync for both); if the call fails, nothing of it was
+        // written and the marker is carried again.
+        let carried = marker.take();
+        invocation.arg(carried.unwrap_or(0));
+        let answers: Vec<String> = match invocation.invoke_async(c).await {
+            Ok(answers) => answers,
+            Err(e) => {
+                *marker = carried;
+                return Err(redis_err(e));
+            }
+        };
         if self.options.wait_replicas > 0 {
             self.wait_replicas(c).await?;
             // The highest sequence answered (stored now or earlier: a
             // replayed key's event is older still); `c…` answers are no
-            // sequence and do not parse.
-            let through = answers
+            // sequence and do not parse. The publishes get their 201 now;
+            // subscribers get the events once the marker is written.
+            *marker = answers
                 .iter()
                 .filter_map(|a| a.strip_prefix('r').unwrap_or(a).parse::<u64>().ok())
                 .max();
-            if let Some(through) = through {
-                // The events are on the replicas: the publishes get their
-                // 201 even if the marker fails (a later one, or the idle
-                // confirm, covers them); a broken connection is replaced.
-                if let Err(e) = self.commit_marker(c, through).await {
-                    tracing::warn!(log = %self.log_key, error = %e, through, "commit marker not written");
-                    if matches!(e, LogError::Redis(_)) {
-                        *conn = None;
-                    }
+        }
+        Ok(answers)
+    }
+
+    /// Writes the pending commit marker alone (the queue is empty, so no
+    /// append will carry it soon). On failure it stays pending (a broken
+    /// connection is replaced); the next append carries it.
+    async fn flush_marker(&self, conn: &mut WriterConn, marker: &mut Option<u64>) {
+        let Some(through) = *marker else { return };
+        let Some((c, _)) = conn.as_mut() else { return };
+        match self.commit_marker(c, through).await {
+            Ok(()) => *marker = None,
+            Err(e) => {
+                tracing::warn!(log = %self.log_key, error = %e, through, "commit marker not written");
+                if matches!(e, LogError::Redis(_)) {
+                    *conn = None;
                 }
             }
         }
-        Ok(answers)
     }
 
     /// `WAIT` for `storage.wait_replicas` replicas to hold every write sent
