@@ -39,8 +39,8 @@
 //! lacks it, although subscribers may have seen it. With `wait_replicas =
 //! N ≥ 1`: `WAIT` also saw N replicas hold it, and no node delivers an event
 //! (to its hub or to replay reads) before a commit marker says it is
-//! replicated: the writer appends one (`commit`) after each successful
-//! `WAIT`, and an idle writer whose tail holds events confirms them
+//! replicated: after each successful `WAIT` the writer's next append
+//! carries one (or `commit` writes it alone), and an idle writer whose tail holds events confirms them
 //! (`confirm`, `WAIT`, `commit`), which covers a marker lost in a failover
 //! or a writer that died between its `WAIT` and its marker. A failover then
 //! loses nothing acknowledged (if Sentinel promotes a replica `WAIT` counted)
