@@ -76,6 +76,9 @@ pub enum Backend {
     Redis,
     /// `redis-cluster`: a Redis Cluster, some of whose nodes are `cluster_urls`.
     RedisCluster,
+    /// `redis-sentinel`: the primary the `sentinels` name for `sentinel_master`
+    /// (asked again on every reconnect, so a failover is followed).
+    RedisSentinel,
 }
 
 impl Backend {
@@ -85,6 +88,7 @@ impl Backend {
             Self::Sled => "sled",
             Self::Redis => "redis",
             Self::RedisCluster => "redis-cluster",
+            Self::RedisSentinel => "redis-sentinel",
         }
     }
 }
@@ -98,8 +102,9 @@ impl std::str::FromStr for Backend {
             "sled" => Ok(Self::Sled),
             "redis" => Ok(Self::Redis),
             "redis-cluster" => Ok(Self::RedisCluster),
+            "redis-sentinel" => Ok(Self::RedisSentinel),
             other => Err(format!(
-                "storage.backend {other:?} is unknown; use \"sled\", \"redis\" or \"redis-cluster\""
+                "storage.backend {other:?} is unknown; use \"sled\", \"redis\", \"redis-cluster\" or \"redis-sentinel\""
             )),
         }
     }
@@ -125,8 +130,9 @@ impl std::fmt::Display for Backend {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageConfig {
-    /// `sled` (embedded, default), `redis` (one server, `url`) or
-    /// `redis-cluster` (a Redis Cluster, `cluster_urls`).
+    /// `sled` (embedded, default), `redis` (one server, `url`),
+    /// `redis-cluster` (a Redis Cluster, `cluster_urls`) or `redis-sentinel`
+    /// (a primary found through `sentinels`).
     pub backend: Backend,
     /// sled's data directory.
     pub data_dir: PathBuf,
@@ -135,6 +141,11 @@ pub struct StorageConfig {
     pub url: String,
     /// Some nodes of the cluster for `backend = "redis-cluster"`.
     pub cluster_urls: Vec<String>,
+    /// Some of the Sentinels for `backend = "redis-sentinel"`
+    /// (`redis://host:port`), asked in order for the current primary.
+    pub sentinels: Vec<String>,
+    /// The master name the Sentinels monitor (`sentinel monitor <name> …`).
+    pub sentinel_master: String,
     /// The hash tag every Redis key of the log is under: `{<key_prefix>}:…`,
     /// and `{<key_prefix>:org:<org>}:…` for an org's log with tenancy on.
     pub key_prefix: String,
@@ -158,6 +169,8 @@ impl Default for StorageConfig {
             data_dir: PathBuf::from("./data"),
             url: "redis://127.0.0.1:6379".into(),
             cluster_urls: Vec::new(),
+            sentinels: Vec::new(),
+            sentinel_master: "mymaster".into(),
             key_prefix: "sse".into(),
             command_timeout_ms: 5_000,
             wait_replicas: 0,
@@ -200,6 +213,34 @@ impl StorageConfig {
                         ));
                     }
                     redis_url(url).map_err(|m| format!("storage.cluster_urls: {m}"))?;
+                }
+            }
+            Backend::RedisSentinel => {
+                if self.sentinels.is_empty() {
+                    return Err(
+                        "storage.backend = \"redis-sentinel\" needs storage.sentinels = [\"redis://host:26379\", …]"
+                            .into(),
+                    );
+                }
+                for url in &self.sentinels {
+                    if !url.starts_with("redis://") {
+                        return Err(format!(
+                            "storage.sentinels: {url:?} must be a redis://host:port URL"
+                        ));
+                    }
+                    redis_url(url).map_err(|m| format!("storage.sentinels: {m}"))?;
+                }
+                let name_ok = !self.sentinel_master.is_empty()
+                    && self.sentinel_master.len() <= 64
+                    && self
+                        .sentinel_master
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b));
+                if !name_ok {
+                    return Err(
+                        "storage.sentinel_master must be 1 to 64 characters of [A-Za-z0-9_.-]"
+                            .into(),
+                    );
                 }
             }
         }
@@ -805,6 +846,28 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("cluster_urls"), "{err}");
+        let err = Config::from_toml("[storage]\nbackend = \"redis-sentinel\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("storage.sentinels"), "{err}");
+        let err = Config::from_toml(
+            "[storage]\nbackend = \"redis-sentinel\"\nsentinels = [\"http://x:1\"]\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("storage.sentinels"), "{err}");
+        let err = Config::from_toml(
+            "[storage]\nbackend = \"redis-sentinel\"\nsentinels = [\"redis://a:1\"]\nsentinel_master = \"\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("storage.sentinel_master"), "{err}");
+        let config = Config::from_toml(
+            "[storage]\nbackend = \"redis-sentinel\"\nsentinels = [\"redis://a:1\", \"redis://b:2\"]\nsentinel_master = \"main\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.storage.backend, Backend::RedisSentinel);
+        assert_eq!(config.storage.sentinels.len(), 2);
         let err = Config::from_toml("[storage]\nbackend = \"nats\"\n")
             .unwrap_err()
             .to_string();
@@ -815,7 +878,7 @@ mod tests {
         );
         assert_eq!(
             "nats".parse::<Backend>().unwrap_err(),
-            r#"storage.backend "nats" is unknown; use "sled", "redis" or "redis-cluster""#
+            r#"storage.backend "nats" is unknown; use "sled", "redis", "redis-cluster" or "redis-sentinel""#
         );
         assert_eq!("redis-cluster".parse(), Ok(Backend::RedisCluster));
         let err = Config::from_toml("[storage]\nkey_prefix = \"{x}\"\n")

@@ -200,8 +200,11 @@ fn load_config(args: &ServeArgs) -> anyhow::Result<Config> {
         config.storage.backend = backend.parse().map_err(ConfigError::Invalid)?;
     }
     if let Some(url) = &args.storage_url {
+        let list = || url.split(',').map(|u| u.trim().to_owned()).collect();
         if config.storage.backend == Backend::RedisCluster {
-            config.storage.cluster_urls = url.split(',').map(|u| u.trim().to_owned()).collect();
+            config.storage.cluster_urls = list();
+        } else if config.storage.backend == Backend::RedisSentinel {
+            config.storage.sentinels = list();
         } else {
             config.storage.url = url.clone();
         }

@@ -7,13 +7,17 @@
 --
 --   init      ARGV: candidate_epoch             -> {version, epoch}
 --   append    ARGV: epoch, max_events, max_age_ms, window_ms, m,
---                   m times: (k, (name, topics, data, key, digest)*k)
+--                   m times: (k, (name, topics, data, key, digest)*k),
+--                   [commit_seq]                (a `commit` first, if given and not 0)
 --                                               -> one answer per event (below)
 --   read      ARGV: after, upto, limit, n, topic*n
 --                                               -> {through, {watermark*n}, entry...}
---   snapshot  ARGV: -                           -> {epoch, head, last_id, {topic, count, first, last, wm}...}
+--   snapshot  ARGV: -                           -> {epoch, head, last_id, replicated|false,
+--                                                   {topic, count, first, last, wm}...}
 --   trim      ARGV: epoch, max_age_ms, limit    -> entries removed
 --   probe     ARGV: epoch, node, keep, ttl_ms   -> the probe entry's id
+--   confirm   ARGV: epoch                       -> head (after one write, for WAIT)
+--   commit    ARGV: epoch, seq                  -> the replicated watermark
 --
 -- An append holds m appends (publishes), each of k events, each with an
 -- idempotency key ('' = none) and the hex digest of its request. Each append
@@ -38,6 +42,7 @@ local K_head = p .. 'head'
 local K_w = p .. 'w'
 local K_rc = p .. 'rc'
 local K_topics = p .. 'topics'
+local K_r = p .. 'r'
 local cmd = ARGV[1]
 
 local function s(n) return string.format('%.0f', n) end
@@ -105,6 +110,23 @@ local function trim_state(touched)
   return table.concat(parts, ',')
 end
 
+-- A commit marker: WAIT saw the replicas hold every entry up to seq.
+-- Raises the replicated watermark "{tag}:r" seq and appends a marker entry
+-- <head>-<n> with field `c` (the watermark) and `ms`, deleting the previous
+-- marker (its id is "{tag}:r" id): the stream holds one. Tailers deliver an
+-- event only once a marker covering it has arrived. A seq at or below the
+-- watermark changes nothing (a later marker covers it).
+local function commit(seq)
+  local cur = tonumber(redis.call('HGET', K_r, 'seq') or '0')
+  if seq <= cur then return s(cur) end
+  local id = redis.call('XADD', log, (redis.call('GET', K_head) or '0') .. '-*', 'ms', s(now_ms()),
+    'c', s(seq))
+  local old = redis.call('HGET', K_r, 'id')
+  if old then redis.call('XDEL', log, old) end
+  redis.call('HSET', K_r, 'seq', s(seq), 'id', id)
+  return s(seq)
+end
+
 if cmd == 'init' then
   local version = redis.call('GET', K_version)
   if not version then
@@ -125,6 +147,11 @@ elseif cmd == 'append' then
   local max_age = tonumber(ARGV[4])
   local window = ARGV[5]
   local m = tonumber(ARGV[6])
+  -- After the appends, optionally: the previous append's commit marker
+  -- (its WAIT succeeded), written here to save a call and an fsync.
+  local q = 7
+  for _ = 1, m do q = q + 1 + 5 * tonumber(ARGV[q]) end
+  if ARGV[q] and ARGV[q] ~= '0' then commit(tonumber(ARGV[q])) end
   local now = now_ms()
   local touched = {}
   age_trim(now - max_age, 64, touched)
@@ -238,7 +265,7 @@ elseif cmd == 'read' then
 elseif cmd == 'snapshot' then
   local last = redis.call('XREVRANGE', log, '+', '-', 'COUNT', 1)[1]
   local out = {redis.call('GET', K_epoch) or false, redis.call('GET', K_head) or '0',
-    last and last[1] or '0-0'}
+    last and last[1] or '0-0', redis.call('HGET', K_r, 'seq') or false}
   for _, t in ipairs(redis.call('SMEMBERS', K_topics)) do
     local tk = tkey(t)
     out[#out + 1] = {t, redis.call('ZCARD', tk), redis.call('ZRANGE', tk, 0, 0)[1] or '0',
@@ -278,6 +305,23 @@ elseif cmd == 'probe' then
   redis.call('LTRIM', lk, 0, keep - 1)
   redis.call('PEXPIRE', lk, ARGV[5])
   return id
+
+elseif cmd == 'confirm' then
+  -- One write (a counter in "{tag}:r") so that a WAIT on the same
+  -- connection right after covers every entry up to the head it answers:
+  -- replication is one ordered stream, so a replica that acknowledged this
+  -- write holds everything written before it. The caller then sends
+  -- `commit` with that head.
+  local bad = check_epoch(ARGV[2])
+  if bad then return bad end
+  redis.call('HINCRBY', K_r, 'confirms', 1)
+  return redis.call('GET', K_head) or '0'
+
+elseif cmd == 'commit' then
+  -- The marker alone (see commit above), when no append follows soon.
+  local bad = check_epoch(ARGV[2])
+  if bad then return bad end
+  return commit(tonumber(ARGV[3]))
 end
 
 return redis.error_reply('SSEUNKNOWN unknown command ' .. tostring(cmd))

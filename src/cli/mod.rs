@@ -161,6 +161,11 @@ pub fn store(
              node); point --storage-backend redis --storage-url at the node that holds the log's \
              slot, or run a gateway on the cluster and replay it"
         ),
+        Backend::RedisSentinel => bail!(
+            "--storage-backend \"redis-sentinel\": export and import take the primary's address \
+             in this release; ask a Sentinel (SENTINEL get-master-addr-by-name <name>) and pass \
+             --storage-backend redis --storage-url redis://<primary>"
+        ),
         Backend::Redis => {
             if explicit_dir.is_some() {
                 bail!(

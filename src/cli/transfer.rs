@@ -73,7 +73,9 @@ fn describe(store: &Store) -> String {
         Store::Sled(dir) => dir.display().to_string(),
         Store::Redis { target, tag, .. } => match target {
             RedisTarget::Single(url) => format!("the Redis log {{{tag}}} on {url}"),
-            RedisTarget::Cluster(_) => format!("the Redis log {{{tag}}}"),
+            RedisTarget::Cluster(_) | RedisTarget::Sentinel { .. } => {
+                format!("the Redis log {{{tag}}}")
+            }
         },
     }
 }

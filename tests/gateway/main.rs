@@ -22,6 +22,7 @@ mod readme;
 mod redis;
 mod redis_power_loss;
 mod redis_readiness;
+mod redis_sentinel;
 mod subscribe_api;
 mod third_party;
 mod transfer;

@@ -513,6 +513,19 @@ fn an_unknown_backend_flag_is_refused_by_export_and_import() {
         stderr.contains("\"redis-cluster\": export and import work on a single Redis server only"),
         "{stderr}"
     );
+    // So is Sentinel: the message says how to reach the primary instead.
+    let (status, _, stderr) = run_binary(&[
+        "export",
+        "--storage-backend",
+        "redis-sentinel",
+        "--storage-url",
+        "redis://127.0.0.1:1",
+    ]);
+    assert!(!status.success());
+    assert!(
+        stderr.contains("\"redis-sentinel\": export and import take the primary's address"),
+        "{stderr}"
+    );
     assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none());
 }
 

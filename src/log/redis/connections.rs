@@ -1,5 +1,10 @@
-//! Connections to one Redis deployment (a single server or a Cluster),
-//! shared by every log on it, and how Redis errors become [`LogError`]s.
+//! Connections to one Redis deployment (a single server, a primary found
+//! through Sentinel, or a Cluster), shared by every log on it, and how Redis
+//! errors become [`LogError`]s.
+//!
+//! With Sentinel every new connection (the writer's and a tailer's after any
+//! error, the shared one after a broken command) first asks the Sentinels
+//! for the current primary, so a failover is followed on the next reconnect.
 //!
 //! Replay reads, trims and head checks share one multiplexed connection. The
 //! writer (its `WAIT` blocks the connection it is sent on) and each tailer
@@ -16,6 +21,7 @@ use parking_lot::Mutex;
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
+use redis::sentinel::{SentinelClient, SentinelServerType};
 use redis::{Cmd, Pipeline, RedisFuture, Value};
 
 use crate::config::{Backend, StorageConfig};
@@ -25,6 +31,8 @@ use crate::log::LogError;
 pub(super) const TAIL_BLOCK: Duration = Duration::from_millis(1000);
 /// How long a connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long asking the Sentinels for the primary may take.
+const DISCOVERY_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Where Redis is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,6 +41,12 @@ pub enum RedisTarget {
     Single(String),
     /// A Redis Cluster, given by some of its nodes.
     Cluster(Vec<String>),
+    /// The primary that some Sentinels (`redis://host:port`) name for
+    /// `master`.
+    Sentinel {
+        sentinels: Vec<String>,
+        master: String,
+    },
 }
 
 impl RedisTarget {
@@ -42,6 +56,10 @@ impl RedisTarget {
             Backend::Sled => None,
             Backend::Redis => Some(Self::Single(storage.url.clone())),
             Backend::RedisCluster => Some(Self::Cluster(storage.cluster_urls.clone())),
+            Backend::RedisSentinel => Some(Self::Sentinel {
+                sentinels: storage.sentinels.clone(),
+                master: storage.sentinel_master.clone(),
+            }),
         }
     }
 }
@@ -56,6 +74,9 @@ enum Clients {
         commands: Box<ClusterClient>,
         tail: Box<ClusterClient>,
     },
+    /// Asked for the current primary before each new connection (its
+    /// discovery takes `&mut`, hence the lock).
+    Sentinel(Arc<tokio::sync::Mutex<SentinelClient>>),
 }
 
 /// Connections to one Redis deployment, shared by every log on it.
@@ -88,6 +109,25 @@ impl RedisClients {
                     clients: Clients::Single(client),
                 };
                 // Fail now, at start, if Redis cannot be reached.
+                clients.shared().await?;
+                Ok(clients)
+            }
+            RedisTarget::Sentinel { sentinels, master } => {
+                let client = SentinelClient::build(
+                    sentinels.iter().map(String::as_str).collect(),
+                    master.clone(),
+                    None,
+                    SentinelServerType::Master,
+                )
+                .map_err(redis_err)?;
+                let clients = Self {
+                    target,
+                    shared: Arc::new(Mutex::new(None)),
+                    command_timeout,
+                    probers: Arc::default(),
+                    clients: Clients::Sentinel(Arc::new(tokio::sync::Mutex::new(client))),
+                };
+                // Fail now, at start, if no Sentinel names a reachable primary.
                 clients.shared().await?;
                 Ok(clients)
             }
@@ -127,10 +167,10 @@ impl RedisClients {
         Ok(conn)
     }
 
-    /// Forgets a single server's shared connection after an error that
-    /// broke it (a Cluster connection repairs itself).
+    /// Forgets a single server's (or Sentinel primary's) shared connection
+    /// after an error that broke it (a Cluster connection repairs itself).
     pub(super) fn broken(&self, e: &redis::RedisError) {
-        if matches!(self.clients, Clients::Single(_)) && is_broken(e) {
+        if !matches!(self.clients, Clients::Cluster { .. }) && is_broken(e) {
             *self.shared.lock() = None;
         }
     }
@@ -143,16 +183,24 @@ impl RedisClients {
     /// A new connection of its own (not multiplexed with anyone else's
     /// commands), for the writer (`WAIT`) or a tailer (blocking `XREAD`).
     pub(super) async fn dedicated(&self, tail: bool) -> Result<Conn, LogError> {
+        let response = if tail {
+            TAIL_BLOCK + Duration::from_secs(3)
+        } else {
+            self.command_timeout
+        };
+        let config = redis::AsyncConnectionConfig::new()
+            .set_response_timeout(Some(response))
+            .set_connection_timeout(Some(CONNECT_TIMEOUT));
         match &self.clients {
             Clients::Single(client) => {
-                let response = if tail {
-                    TAIL_BLOCK + Duration::from_secs(3)
-                } else {
-                    self.command_timeout
-                };
-                let config = redis::AsyncConnectionConfig::new()
-                    .set_response_timeout(Some(response))
-                    .set_connection_timeout(Some(CONNECT_TIMEOUT));
+                let conn = client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await
+                    .map_err(redis_err)?;
+                Ok(Conn::Dedicated(conn))
+            }
+            Clients::Sentinel(sentinel) => {
+                let client = current_primary(sentinel).await?;
                 let conn = client
                     .get_multiplexed_async_connection_with_config(&config)
                     .await
@@ -168,6 +216,21 @@ impl RedisClients {
                 Ok(Conn::Cluster(conn))
             }
         }
+    }
+}
+
+/// Asks the Sentinels (in order, the first that answers) which server is the
+/// primary now; the crate checks that server's `ROLE` says master.
+async fn current_primary(
+    sentinel: &tokio::sync::Mutex<SentinelClient>,
+) -> Result<redis::Client, LogError> {
+    let mut sentinel = sentinel.lock().await;
+    match tokio::time::timeout(DISCOVERY_TIMEOUT, sentinel.async_get_client()).await {
+        Ok(found) => found.map_err(redis_err),
+        Err(_) => Err(LogError::Redis(redis::RedisError::from((
+            redis::ErrorKind::Io,
+            "no Sentinel named a reachable primary in time",
+        )))),
     }
 }
 
@@ -247,6 +310,15 @@ mod tests {
         assert_eq!(
             RedisTarget::from_config(&storage),
             Some(RedisTarget::Cluster(vec!["redis://a:1".into()]))
+        );
+        storage.backend = Backend::RedisSentinel;
+        storage.sentinels = vec!["redis://s:26379".into()];
+        assert_eq!(
+            RedisTarget::from_config(&storage),
+            Some(RedisTarget::Sentinel {
+                sentinels: vec!["redis://s:26379".into()],
+                master: "mymaster".into(),
+            })
         );
     }
 }

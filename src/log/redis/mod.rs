@@ -1,5 +1,6 @@
 //! The Redis backend: several gateways share one log kept in Redis (a single
-//! server or a Cluster), with the same guarantees as the sled log.
+//! server, a primary found through Sentinel, or a Cluster), with the same
+//! guarantees as the sled log.
 //!
 //! **Keys.** One log lives under one hash tag, `{<tag>}` (`{sse}`, or
 //! `{sse:org:<org>}` for an org's own log), so every key of it is in one
@@ -10,12 +11,13 @@
 //! | `{tag}:version`      | string | layout version (1), checked at start          |
 //! | `{tag}:epoch`        | string | the log's epoch                               |
 //! | `{tag}:head`         | string | last assigned sequence (`INCR`)               |
-//! | `{tag}:log`          | stream | one entry `<seq>-0` per event: `n` name, `ms` time, `t` topics, `d` data, `x` trim state; trim markers and probes `<head>-<k>` |
+//! | `{tag}:log`          | stream | one entry `<seq>-0` per event: `n` name, `ms` time, `t` topics, `d` data, `x` trim state; trim markers, probes and commit markers `<head>-<k>` |
 //! | `{tag}:t:<topic>`    | zset   | the topic index: member = score = seq         |
 //! | `{tag}:w`            | hash   | topic → highest sequence trimmed              |
 //! | `{tag}:rc`           | hash   | seq → topic indexes still holding the event   |
 //! | `{tag}:topics`       | set    | every topic ever published to                 |
 //! | `{tag}:p:<node>`     | list   | a node's last delivery probes (see `probe`)   |
+//! | `{tag}:r`            | hash   | replicated watermark: `seq` (every event up to it seen by `WAIT` on the replicas), `id` (the newest commit marker), `confirms` |
 //! | `{tag}:i:<org>:<key>`| string | idempotency key: `<seq> <digest hex>`, TTL `publish.idempotency_window_s` |
 //!
 //! **Script.** `migrations/redis/v1.lua` does every operation in one atomic
@@ -30,13 +32,33 @@
 //! each (see the README for what a `201` means under each persistence
 //! setting). The `tailer` follows the stream and hands every event, whoever
 //! appended it, to this node's hub; subscribers never talk to Redis except
-//! for replay reads. The `trimmer` applies age retention to quiet logs.
+//! for replay reads.
+//!
+//! **What a `201` means across a failover.** With `wait_replicas = 0`: the
+//! primary executed the append; a replica promoted before it got the event
+//! lacks it, although subscribers may have seen it. With `wait_replicas =
+//! N ≥ 1`: `WAIT` also saw N replicas hold it, and no node delivers an event
+//! (to its hub or to replay reads) before a commit marker says it is
+//! replicated: after each successful `WAIT` the writer's next append
+//! carries one (or `commit` writes it alone), and an idle writer whose tail holds events confirms them
+//! (`confirm`, `WAIT`, `commit`), which covers a marker lost in a failover
+//! or a writer that died between its `WAIT` and its marker. A failover then
+//! loses nothing acknowledged (if Sentinel promotes a replica `WAIT` counted)
+//! and un-says nothing delivered: the tails drop what they held and read
+//! again from what they delivered, and sequences of lost, never delivered
+//! events are reused safely. The `trimmer` applies age retention to quiet logs.
 //! They share `shared::Shared` and never call each other; `connections`
 //! and `replies` are below them all.
 //!
 //! **Faults.** A failed command answers `503` (the script is atomic: nothing
-//! half-stored). The tailer reconnects, and a Redis that lost the log makes
-//! it refuse writes until the gateway restarts (see `tailer`). The `probe`
+//! half-stored). The tailer reconnects, and a Redis that lost the log (its
+//! epoch changed, or its head is below what this node delivered) makes it
+//! refuse writes until the gateway restarts (see `tailer`).
+//!
+//! **Connections** (size Redis `maxclients` by them): per node one shared,
+//! multiplexed connection for the deployment (replay reads, trims, probes),
+//! plus two per open log, the writer's (`WAIT` blocks it) and the tailer's
+//! (`XREAD BLOCK`): 3 per node without tenancy, `1 + 2 × orgs served` with it. The `probe`
 //! checks delivery itself: a probe appended every interval must come back
 //! through this node's tail, or the log is not ready and the tailer replaces
 //! its connection.
@@ -143,7 +165,45 @@ impl RedisLog {
                 "the epoch of {log_key} changed while opening it"
             )));
         }
-        let head = snapshot.head;
+        // With wait_replicas, events above the replicated watermark are not
+        // delivered yet: the tail starts below them and holds them until a
+        // commit marker covers them (see `tailer`). Confirming first makes
+        // that nothing, normally (replicas up).
+        let mut replicated = snapshot.replicated;
+        let gated = options.wait_replicas > 0;
+        if gated && replicated.is_none_or(|r| r < snapshot.head) {
+            let limits = (options.wait_replicas, options.wait_timeout);
+            let confirmed = match clients.dedicated(false).await {
+                Ok(mut c) => writer::confirm(&script, &log_key, &epoch, limits, &mut c).await,
+                Err(e) => Err(e),
+            };
+            match confirmed {
+                Ok(head) => replicated = Some(head),
+                Err(e) => tracing::warn!(
+                    log = %log_key,
+                    error = %e,
+                    "replicas did not confirm the log at open; events not known replicated are held"
+                ),
+            }
+        }
+        let (head, tail) = match replicated {
+            Some(replicated) if gated && replicated < snapshot.head => (
+                replicated,
+                tailer::TailState::new(StreamPos(replicated, 0), replicated),
+            ),
+            // No marker was ever written (a log used without wait_replicas,
+            // whose replicas do not answer now): nothing known to hold.
+            _ => {
+                let released = match gated {
+                    true => replicated.unwrap_or(0).max(snapshot.head),
+                    false => u64::MAX,
+                };
+                (
+                    snapshot.head,
+                    tailer::TailState::new(snapshot.last_id, released),
+                )
+            }
+        };
         let stats = StatsTable::default();
         stats.replace(snapshot.topics);
         tracing::info!(
@@ -160,6 +220,7 @@ impl RedisLog {
             log_key,
             epoch,
             durable_head: AtomicU64::new(head),
+            held: AtomicU64::new(0),
             head_tx,
             stats,
             failed: Mutex::new(None),
@@ -175,11 +236,7 @@ impl RedisLog {
         let (writer_tx, writer_rx) = mpsc::channel(shared.options.publish_queue.max(1));
         let tasks = vec![
             tokio::spawn(writer::run_writer(Arc::clone(&shared), writer_rx)),
-            tokio::spawn(tailer::run_tailer(
-                Arc::clone(&shared),
-                snapshot.last_id,
-                stop.clone(),
-            )),
+            tokio::spawn(tailer::run_tailer(Arc::clone(&shared), tail, stop.clone())),
             tokio::spawn(trimmer::run_trimmer(Arc::clone(&shared), stop.clone())),
             tokio::spawn(probe::run_prober(Arc::clone(&shared), stop.clone())),
         ];

@@ -21,12 +21,16 @@ pub(super) struct Snapshot {
     pub head: u64,
     /// The newest stream entry: where a tailer continues from.
     pub last_id: StreamPos,
+    /// `{tag}:r` `seq`: every event up to it is known to be on
+    /// `wait_replicas` replicas (`None`: no commit marker was ever written).
+    pub replicated: Option<u64>,
     /// Every topic's counts and watermark at that instant.
     pub topics: HashMap<Topic, TopicStats>,
 }
 
-/// Decodes the script's `snapshot` answer: epoch, head, last stream id, then
-/// one `[topic, count, first, last, watermark]` per topic.
+/// Decodes the script's `snapshot` answer: epoch, head, last stream id, the
+/// replicated watermark (or nil), then one `[topic, count, first, last,
+/// watermark]` per topic.
 pub(super) fn decode_snapshot(log_key: &str, value: Value) -> Result<Snapshot, LogError> {
     let bad = |what: &str| LogError::Corrupt {
         key: log_key.to_owned(),
@@ -46,6 +50,11 @@ pub(super) fn decode_snapshot(log_key: &str, value: Value) -> Result<Snapshot, L
         .and_then(|v| text(&v))
         .and_then(|t| StreamPos::parse(&t))
         .ok_or_else(|| bad("last id"))?;
+    let replicated = match items.next() {
+        Some(Value::Nil) | Some(Value::Boolean(false)) => None,
+        Some(v) => Some(number(&v).ok_or_else(|| bad("replicated watermark"))?),
+        None => return Err(bad("replicated watermark missing")),
+    };
     let mut topics = HashMap::new();
     for item in items {
         let Value::Array(fields) = item else {
@@ -72,6 +81,7 @@ pub(super) fn decode_snapshot(log_key: &str, value: Value) -> Result<Snapshot, L
         epoch,
         head,
         last_id,
+        replicated,
         topics,
     })
 }
@@ -185,10 +195,7 @@ pub(super) fn decode_event(
 
 /// Applies an entry's `x` field ("topic count first watermark", comma
 /// separated) to the local stats.
-pub(super) fn apply_trim_state(stats: &StatsTable, fields: &HashMap<String, &Value>) {
-    let Some(state) = fields.get("x").and_then(|v| text(v)) else {
-        return;
-    };
+pub(super) fn apply_trim_text(stats: &StatsTable, state: &str) {
     for record in state.split(',').filter(|r| !r.is_empty()) {
         let mut parts = record.split(' ');
         let parsed = (|| {
@@ -232,9 +239,7 @@ mod tests {
             ]
             .into_iter(),
         );
-        let x = Value::BulkString(b"a 1 2 1".to_vec());
-        let fields: HashMap<String, &Value> = [("x".to_owned(), &x)].into_iter().collect();
-        apply_trim_state(&stats, &fields);
+        apply_trim_text(&stats, "a 1 2 1");
         assert_eq!(
             stats.retention_floor(std::slice::from_ref(&t)),
             RetentionFloor {

@@ -55,9 +55,14 @@ pub(super) struct Shared {
     pub log_key: String,
     /// The prefix of every id this log assigns; checked by every append.
     pub epoch: Epoch,
-    /// Highest sequence this node's tailer has seen (and handed to the hub);
-    /// readers never go past it.
+    /// Highest sequence this node's tailer has delivered (handed to the hub;
+    /// with `wait_replicas`, only once known replicated); readers never go
+    /// past it.
     pub durable_head: AtomicU64,
+    /// Highest sequence the tailer read but holds undelivered, waiting for a
+    /// commit marker (`wait_replicas >= 1`); 0 when it holds nothing. The
+    /// idle writer confirms replication when it stays above `durable_head`.
+    pub held: AtomicU64,
     /// The same, for waiters ([`Log::settle`](crate::log::Log::settle)).
     pub head_tx: watch::Sender<u64>,
     /// Per-topic counts and watermarks, kept exact from the tailed entries.

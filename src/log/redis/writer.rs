@@ -6,6 +6,20 @@
 //! Redis executed the script and answered, and, with `storage.wait_replicas`,
 //! that `WAIT` saw that many replicas. The writer does not hand events to the
 //! hub: this node's tailer does, for events appended by any node.
+//!
+//! With `wait_replicas >= 1`, once `WAIT` succeeded the publishes get their
+//! `201` and the chunk's highest sequence becomes a commit marker in the
+//! stream, which lets every node's tailer deliver the events up to it
+//! (replication is one ordered stream, so the replicas then hold every
+//! earlier entry too, whoever appended it). The next append carries the
+//! marker (the script writes it first, in the same call and fsync); when
+//! the queue is empty it is written alone (`commit`), so under load a
+//! marker costs no extra call or fsync. A marker that is lost (the
+//! primary died right after the `WAIT`) is covered by the next one; when
+//! this node's tailer holds events and no publish came for [`IDLE_CHECK`],
+//! the idle writer confirms: `confirm` (one write, answering the head),
+//! `WAIT`, then `commit` of that head. So an acknowledged event is delivered
+//! even when its own marker was lost and nobody publishes again.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -18,7 +32,7 @@ use super::shared::Shared;
 use crate::idempotency;
 use crate::log::queue::{Pending, WriterMsg};
 use crate::log::{Appended, LogError};
-use crate::model::Topic;
+use crate::model::{Epoch, Topic};
 
 /// Most bytes of event data sent in one append call.
 const MAX_BATCH_BYTES: usize = 8 * 1024 * 1024;
@@ -26,6 +40,13 @@ const MAX_BATCH_BYTES: usize = 8 * 1024 * 1024;
 /// How long the writer waits idle before it checks its connection, so
 /// `/readyz` turns green only once the next publish would be stored.
 const IDLE_CHECK: Duration = Duration::from_secs(1);
+
+/// How long a commit marker waits for an append to carry it before it is
+/// written alone: an extra write costs Redis an extra fsync (with
+/// `appendfsync always`), and a publisher that just got its `201` usually
+/// sends again within this. Subscribers get the events that much later when
+/// publishes are sparse.
+const MARKER_LINGER: Duration = Duration::from_millis(2);
 
 /// The writer's connection and the outage count when it was made: one made
 /// before the latest outage is stale (Redis restarted under it).
@@ -37,11 +58,24 @@ pub(super) async fn run_writer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Write
     let mut msgs = Vec::with_capacity(max);
     // Its own connection: `WAIT` blocks the connection it is sent on.
     let mut conn: WriterConn = None;
+    // The last successful WAIT's commit marker, not written yet: the next
+    // append carries it, or it is written alone after MARKER_LINGER without
+    // one.
+    let mut marker: Option<u64> = None;
     loop {
+        let idle = if marker.is_some() {
+            MARKER_LINGER
+        } else {
+            IDLE_CHECK
+        };
         let received = tokio::select! {
             received = rx.recv_many(&mut msgs, max) => received,
-            () = tokio::time::sleep(IDLE_CHECK) => {
-                shared.check_writer_connection(&mut conn).await;
+            () = tokio::time::sleep(idle) => {
+                if marker.is_some() {
+                    shared.flush_marker(&mut conn, &mut marker).await;
+                } else {
+                    shared.check_writer_connection(&mut conn).await;
+                }
                 continue;
             }
         };
@@ -70,9 +104,10 @@ pub(super) async fn run_writer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Write
                 take += 1;
             }
             let chunk: Vec<Pending> = batch.drain(..take).collect();
-            shared.commit(&mut conn, chunk).await;
+            shared.commit(&mut conn, chunk, &mut marker).await;
         }
         if let Some(reply) = shutdown {
+            shared.flush_marker(&mut conn, &mut marker).await;
             let _ = reply.send(());
             return;
         }
@@ -98,7 +133,18 @@ impl Shared {
         }
         let Some((c, _)) = conn.as_mut() else { return };
         let pong: Result<String, _> = redis::cmd("PING").query_async(c).await;
-        let ok = pong.is_ok();
+        let mut ok = pong.is_ok();
+        if ok && self.options.wait_replicas > 0 {
+            // Held events no marker covered (their marker was lost in a
+            // failover, or their writer died after WAIT): confirm them.
+            let held = self.held.load(Ordering::Acquire);
+            if held > self.durable_head.load(Ordering::Acquire) {
+                if let Err(e) = self.confirm(c).await {
+                    tracing::debug!(log = %self.log_key, error = %e, "replication confirm failed");
+                    ok = !matches!(e, LogError::Redis(_));
+                }
+            }
+        }
         if !ok {
             *conn = None;
         }
@@ -112,7 +158,7 @@ impl Shared {
     }
 
     /// Appends one chunk and answers every publish in it.
-    async fn commit(&self, conn: &mut WriterConn, chunk: Vec<Pending>) {
+    async fn commit(&self, conn: &mut WriterConn, chunk: Vec<Pending>, marker: &mut Option<u64>) {
         if let Some(cause) = self.failure() {
             for (_, reply) in chunk {
                 let _ = reply.send(Err(LogError::Failed(Arc::clone(&cause))));
@@ -121,7 +167,7 @@ impl Shared {
         }
         let started = Instant::now();
         let result = self
-            .append_chunk(conn, &chunk)
+            .append_chunk(conn, &chunk, marker)
             .await
             .and_then(|answers| outcomes(&chunk, &answers));
         match result {
@@ -158,11 +204,14 @@ impl Shared {
         }
     }
 
-    /// One `append` script call (and `WAIT`); its answer per event.
+    /// One `append` script call (and `WAIT`); its answer per event. The
+    /// call carries `marker` (the previous WAIT's commit marker) and, after
+    /// a successful WAIT, leaves this one's there.
     async fn append_chunk(
         &self,
         conn: &mut WriterConn,
         chunk: &[Pending],
+        marker: &mut Option<u64>,
     ) -> Result<Vec<String>, LogError> {
         let outages = self.outages.load(Ordering::Acquire);
         if conn.as_ref().is_some_and(|(_, made)| *made != outages) {
@@ -198,23 +247,125 @@ impl Shared {
                     .arg(digest);
             }
         }
-        let answers: Vec<String> = invocation.invoke_async(c).await.map_err(redis_err)?;
-        if self.options.wait_replicas > 0 {
-            let acked: u64 = redis::cmd("WAIT")
-                .arg(self.options.wait_replicas)
-                .arg(self.options.wait_timeout.as_millis() as u64)
-                .query_async(c)
-                .await
-                .map_err(redis_err)?;
-            if acked < u64::from(self.options.wait_replicas) {
-                return Err(LogError::Replication {
-                    acked,
-                    wanted: self.options.wait_replicas,
-                });
+        // The script writes the carried marker first, in the same atomic
+        // call (one fsync for both); if the call fails, nothing of it was
+        // written and the marker is carried again.
+        let carried = marker.take();
+        invocation.arg(carried.unwrap_or(0));
+        let answers: Vec<String> = match invocation.invoke_async(c).await {
+            Ok(answers) => answers,
+            Err(e) => {
+                *marker = carried;
+                return Err(redis_err(e));
             }
+        };
+        if self.options.wait_replicas > 0 {
+            self.wait_replicas(c).await?;
+            // The highest sequence answered (stored now or earlier: a
+            // replayed key's event is older still); `c…` answers are no
+            // sequence and do not parse. The publishes get their 201 now;
+            // subscribers get the events once the marker is written.
+            *marker = answers
+                .iter()
+                .filter_map(|a| a.strip_prefix('r').unwrap_or(a).parse::<u64>().ok())
+                .max();
         }
         Ok(answers)
     }
+
+    /// Writes the pending commit marker alone (the queue is empty, so no
+    /// append will carry it soon). On failure it stays pending (a broken
+    /// connection is replaced); the next append carries it.
+    async fn flush_marker(&self, conn: &mut WriterConn, marker: &mut Option<u64>) {
+        let Some(through) = *marker else { return };
+        let Some((c, _)) = conn.as_mut() else { return };
+        match self.commit_marker(c, through).await {
+            Ok(()) => *marker = None,
+            Err(e) => {
+                tracing::warn!(log = %self.log_key, error = %e, through, "commit marker not written");
+                if matches!(e, LogError::Redis(_)) {
+                    *conn = None;
+                }
+            }
+        }
+    }
+
+    /// `WAIT` for `storage.wait_replicas` replicas to hold every write sent
+    /// on `c` so far.
+    async fn wait_replicas(&self, c: &mut Conn) -> Result<(), LogError> {
+        wait_for_replicas(c, self.options.wait_replicas, self.options.wait_timeout).await
+    }
+
+    /// The script's `commit`: every event up to `through` is replicated.
+    async fn commit_marker(&self, c: &mut Conn, through: u64) -> Result<(), LogError> {
+        commit_marker(&self.script, &self.log_key, &self.epoch, c, through).await
+    }
+
+    /// Confirms that everything up to the current head is replicated and
+    /// says so with a commit marker (`confirm`, `WAIT`, `commit`).
+    async fn confirm(&self, c: &mut Conn) -> Result<u64, LogError> {
+        let options = &self.options;
+        let (n, timeout) = (options.wait_replicas, options.wait_timeout);
+        confirm(&self.script, &self.log_key, &self.epoch, (n, timeout), c).await
+    }
+}
+
+/// `WAIT n timeout` on `c`: every write sent on it so far is on `n` replicas.
+async fn wait_for_replicas(c: &mut Conn, n: u32, timeout: Duration) -> Result<(), LogError> {
+    let acked: u64 = redis::cmd("WAIT")
+        .arg(n)
+        .arg(timeout.as_millis() as u64)
+        .query_async(c)
+        .await
+        .map_err(redis_err)?;
+    if acked < u64::from(n) {
+        return Err(LogError::Replication { acked, wanted: n });
+    }
+    Ok(())
+}
+
+/// The script's `commit`: every event up to `through` is replicated.
+async fn commit_marker(
+    script: &redis::Script,
+    log_key: &str,
+    epoch: &Epoch,
+    c: &mut Conn,
+    through: u64,
+) -> Result<(), LogError> {
+    let _: String = script
+        .key(log_key)
+        .arg("commit")
+        .arg(epoch.as_str())
+        .arg(through)
+        .invoke_async(c)
+        .await
+        .map_err(redis_err)?;
+    Ok(())
+}
+
+/// `confirm`, `WAIT n timeout`, `commit`: marks every event up to the head
+/// as replicated, and answers that head. Also used when a log is opened.
+pub(super) async fn confirm(
+    script: &redis::Script,
+    log_key: &str,
+    epoch: &Epoch,
+    (n, timeout): (u32, Duration),
+    c: &mut Conn,
+) -> Result<u64, LogError> {
+    let head: String = script
+        .key(log_key)
+        .arg("confirm")
+        .arg(epoch.as_str())
+        .invoke_async(c)
+        .await
+        .map_err(redis_err)?;
+    let head: u64 = head.parse().map_err(|_| LogError::Corrupt {
+        key: log_key.to_owned(),
+        what: format!("confirm answered {head:?}"),
+    })?;
+    wait_for_replicas(c, n, timeout).await?;
+    commit_marker(script, log_key, epoch, c, head).await?;
+    Ok(head)
 }
 
 /// Splits the script's answers (one per event: `<seq>`, `r<seq>` or

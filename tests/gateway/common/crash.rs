@@ -135,6 +135,11 @@ impl AckingPublishers {
         .await;
     }
 
+    /// How many publishes were acknowledged so far.
+    pub fn acked(&self) -> usize {
+        self.acked.lock().unwrap().len()
+    }
+
     /// Stops them; every acknowledged id with its data.
     pub async fn stop(self) -> HashMap<String, String> {
         self.running.store(false, Ordering::Relaxed);

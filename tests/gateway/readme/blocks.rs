@@ -277,6 +277,9 @@ pub(super) enum Rule {
     RedisStorage,
     /// `[storage] backend = "redis-cluster"`: a gateway on a 3-node cluster.
     ClusterStorage,
+    /// `[storage] backend = "redis-sentinel"`: a gateway on a primary, two
+    /// replicas and three Sentinels.
+    SentinelStorage,
     /// nginx in front of the section's gateways.
     Nginx,
     /// Not run, with the reason.
@@ -343,6 +346,7 @@ pub(super) fn classify(blocks: &[Block]) -> Vec<Rule> {
                 {
                     Some("redis") => Rule::RedisStorage,
                     Some("redis-cluster") => Rule::ClusterStorage,
+                    Some("redis-sentinel") => Rule::SentinelStorage,
                     Some(other) => Rule::Unknown(format!("storage backend {other:?}: {UNKNOWN}")),
                     None => Rule::Config,
                 },

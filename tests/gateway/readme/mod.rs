@@ -660,3 +660,45 @@ async fn readme_redis_cluster_block_serves_a_gateway() {
         );
     }
 }
+
+/// The Redis Sentinel block serves a gateway through three Sentinels.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readme_redis_sentinel_block_serves_a_gateway() {
+    for block in blocks_with(Rule::SentinelStorage) {
+        let group = tokio::task::spawn_blocking(crate::redis_sentinel::SentinelGroup::start)
+            .await
+            .expect("sentinel group");
+        let targets: Vec<String> = group
+            .sentinels
+            .iter()
+            .map(|(_, port)| format!("127.0.0.1:{port}"))
+            .collect();
+        let dir = TempDir::new().expect("tempdir");
+        let path = dir.path().join("config.toml");
+        std::fs::write(
+            &path,
+            merged_config(&[private_addresses(&block.text, &targets)]),
+        )
+        .expect("write config");
+        let gateway = GatewayProcess::start_with_config(
+            &dir.path().join("data"),
+            "127.0.0.1:0",
+            Some(&path),
+            &[],
+        );
+        wait_ready(&gateway.base).await;
+        let id = publish_at(&gateway.base, "readme:sentinel", "e", json!({"n": 1})).await;
+        let mut reader = SseReader::connect(
+            &fresh_client(),
+            &gateway.url("/topics/readme:sentinel"),
+            Some("0"),
+        )
+        .await;
+        assert_eq!(
+            reader.next_event().await.id,
+            id,
+            "{}: replay through the Sentinels' primary",
+            block.at()
+        );
+    }
+}
