@@ -24,8 +24,9 @@ use std::time::{Duration, Instant};
 use reqwest::StatusCode;
 use tempfile::TempDir;
 
+use crate::common::free_port;
 use crate::common::*;
-use crate::redis::{free_port, gateways, redis_cli, redis_config, require, spawn_redis};
+use crate::redis::{gateways, redis_cli, redis_config, require, spawn_redis};
 
 pub(crate) const MASTER: &str = "mymaster";
 /// How long the gateways may take to follow a failover (Sentinel needs
