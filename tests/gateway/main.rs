@@ -20,6 +20,7 @@ mod props;
 mod publish_api;
 mod readme;
 mod redis;
+mod redis_cluster_failover;
 mod redis_power_loss;
 mod redis_readiness;
 mod redis_sentinel;

@@ -45,7 +45,7 @@ impl Drop for Proc {
 
 /// `redis-server` on a free port with its data in `dir` (retried on another
 /// port when the one picked was taken meanwhile).
-fn data_server(dir: &Path, args: &[String]) -> (Proc, u16) {
+pub(crate) fn data_server(dir: &Path, args: &[String]) -> (Proc, u16) {
     for _ in 0..20 {
         let port = free_port();
         if let Ok(child) = spawn_redis(port, dir, args) {
@@ -98,7 +98,7 @@ fn sentinel(dir: &Path, primary_port: u16) -> (Proc, u16) {
 }
 
 /// Waits (up to `bound`) until `check` holds; how long it took.
-fn wait_until(what: &str, bound: Duration, mut check: impl FnMut() -> bool) -> Duration {
+pub(crate) fn wait_until(what: &str, bound: Duration, mut check: impl FnMut() -> bool) -> Duration {
     let started = Instant::now();
     while !check() {
         assert!(started.elapsed() < bound, "timed out waiting for: {what}");
@@ -318,7 +318,7 @@ fn crash_primary_with_writes_in_flight(
 }
 
 /// Reads `reader` into `seen` until it ends or `stop` is set.
-fn read_into(
+pub(crate) fn read_into(
     mut reader: SseReader,
     seen: Arc<Mutex<Vec<SseEvent>>>,
     stop: Arc<AtomicBool>,
@@ -333,7 +333,11 @@ fn read_into(
 }
 
 /// Every event of `topic` in the log of the gateway at `base`: seq → data.
-async fn log_of(client: &reqwest::Client, base: &str, topic: &str) -> HashMap<u64, String> {
+pub(crate) async fn log_of(
+    client: &reqwest::Client,
+    base: &str,
+    topic: &str,
+) -> HashMap<u64, String> {
     let (_, info) = get_json(client, &format!("{base}/topics/{topic}/info")).await;
     let stored = info["count"].as_u64().expect("count") as usize;
     let mut replay = SseReader::connect(client, &format!("{base}/topics/{topic}"), Some("0")).await;
@@ -348,7 +352,7 @@ async fn log_of(client: &reqwest::Client, base: &str, topic: &str) -> HashMap<u6
 /// A stream's events are exactly the log's, from the first through `last`:
 /// once each, in order, no gap, each with the log's data (nothing it saw was
 /// un-said), and every acknowledged event among them.
-fn assert_stream_matches_log(
+pub(crate) fn assert_stream_matches_log(
     what: &str,
     seen: &[SseEvent],
     log: &HashMap<u64, String>,
