@@ -34,6 +34,8 @@ const LOG_KEY: &str = "{sse}:log";
 struct ReplicatedCluster {
     /// Per node: its process (taken when killed) and port.
     nodes: Vec<(Option<Proc>, u16)>,
+    /// Every node's arguments.
+    args: Vec<String>,
     _dirs: Vec<TempDir>,
 }
 
@@ -75,7 +77,11 @@ impl ReplicatedCluster {
             "cluster create failed: {}",
             String::from_utf8_lossy(&output.stdout)
         );
-        let cluster = Self { nodes, _dirs: dirs };
+        let cluster = Self {
+            nodes,
+            args,
+            _dirs: dirs,
+        };
         cluster.wait_ok(Duration::from_secs(20));
         // Every replica has synced: a failover can happen.
         for (_, port) in &cluster.nodes {
@@ -116,17 +122,45 @@ impl ReplicatedCluster {
         owners[0]
     }
 
-    /// The replica of the primary on `primary`.
-    fn replica_of(&self, primary: u16) -> u16 {
-        self.nodes
+    /// The replicas of the primary on `primary`.
+    fn replicas_of(&self, primary: u16) -> Vec<u16> {
+        let replicas: Vec<u16> = self
+            .nodes
             .iter()
+            .filter(|(p, _)| p.is_some())
             .map(|(_, port)| *port)
-            .find(|port| {
+            .filter(|port| {
                 let role = redis_cli(*port, &["role"]);
                 let lines: Vec<&str> = role.lines().collect();
                 lines.first() == Some(&"slave") && lines.get(2) == Some(&&*primary.to_string())
             })
-            .expect("the primary has a replica")
+            .collect();
+        assert!(!replicas.is_empty(), "{primary} has a replica");
+        replicas
+    }
+
+    /// Adds a node as another replica of the primary on `primary` (so its
+    /// shard keeps a replica for `WAIT` once one is promoted).
+    fn add_replica(&mut self, primary: u16) {
+        let dir = TempDir::new().unwrap();
+        let (proc, port) = data_server(dir.path(), &self.args);
+        self._dirs.push(dir);
+        self.nodes.push((Some(proc), port));
+        let id = redis_cli(primary, &["cluster", "myid"]);
+        redis_cli(
+            port,
+            &["cluster", "meet", "127.0.0.1", &primary.to_string()],
+        );
+        wait_until(
+            "the new node to know the primary",
+            Duration::from_secs(10),
+            || redis_cli(port, &["cluster", "nodes"]).contains(&id),
+        );
+        assert_eq!(redis_cli(port, &["cluster", "replicate", &id]), "OK");
+        wait_until("the new replica to sync", Duration::from_secs(10), || {
+            redis_cli(port, &["info", "replication"]).contains("master_link_status:up")
+        });
+        self.wait_ok(Duration::from_secs(10));
     }
 
     /// `kill -9` of the node on `port`.
@@ -189,7 +223,12 @@ async fn failover_under_load(how: Failover) {
     let nodes = gateways(work.path(), &config, 2);
     let client = reqwest::Client::new();
     let owner = cluster.owner(LOG_KEY);
-    let replica = cluster.replica_of(owner);
+    if matches!(how, Failover::Kill) {
+        // With one replica, the promoted primary would have none left to
+        // acknowledge `WAIT`: its shard gets a second one.
+        cluster.add_replica(owner);
+    }
+    let replicas = cluster.replicas_of(owner);
     let before_conns = cluster.connections();
 
     let mut live = SseReader::connect(&client, &nodes[1].url("/topics/fo"), None).await;
@@ -208,6 +247,7 @@ async fn failover_under_load(how: Failover) {
     let before = publishers.acked();
 
     let started = Instant::now();
+    let mut replica = replicas[0];
     let promoted = tokio::task::block_in_place(|| {
         match how {
             Failover::Graceful => {
@@ -216,9 +256,12 @@ async fn failover_under_load(how: Failover) {
             }
             Failover::Kill => cluster.kill(owner),
         }
-        wait_until("the replica to own the slot", FAILOVER_BOUND, || {
-            redis_cli(replica, &["role"]).starts_with("master")
-                && !redis_cli(replica, &["exists", LOG_KEY]).contains("MOVED")
+        wait_until("a replica to own the slot", FAILOVER_BOUND, || {
+            replicas.iter().any(|&r| {
+                replica = r;
+                redis_cli(r, &["role"]).starts_with("master")
+                    && !redis_cli(r, &["exists", LOG_KEY]).contains("MOVED")
+            })
         })
     });
     drop_it.store(true, Ordering::SeqCst);
@@ -272,6 +315,44 @@ async fn failover_under_load(how: Failover) {
     assert_eq!(resumed.status, StatusCode::OK);
     let resumed_task = read_into(resumed, Arc::clone(&resumed_seen), Arc::clone(&never));
 
+    // A primary of another shard dies too, and its shard is left without a
+    // replica: this log's `WAIT` goes to its own slot's primary only, so
+    // its publishes go on being acknowledged.
+    let mut other_shard = String::new();
+    if matches!(how, Failover::Kill) {
+        let other = tokio::task::block_in_place(|| {
+            let other = cluster
+                .nodes
+                .iter()
+                .filter(|(p, _)| p.is_some())
+                .map(|(_, port)| *port)
+                .find(|&p| p != replica && redis_cli(p, &["role"]).starts_with("master"))
+                .expect("another primary");
+            let other_replica = cluster.replicas_of(other)[0];
+            cluster.kill(other);
+            wait_until(
+                "the other shard's replica to be promoted",
+                FAILOVER_BOUND,
+                || redis_cli(other_replica, &["role"]).starts_with("master"),
+            );
+            cluster.wait_ok(FAILOVER_BOUND);
+            other
+        });
+        let killed = Instant::now();
+        let after = publishers.acked();
+        while publishers.acked() < after + 50 {
+            assert!(
+                killed.elapsed() < FAILOVER_BOUND,
+                "publishes not acknowledged after the primary {other} of another shard died"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        other_shard = format!(
+            "; primary {other} of another shard killed: 50 more acknowledged in {:?}",
+            killed.elapsed()
+        );
+    }
+
     let acked = publishers.stop().await;
     assert!(acked.len() > before + 50);
     let newest = acked.keys().map(|id| seq_of(id)).max().unwrap_or(0);
@@ -311,7 +392,7 @@ async fn failover_under_load(how: Failover) {
     println!(
         "cluster failover ({how:?}): slot owner {owner} -> {replica} after {promoted:?}, \
          publishes acknowledged again after {publishing:?}, /readyz 200 on both nodes after \
-         {ready:?} ({before} acknowledged before, {} in all); client connections per node \
+         {ready:?} ({before} acknowledged before, {} in all{other_shard}); client connections per node \
          (2 gateways, 1 log) before: {before_conns:?}, after: {:?}",
         acked.len(),
         cluster.connections()

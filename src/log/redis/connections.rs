@@ -21,8 +21,9 @@ use parking_lot::Mutex;
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, Slot, SlotAddr};
 use redis::sentinel::{SentinelClient, SentinelServerType};
-use redis::{Cmd, Pipeline, RedisFuture, Value};
+use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
 
 use crate::config::{Backend, StorageConfig};
 use crate::log::LogError;
@@ -248,6 +249,29 @@ pub(super) fn is_broken(e: &redis::RedisError) -> bool {
 pub(super) enum Conn {
     Dedicated(MultiplexedConnection),
     Cluster(ClusterConnection),
+}
+
+impl Conn {
+    /// `WAIT n timeout_ms` for the writes this connection sent to the
+    /// primary holding `key`: how many replicas acknowledged them. A
+    /// Cluster client would send a keyless `WAIT` to every primary and
+    /// answer the least count, so one shard without a replica (its primary
+    /// died, its replica was promoted) would fail every log's `WAIT`; it is
+    /// routed to the primary of `key`'s slot instead, on the connection the
+    /// log's writes to that node went through.
+    pub(super) async fn wait(&mut self, key: &str, n: u32, timeout_ms: u64) -> RedisResult<u64> {
+        let mut wait = redis::cmd("WAIT");
+        wait.arg(n).arg(timeout_ms);
+        match self {
+            Self::Dedicated(c) => wait.query_async(c).await,
+            Self::Cluster(c) => {
+                let slot = Route::with_slot(Slot::for_key(key), SlotAddr::Master);
+                let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(slot));
+                let value = c.route_command(wait, routing).await?;
+                redis::from_redis_value(value).map_err(Into::into)
+            }
+        }
+    }
 }
 
 impl ConnectionLike for Conn {

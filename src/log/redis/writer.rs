@@ -293,7 +293,8 @@ impl Shared {
     /// `WAIT` for `storage.wait_replicas` replicas to hold every write sent
     /// on `c` so far.
     async fn wait_replicas(&self, c: &mut Conn) -> Result<(), LogError> {
-        wait_for_replicas(c, self.options.wait_replicas, self.options.wait_timeout).await
+        let (n, timeout) = (self.options.wait_replicas, self.options.wait_timeout);
+        wait_for_replicas(c, &self.log_key, n, timeout).await
     }
 
     /// The script's `commit`: every event up to `through` is replicated.
@@ -310,12 +311,16 @@ impl Shared {
     }
 }
 
-/// `WAIT n timeout` on `c`: every write sent on it so far is on `n` replicas.
-async fn wait_for_replicas(c: &mut Conn, n: u32, timeout: Duration) -> Result<(), LogError> {
-    let acked: u64 = redis::cmd("WAIT")
-        .arg(n)
-        .arg(timeout.as_millis() as u64)
-        .query_async(c)
+/// `WAIT n timeout` on `c`: every write sent on it so far (to the primary
+/// of `log_key`) is on `n` replicas.
+async fn wait_for_replicas(
+    c: &mut Conn,
+    log_key: &str,
+    n: u32,
+    timeout: Duration,
+) -> Result<(), LogError> {
+    let acked = c
+        .wait(log_key, n, timeout.as_millis() as u64)
         .await
         .map_err(redis_err)?;
     if acked < u64::from(n) {
@@ -363,7 +368,7 @@ pub(super) async fn confirm(
         key: log_key.to_owned(),
         what: format!("confirm answered {head:?}"),
     })?;
-    wait_for_replicas(c, n, timeout).await?;
+    wait_for_replicas(c, log_key, n, timeout).await?;
     commit_marker(script, log_key, epoch, c, head).await?;
     Ok(head)
 }
