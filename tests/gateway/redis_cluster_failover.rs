@@ -246,6 +246,46 @@ async fn failover_under_load(how: Failover) {
     publishers.wait_for(200).await;
     let before = publishers.acked();
 
+    // First a primary of another shard dies, and its shard is left without
+    // a replica: this log's `WAIT` goes to its own slot's primary only, so
+    // its publishes go on being acknowledged, before and after the failover
+    // of its own slot (which makes the gateways' cluster clients refresh
+    // their view of the cluster, and see the shard without a replica).
+    let mut other_shard = String::new();
+    if matches!(how, Failover::Kill) {
+        let other = tokio::task::block_in_place(|| {
+            let other = cluster
+                .nodes
+                .iter()
+                .filter(|(p, _)| p.is_some())
+                .map(|(_, port)| *port)
+                .find(|&p| p != owner && redis_cli(p, &["role"]).starts_with("master"))
+                .expect("another primary");
+            let other_replica = cluster.replicas_of(other)[0];
+            cluster.kill(other);
+            wait_until(
+                "the other shard's replica to be promoted",
+                FAILOVER_BOUND,
+                || redis_cli(other_replica, &["role"]).starts_with("master"),
+            );
+            cluster.wait_ok(FAILOVER_BOUND);
+            other
+        });
+        let killed = Instant::now();
+        let after = publishers.acked();
+        while publishers.acked() < after + 50 {
+            assert!(
+                killed.elapsed() < FAILOVER_BOUND,
+                "publishes not acknowledged after the primary {other} of another shard died"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        other_shard = format!(
+            "; primary {other} of another shard killed: 50 more acknowledged {:?} after its replica took over",
+            killed.elapsed()
+        );
+    }
+
     let started = Instant::now();
     let mut replica = replicas[0];
     let promoted = tokio::task::block_in_place(|| {
@@ -314,44 +354,6 @@ async fn failover_under_load(how: Failover) {
     let resumed = SseReader::connect(&client, &nodes[0].url("/topics/fo"), Some(&last_id)).await;
     assert_eq!(resumed.status, StatusCode::OK);
     let resumed_task = read_into(resumed, Arc::clone(&resumed_seen), Arc::clone(&never));
-
-    // A primary of another shard dies too, and its shard is left without a
-    // replica: this log's `WAIT` goes to its own slot's primary only, so
-    // its publishes go on being acknowledged.
-    let mut other_shard = String::new();
-    if matches!(how, Failover::Kill) {
-        let other = tokio::task::block_in_place(|| {
-            let other = cluster
-                .nodes
-                .iter()
-                .filter(|(p, _)| p.is_some())
-                .map(|(_, port)| *port)
-                .find(|&p| p != replica && redis_cli(p, &["role"]).starts_with("master"))
-                .expect("another primary");
-            let other_replica = cluster.replicas_of(other)[0];
-            cluster.kill(other);
-            wait_until(
-                "the other shard's replica to be promoted",
-                FAILOVER_BOUND,
-                || redis_cli(other_replica, &["role"]).starts_with("master"),
-            );
-            cluster.wait_ok(FAILOVER_BOUND);
-            other
-        });
-        let killed = Instant::now();
-        let after = publishers.acked();
-        while publishers.acked() < after + 50 {
-            assert!(
-                killed.elapsed() < FAILOVER_BOUND,
-                "publishes not acknowledged after the primary {other} of another shard died"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        other_shard = format!(
-            "; primary {other} of another shard killed: 50 more acknowledged in {:?}",
-            killed.elapsed()
-        );
-    }
 
     let acked = publishers.stop().await;
     assert!(acked.len() > before + 50);
