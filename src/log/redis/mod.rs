@@ -58,7 +58,10 @@
 //! **Connections** (size Redis `maxclients` by them): per node one shared,
 //! multiplexed connection for the deployment (replay reads, trims, probes),
 //! plus two per open log, the writer's (`WAIT` blocks it) and the tailer's
-//! (`XREAD BLOCK`): 3 per node without tenancy, `1 + 2 × orgs served` with it. The `probe`
+//! (`XREAD BLOCK`): 3 per node without tenancy, `1 + 2 × orgs served` with it
+//! (on a Cluster, each of them on every primary: one TCP connection per
+//! node it talks to). With `wait_replicas`, a Cluster's `WAIT` goes to the
+//! primary of the log's slot (see `Conn::wait`). The `probe`
 //! checks delivery itself: a probe appended every interval must come back
 //! through this node's tail, or the log is not ready and the tailer replaces
 //! its connection.
