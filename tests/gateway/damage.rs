@@ -73,6 +73,9 @@ async fn a_directory_that_lost_acknowledged_events_is_refused_until_repaired() {
     file.write_all(&[0xA5; 64]).expect("damage");
     file.sync_all().expect("sync");
     drop(file);
+    // The directory as the operator left it, before anything opens it.
+    let damaged = std::fs::read(&db).expect("read db");
+    let snaps_before = snap_files(&data);
 
     // `serve` refuses, names what is missing and the two commands.
     let (status, stderr) = serve_until_exit(&data)
@@ -87,6 +90,24 @@ async fn a_directory_that_lost_acknowledged_events_is_refused_until_repaired() {
             && stderr.contains("sse-gateway repair"),
         "serve says what is missing and what to do: {stderr}"
     );
+    // sled's recovery rewrote `db` from the damage on before the refusal...
+    assert_ne!(
+        std::fs::read(&db).expect("read db"),
+        damaged,
+        "sled's recovery rewrote db (else there is nothing to keep)"
+    );
+    // ...but the bytes it rewrote were kept first, byte for byte, and the
+    // message says where.
+    let pre_open = dir.path().join("data.pre-open");
+    assert!(
+        stderr.contains(&pre_open.display().to_string()),
+        "serve says where the bytes are: {stderr}"
+    );
+    assert_preserved(&pre_open, &damaged);
+    // A second refused start keeps them (it would only see rewritten bytes).
+    let (status, _) = serve_until_exit(&data).expect("refused again");
+    assert!(!status.success());
+    assert_preserved(&pre_open, &damaged);
 
     // `check` (read-only, on a copy) reports the loss: exit 1.
     let data_arg = data.to_str().expect("utf-8 path");
@@ -115,7 +136,23 @@ async fn a_directory_that_lost_acknowledged_events_is_refused_until_repaired() {
     // the refused `serve` above already ran it — see the README.)
     let saved_mark = std::fs::read(saved[0].path().join("acked-head")).expect("saved mark");
     assert!(!saved_mark.is_empty());
-    assert!(saved[0].path().join("db").is_file());
+    // The copy holds `db` as it was before any open, byte for byte: the
+    // refused start kept what sled's recovery rewrote, and `repair` put it
+    // back (then removed the kept bytes).
+    let saved_db = std::fs::read(saved[0].path().join("db")).expect("saved db");
+    assert!(
+        saved_db == damaged,
+        "the saved db is the damaged original ({} vs {} bytes)",
+        saved_db.len(),
+        damaged.len()
+    );
+    assert_eq!(
+        snap_files(&saved[0].path()),
+        snaps_before,
+        "sled's snapshots as they were"
+    );
+    assert!(stdout.contains("put back"), "{stdout}");
+    assert!(!pre_open.exists(), "repair removed the kept bytes");
 
     // It starts; what is left replays in order with its exact data; the
     // next id comes after every acknowledged one.
@@ -147,4 +184,131 @@ async fn a_directory_that_lost_acknowledged_events_is_refused_until_repaired() {
     // A clean directory: `repair` changes nothing that matters and `check` is clean.
     let (status, stdout, _) = run_binary(&["check", "--data-dir", data_arg]);
     assert_eq!(status.code(), Some(0), "{stdout}");
+}
+
+/// `(name, contents)` of sled's `snap.*` files in `dir`.
+fn snap_files(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .expect("read dir")
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with("snap."))
+        .map(|e| {
+            let bytes = std::fs::read(e.path()).expect("read snap");
+            (e.file_name().to_string_lossy().into_owned(), bytes)
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+/// `pre_open` (`<dir>.pre-open`) holds `original`'s length and, byte for
+/// byte, the ranges its `ranges` list names, which cover the damage.
+fn assert_preserved(pre_open: &Path, original: &[u8]) {
+    let list = std::fs::read_to_string(pre_open.join("ranges"))
+        .unwrap_or_else(|e| panic!("no kept bytes in {}: {e}", pre_open.display()));
+    let kept = std::fs::read(pre_open.join("db")).expect("kept db");
+    let mut lines = list.lines().skip(1);
+    let len: usize = lines
+        .next()
+        .and_then(|l| l.strip_prefix("db-len "))
+        .and_then(|v| v.parse().ok())
+        .expect("db-len");
+    assert_eq!(len, original.len(), "the original length");
+    let mut covered = Vec::new();
+    for line in lines {
+        let mut parts = line["range ".len()..].split(' ');
+        let offset: usize = parts.next().and_then(|v| v.parse().ok()).expect("offset");
+        let n: usize = parts.next().and_then(|v| v.parse().ok()).expect("len");
+        assert!(
+            kept[offset..offset + n] == original[offset..offset + n],
+            "kept bytes {offset}+{n} differ from the original"
+        );
+        covered.push((offset, offset + n));
+    }
+    let damage = original.len() as u64 / 2;
+    assert!(
+        covered
+            .iter()
+            .any(|&(a, b)| a as u64 <= damage && damage + 64 <= b as u64),
+        "the damaged bytes are among those kept: {list}"
+    );
+}
+
+/// Nothing of the preservation is left beside `data`.
+fn assert_nothing_left(data: &Path) {
+    let parent = data.parent().expect("parent");
+    let left: Vec<_> = std::fs::read_dir(parent)
+        .expect("read parent")
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("pre-open"))
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_restart_keeps_nothing_before_opening() {
+    let dir = TempDir::new().expect("tempdir");
+    let data = dir.path().join("data");
+    let client = fresh_client();
+    let gateway = start_gateway(&data, "127.0.0.1:0", None).await;
+    for i in 0..50 {
+        publish(
+            &client,
+            &gateway.base,
+            "orders",
+            "placed",
+            json!({ "i": i }),
+        )
+        .await;
+    }
+    assert!(gateway.terminate().success());
+    let gateway = start_gateway(&data, "127.0.0.1:0", None).await;
+    // Ready: the open was accepted and the kept bytes are gone already.
+    assert_nothing_left(&data);
+    let next = publish(&client, &gateway.base, "orders", "placed", json!("after")).await;
+    assert_eq!(seq_of(&next), 51);
+    assert!(gateway.terminate().success());
+    assert_nothing_left(&data);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_after_kill_9_is_no_damage_and_keeps_nothing() {
+    let dir = TempDir::new().expect("tempdir");
+    let data = dir.path().join("data");
+    let client = fresh_client();
+    let gateway = start_gateway(&data, "127.0.0.1:0", None).await;
+    // A publisher running flat out while the gateway is killed: a torn
+    // tail of writes never acknowledged, not damage.
+    let base = gateway.base.clone();
+    let publisher = tokio::spawn({
+        let client = client.clone();
+        async move {
+            let mut acked = 0u64;
+            loop {
+                let response = client
+                    .post(format!("{base}/topics/orders"))
+                    .json(&json!({ "event": "placed", "data": { "pad": "x".repeat(500) } }))
+                    .send()
+                    .await;
+                match response {
+                    Ok(r) if r.status().is_success() => acked += 1,
+                    _ => return acked,
+                }
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    gateway.kill9();
+    let acked = publisher.await.expect("publisher");
+    assert!(acked > 0, "something was acknowledged before the kill");
+    let gateway = start_gateway(&data, "127.0.0.1:0", None).await;
+    assert_nothing_left(&data);
+    let (_, info) = get_json(&client, &gateway.url("/topics/orders/info")).await;
+    assert!(
+        info["count"].as_u64().expect("count") >= acked,
+        "every acknowledged event is there: {info} vs {acked}"
+    );
+    assert!(gateway.terminate().success());
+    assert_nothing_left(&data);
 }
