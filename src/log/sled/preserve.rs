@@ -12,8 +12,15 @@
 //! it (1) fills the rest of the segment holding that point with zero bytes,
 //! (2) zeroes every later segment of the replayed set whole, (3) writes a new
 //! `snap.*` file and removes the older ones, (4) deletes `blobs/<lsn>` past
-//! the stable LSN, and (5) truncates segments left free at the end of the
-//! file. Segments before the stable LSN's are only read, lazily. So the bytes
+//! the stable LSN, (5) zeroes whole every segment holding no page live in the
+//! recovered state (`segment.rs` `initialize_from_snapshot`), and (6)
+//! truncates such segments at the end of the file. Segments before the
+//! stable LSN's are otherwise only read, lazily. A segment (5) frees holds
+//! only versions superseded by what precedes the damage — nothing a recovery
+//! past the damage needs, and sled zeroes those at every start — so they are
+//! not kept (finding them would need sled's page table; keeping them, every
+//! segment). (Damage in the replayed part can also make sled 0.34 panic while
+//! writing its snapshot, after (1): the copy is kept then too.) So the bytes
 //! at risk are those of the segments written since the last start (valid
 //! header, LSN ≥ the stable LSN's segment), of segments whose header no
 //! longer reads (damage there turns them free, so truncated or reused),
