@@ -36,8 +36,10 @@
 //! is: it holds the bytes from before the first recovery, a new copy would not.
 //!
 //! The cost is one read and write of what was written since the last start
-//! (BENCHMARKS.md "Start with preservation"). Failing to preserve is logged
-//! and does not stop the start: the mark still refuses a damaged log.
+//! (BENCHMARKS.md "Start: keeping what sled's recovery may rewrite"), and
+//! as much free space. Failing to preserve (no room for it and
+//! [`SPARE_BYTES`] more, an I/O error) is logged and does not stop the
+//! start: the mark still refuses a damaged log.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -50,6 +52,9 @@ const DEFAULT_SEGMENT_BYTES: u64 = 512 * 1024;
 /// xored with `0x7FFF_FFFF_FFFF_FFFF`, the crc inverted.
 const SEG_HEADER_LEN: u64 = 20;
 const LSN_XOR: i64 = 0x7FFF_FFFF_FFFF_FFFF;
+/// Free space left after the copy, at least: a start never fills the disk
+/// the log is about to write to.
+const SPARE_BYTES: u64 = 256 * 1024 * 1024;
 /// First line of `ranges`.
 const RANGES_MAGIC: &str = "sse-gateway pre-open 1";
 
@@ -140,13 +145,21 @@ fn preserve(dir: &Path, db: &File, target: &Path) -> io::Result<u64> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    fs::create_dir(&partial)?;
     let len = db.metadata()?.len();
+    let ranges = ranges_at_risk(dir, db, len)?;
+    let bytes: u64 = ranges.iter().map(|(_, n)| n).sum();
+    let parent = partial.parent().unwrap_or(Path::new("."));
+    let free = fs2::available_space(parent)?;
+    if bytes.saturating_add(SPARE_BYTES) > free {
+        return Err(io::Error::other(format!(
+            "{bytes} bytes to keep but {free} free beside the data directory (keeping {SPARE_BYTES} spare)"
+        )));
+    }
+    fs::create_dir(&partial)?;
     let out = OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(partial.join("db"))?;
-    let ranges = ranges_at_risk(dir, db, len)?;
     out.set_len(len)?;
     for &(offset, n) in &ranges {
         copy_range(db, &out, offset, n)?;
@@ -182,7 +195,7 @@ fn preserve(dir: &Path, db: &File, target: &Path) -> io::Result<u64> {
     if let Some(parent) = target.parent() {
         File::open(parent)?.sync_all()?;
     }
-    Ok(ranges.iter().map(|(_, n)| n).sum())
+    Ok(bytes)
 }
 
 /// The byte ranges of `db` sled's recovery may rewrite (module docs),
