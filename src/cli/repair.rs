@@ -21,6 +21,13 @@ pub fn run(_args: RepairArgs, dir: &Path) -> anyhow::Result<()> {
         dir.display(),
         report.saved_to.display()
     )?;
+    if report.restored_bytes > 0 {
+        writeln!(
+            out,
+            "put back into it the {} bytes of db that sled's recovery had rewritten at the refused start (kept before it ran); the copy holds db as it was before any open",
+            report.restored_bytes
+        )?;
+    }
     match (&report.epoch, &report.acknowledged) {
         (None, acked) => writeln!(
             out,

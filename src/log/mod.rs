@@ -76,11 +76,14 @@ pub enum LogError {
     /// The data directory holds less than it acknowledged (its
     /// `acked-head` mark, `sled/mark.rs`): sled recovered a damaged log
     /// to what precedes the damage, or lost its state.
-    #[error("the data directory {} has lost acknowledged events: events through {acked} were acknowledged, but its log now ends at {found}. The gateway does not serve a log with acknowledged events missing (nor hand their ids out again). `sse-gateway check --data-dir {}` reports what is readable; `sse-gateway repair --data-dir {}` first saves a copy of the directory, then starts the log again from what is left, with new ids after {acked}", .dir.display(), .dir.display(), .dir.display())]
+    #[error("the data directory {} has lost acknowledged events: events through {acked} were acknowledged, but its log now ends at {found}. The gateway does not serve a log with acknowledged events missing (nor hand their ids out again). `sse-gateway check --data-dir {}` reports what is readable; `sse-gateway repair --data-dir {}` first saves a copy of the directory, then starts the log again from what is left, with new ids after {acked}{saved}", .dir.display(), .dir.display(), .dir.display())]
     AcknowledgedLost {
         dir: std::path::PathBuf,
         acked: String,
         found: String,
+        /// Where the bytes sled's recovery rewrote are kept (`sled/preserve.rs`),
+        /// as a sentence appended to the message; empty where not applicable.
+        saved: String,
     },
     #[error("the Redis log layout version {found} is newer than this build supports ({supported}); upgrade sse-gateway")]
     LayoutTooNew { found: u32, supported: u32 },

@@ -93,6 +93,7 @@ pub fn verify(
             dir: dir.to_path_buf(),
             acked: marked.id(),
             found: epoch.id(head),
+            saved: String::new(),
         });
     }
     Ok(())

@@ -16,6 +16,7 @@ pub use durable::fsync_every_log_write;
 pub mod format;
 pub mod mark;
 pub mod offline;
+pub mod preserve;
 mod reads;
 mod shared;
 mod trimmer;
@@ -84,11 +85,38 @@ impl SledLog {
         hub: Arc<Hub>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, LogError> {
+        // sled's recovery rewrites damaged bytes before we can refuse the
+        // log: keep them first (`preserve.rs`), drop them once accepted.
+        let pre_open = preserve::before_open(dir);
         let (shared, disk) = Shared::open(dir, options.cache_capacity_bytes)?;
         let shared = Arc::new(shared);
         let head = shared.durable_head.load(Ordering::Acquire);
         let marked = mark::read(dir).map_err(LogError::Sync)?;
-        mark::verify(marked.as_ref(), dir, &shared.epoch, head)?;
+        match mark::verify(marked.as_ref(), dir, &shared.epoch, head) {
+            Err(LogError::AcknowledgedLost {
+                dir, acked, found, ..
+            }) => {
+                let saved = pre_open.as_ref().map_or_else(
+                    || "; the bytes sled's recovery rewrote could not be kept (see the log above)".to_owned(),
+                    |kept| format!(
+                        ". The bytes of `db` as they were before sled's recovery rewrote them (from the damage on) are kept in {}; `repair` puts them back into the copy it saves, so nothing is lost for good",
+                        kept.path().display()
+                    ),
+                );
+                return Err(LogError::AcknowledgedLost {
+                    dir,
+                    acked,
+                    found,
+                    saved,
+                });
+            }
+            Err(e) => return Err(e),
+            Ok(()) => {
+                if let Some(kept) = pre_open {
+                    kept.discard();
+                }
+            }
+        }
         let ack_mark = AckMark::open(dir, marked, &shared.epoch, head).map_err(LogError::Sync)?;
 
         let (writer_tx, writer_rx) = mpsc::channel(options.publish_queue);

@@ -8,13 +8,18 @@
 //! the last acknowledged sequence so that no id a client may hold is ever
 //! handed out for another event, and rewrites the mark. Clients resuming
 //! from a lost id continue with what comes after it.
+//!
+//! A refused `serve` ran sled's recovery, which rewrote the damaged bytes and
+//! everything after them; it kept them first in `<dir>.pre-open`
+//! (`preserve.rs`). The repair puts them back into the saved copy, which so
+//! holds `db` as it was before any open, and then removes `<dir>.pre-open`.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use super::{copy_files, io_error, lock_db, OfflineError, OFFLINE_CACHE_BYTES};
 use crate::log::sled::codec::{self, EVENT_PREFIX, HEAD_KEY};
-use crate::log::sled::{format, mark};
+use crate::log::sled::{format, mark, preserve};
 use crate::model::Epoch;
 
 /// What a repair did.
@@ -22,6 +27,9 @@ use crate::model::Epoch;
 pub struct RepairReport {
     /// The copy of the directory as it was found.
     pub saved_to: PathBuf,
+    /// Bytes a refused `serve` had kept before sled's recovery rewrote them
+    /// (`<dir>.pre-open`), put back into `saved_to`; 0 when there were none.
+    pub restored_bytes: u64,
     /// The log's epoch after the repair; `None` when sled recovered nothing
     /// (the gateway then starts a new log).
     pub epoch: Option<Epoch>,
@@ -35,9 +43,20 @@ pub struct RepairReport {
 
 /// Repairs `dir` (see the module docs). The gateway must be stopped.
 pub fn repair(dir: &Path) -> Result<RepairReport, OfflineError> {
-    let saved_to = {
+    let pre_open = preserve::preserved_path(dir);
+    let (saved_to, restored_bytes) = {
         let _lock = lock_db(dir)?;
-        save_copy(dir)?
+        let saved_to = save_copy(dir)?;
+        let restored = if pre_open.is_dir() {
+            preserve::restore_into(&pre_open, &saved_to).map_err(io_error(format!(
+                "cannot put the bytes kept in {} back into {}",
+                pre_open.display(),
+                saved_to.display()
+            )))?
+        } else {
+            0
+        };
+        (saved_to, restored)
     };
     let db = sled::Config::new()
         .path(dir)
@@ -51,8 +70,10 @@ pub fn repair(dir: &Path) -> Result<RepairReport, OfflineError> {
         // epoch, so no old id is valid in it); the old mark must go.
         drop(db);
         remove_mark(dir)?;
+        remove_pre_open(&pre_open)?;
         return Ok(RepairReport {
             saved_to,
+            restored_bytes,
             epoch: None,
             found: 0,
             lost: marked.map_or(0, |m| m.seq),
@@ -84,8 +105,10 @@ pub fn repair(dir: &Path) -> Result<RepairReport, OfflineError> {
         .and_then(|f| f.sync_all())
         .map_err(io_error("cannot sync db"))?;
     mark::replace(dir, &epoch, head).map_err(io_error("cannot write the acked-head mark"))?;
+    remove_pre_open(&pre_open)?;
     Ok(RepairReport {
         saved_to,
+        restored_bytes,
         epoch: Some(epoch),
         found,
         acknowledged,
@@ -132,6 +155,15 @@ fn sync_tree(dir: &Path) -> std::io::Result<()> {
         }
     }
     File::open(dir)?.sync_all()
+}
+
+/// The kept bytes are in the saved copy now: `<dir>.pre-open` goes.
+fn remove_pre_open(pre_open: &Path) -> Result<(), OfflineError> {
+    match std::fs::remove_dir_all(pre_open) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_error(format!("cannot remove {}", pre_open.display()))(e)),
+    }
 }
 
 fn remove_mark(dir: &Path) -> Result<(), OfflineError> {
