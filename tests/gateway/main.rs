@@ -24,4 +24,5 @@ mod redis_power_loss;
 mod redis_readiness;
 mod subscribe_api;
 mod third_party;
+mod tls;
 mod transfer;
