@@ -39,7 +39,11 @@ async fn h2_events(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_http1_stream_delivers_events() {
     let server = TlsServer::start(|_| {}).await;
-    let mut stream = SseReader::connect(&server.h1, &server.url("/topics/tls-h1"), None).await;
+    // A fresh connection whose first request is the stream: the raw stream
+    // path over TLS (a stream after another request is hyper's).
+    let fresh = client(&server.ca.pem, true);
+    let mut stream = SseReader::connect(&fresh, &server.url("/topics/tls-h1"), None).await;
+    assert_eq!(stream.headers["transfer-encoding"], "chunked");
     assert_eq!(stream.status, 200);
     let first = server.publish("tls-h1", json!({"n": 1})).await;
     let second = server.publish("tls-h1", json!({"n": 2})).await;
@@ -342,23 +346,25 @@ async fn sighup_reloads_the_certificate() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dev_tls_prints_its_certificate_and_curl_trusts_it() {
     let data = TempDir::new().expect("tempdir");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sse-gateway"))
-        .args([
-            "serve",
-            "--dev-tls",
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-        ])
-        .arg(data.path())
-        .arg("--config")
-        .arg(crate::common::repo_path("config.toml"))
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let stderr = child.stderr.take().expect("stderr");
+    let mut child = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_sse-gateway"))
+            .args([
+                "serve",
+                "--dev-tls",
+                "--listen",
+                "127.0.0.1:0",
+                "--data-dir",
+            ])
+            .arg(data.path())
+            .arg("--config")
+            .arg(crate::common::repo_path("config.toml"))
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn"),
+    );
+    let stderr = child.0.stderr.take().expect("stderr");
     let (addr_tx, addr_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let mut seen = Vec::new();
@@ -372,7 +378,7 @@ async fn dev_tls_prints_its_certificate_and_curl_trusts_it() {
     });
     let mut path = None;
     let mut fingerprint = None;
-    for line in BufReader::new(child.stdout.take().expect("stdout"))
+    for line in BufReader::new(child.0.stdout.take().expect("stdout"))
         .lines()
         .map_while(Result::ok)
     {
@@ -417,8 +423,7 @@ async fn dev_tls_prints_its_certificate_and_curl_trusts_it() {
         .arg(format!("https://localhost:{port}/healthz"))
         .output()
         .expect("curl");
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
         "200 2",
@@ -427,22 +432,53 @@ async fn dev_tls_prints_its_certificate_and_curl_trusts_it() {
     );
 }
 
-/// Runs `serve` with `[tls]` pointing at `cert` and `key`; (success, stderr).
+/// A child process killed when the test ends, however it ends.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs `serve` with `[tls]` pointing at `cert` and `key`; (exited with
+/// failure, stderr). One still running after a few seconds has started.
 fn serve_with(cert: &std::path::Path, key: &std::path::Path) -> (bool, String) {
     let dir = TempDir::new().expect("tempdir");
     let config = config_with_tls(dir.path(), cert, key);
-    let output = Command::new(env!("CARGO_BIN_EXE_sse-gateway"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.path().join("data"))
-        .arg("--config")
-        .arg(&config)
-        .env("RUST_LOG", "error")
-        .output()
-        .expect("run");
-    (
-        output.status.success(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
+    let mut child = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_sse-gateway"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", "error")
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run"),
+    );
+    let stderr = crate::common::collect_stderr(&mut child.0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let failed = loop {
+        if let Some(status) = child.0.try_wait().expect("try_wait") {
+            break !status.success();
+        }
+        if std::time::Instant::now() > deadline {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    drop(child);
+    // The reader thread lets go of its copy at EOF.
+    for _ in 0..250 {
+        if std::sync::Arc::strong_count(&stderr) == 1 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let text = String::from_utf8_lossy(&stderr.lock().expect("stderr")).into_owned();
+    (failed, text)
 }
 
 #[test]
@@ -462,8 +498,8 @@ fn bad_certificate_files_stop_the_start_with_one_line() {
         (&cert, &other_key, "does not belong to the certificate"),
     ];
     for (cert, key, expected) in cases {
-        let (ok, stderr) = serve_with(cert, key);
-        assert!(!ok, "started with {cert:?} {key:?}");
+        let (failed, stderr) = serve_with(cert, key);
+        assert!(failed, "started with {cert:?} {key:?}: {stderr}");
         let lines: Vec<&str> = stderr.lines().collect();
         assert_eq!(lines.len(), 1, "one line: {stderr}");
         assert!(

@@ -265,10 +265,16 @@ impl TlsServer {
             request = request.header(*name, *value);
         }
         let request = request.body(()).expect("request");
-        let ready = send.clone().ready().await.expect("h2 ready");
+        let ready = tokio::time::timeout(super::WAIT, send.clone().ready())
+            .await
+            .expect("the connection takes another stream within the wait")
+            .expect("h2 ready");
         *send = ready;
         let (response, _) = send.send_request(request, true).expect("send request");
-        let response = response.await.expect("h2 response");
+        let response = tokio::time::timeout(super::WAIT, response)
+            .await
+            .expect("a response within the wait")
+            .expect("h2 response");
         response.into_parts()
     }
 }
