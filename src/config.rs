@@ -861,6 +861,29 @@ mod tests {
     }
 
     #[test]
+    fn tls_and_http2_tables_parse_and_are_checked() {
+        let config = Config::from_toml(
+            "[tls]\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"\n[http2]\nmax_concurrent_streams = 100\n",
+        )
+        .unwrap();
+        let tls = config.tls.unwrap();
+        assert_eq!(tls.cert_file, PathBuf::from("c.pem"));
+        assert_eq!(tls.reload_interval(), Some(Duration::from_secs(2)));
+        assert_eq!(config.http2.max_concurrent_streams, 100);
+        for bad in [
+            "[tls]\ncert_file = \"c.pem\"\n",
+            "[tls]\ncert_file = \"c\"\nkey_file = \"k\"\nreload_interval_ms = 3600001\n",
+            "[tls]\ncert_file = \"c\"\nkey_file = \"k\"\nextra = 1\n",
+            "[http2]\nmax_concurrent_streams = 99\n",
+            "[http2]\nstream_window_bytes = 1000\n",
+            "[http2]\nconnection_window_bytes = 2147483648\n",
+            "[http2]\nmax_send_buffer_bytes = 100\n",
+        ] {
+            assert!(Config::from_toml(bad).is_err(), "accepted: {bad}");
+        }
+    }
+
+    #[test]
     fn shipped_config_is_valid_and_has_the_projects_routes() {
         let text = include_str!("../config.toml");
         let config = Config::from_toml(text).unwrap();

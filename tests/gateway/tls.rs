@@ -508,3 +508,29 @@ fn bad_certificate_files_stop_the_start_with_one_line() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_request_headers_are_bounded_by_max_header_bytes() {
+    let server = TlsServer::start(|c| c.limits.max_header_bytes = 8192).await;
+    let mut send = server.h2_connection(1 << 20).await;
+    let fits = "x".repeat(4000);
+    let (head, _) = server
+        .h2_get(&mut send, "/healthz", &[("x-pad", fits.as_str())])
+        .await;
+    assert_eq!(head.status, 200);
+    let over = "x".repeat(10_000);
+    let request = http::Request::get(server.url("/healthz"))
+        .header("x-pad", over.as_str())
+        .body(())
+        .expect("request");
+    let mut ready = send.clone().ready().await.expect("ready");
+    let (response, _) = ready.send_request(request, true).expect("send");
+    let answer = tokio::time::timeout(WAIT, response)
+        .await
+        .expect("an answer");
+    // Refused as over HTTP/1.1: 431, and only this request.
+    assert_eq!(answer.expect("a response, not a reset").status(), 431);
+    // The connection itself goes on.
+    let (head, _) = server.h2_get(&mut send, "/healthz", &[]).await;
+    assert_eq!(head.status, 200);
+}
