@@ -534,3 +534,37 @@ async fn h2_request_headers_are_bounded_by_max_header_bytes() {
     let (head, _) = server.h2_get(&mut send, "/healthz", &[]).await;
     assert_eq!(head.status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_http1_stream_that_takes_nothing_is_closed_after_write_stall() {
+    let server = TlsServer::start(|c| {
+        c.limits.write_stall_ms = 300;
+        c.stream.live_buffer_events = 16;
+    })
+    .await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let tcp = socket.connect(server.addr).await.unwrap();
+    let mut stalled = crate::common::tls::tls_connect_on(tcp, server.roots(), &[b"http/1.1"])
+        .await
+        .expect("handshake");
+    use tokio::io::AsyncWriteExt;
+    stalled
+        .write_all(b"GET /topics/tls-big HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    stalled.flush().await.unwrap();
+    eventually("the stream to be counted", || async {
+        server.subscribers("tls-big").await == 1
+    })
+    .await;
+    let blob = "x".repeat(60_000);
+    for _ in 0..200 {
+        server.publish("tls-big", json!(blob)).await;
+    }
+    eventually("the stalled TLS stream to be closed", || async {
+        server.subscribers("tls-big").await == 0
+    })
+    .await;
+    drop(stalled);
+}

@@ -113,6 +113,15 @@ pub async fn tls_connect(
     roots: rustls::RootCertStore,
     alpn: &[&[u8]],
 ) -> std::io::Result<TlsStream<TcpStream>> {
+    tls_connect_on(TcpStream::connect(addr).await?, roots, alpn).await
+}
+
+/// A TLS session on a connected socket (e.g. one with a tiny receive buffer).
+pub async fn tls_connect_on(
+    tcp: TcpStream,
+    roots: rustls::RootCertStore,
+    alpn: &[&[u8]],
+) -> std::io::Result<TlsStream<TcpStream>> {
     let mut config = rustls::ClientConfig::builder_with_provider(sse_gateway::tls::provider())
         .with_safe_default_protocol_versions()
         .expect("versions")
@@ -120,7 +129,6 @@ pub async fn tls_connect(
         .with_no_client_auth();
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let tcp = TcpStream::connect(addr).await?;
     let name = ServerName::try_from("localhost").expect("name");
     connector.connect(name, tcp).await
 }
