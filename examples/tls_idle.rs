@@ -16,7 +16,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -80,9 +79,7 @@ async fn main() {
     if mode == "h2" {
         for first in (0..streams).step_by(STREAMS_PER_H2_CONNECTION) {
             let tls = connect(addr, Arc::clone(&config)).await;
-            let (send, connection) = h2::client::handshake::<_, Bytes>(tls)
-                .await
-                .expect("h2 handshake");
+            let (send, connection) = h2::client::handshake(tls).await.expect("h2 handshake");
             held.push(tokio::spawn(async move {
                 let _ = connection.await;
             }));
