@@ -41,6 +41,10 @@ pub struct Config {
     /// `[auth]`: absent means no auth.
     pub auth: Option<AuthConfig>,
     pub tenancy: TenancyConfig,
+    /// `[tls]`: absent means plaintext HTTP/1.1 only.
+    pub tls: Option<TlsConfig>,
+    /// `[http2]`: settings of HTTP/2 connections (negotiated over TLS only).
+    pub http2: Http2Config,
     /// `[[routes]]`: broadcast kinds → topics. Empty means the projects
     /// module's four built-in routes.
     pub routes: Vec<RouteSpec>,
@@ -488,6 +492,85 @@ impl PublishConfig {
     }
 }
 
+/// `[tls]`: serve HTTPS, HTTP/2 and HTTP/1.1 chosen by ALPN.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert_file: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+    /// How often the two files are checked for a change (0 = only on SIGHUP).
+    #[serde(default = "TlsConfig::default_reload_interval_ms")]
+    pub reload_interval_ms: u64,
+}
+
+impl TlsConfig {
+    fn default_reload_interval_ms() -> u64 {
+        2_000
+    }
+
+    /// `reload_interval_ms` as a duration; `None` when polling is off.
+    pub fn reload_interval(&self) -> Option<Duration> {
+        (self.reload_interval_ms > 0).then(|| Duration::from_millis(self.reload_interval_ms))
+    }
+}
+
+/// `[http2]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Http2Config {
+    /// Streams one connection may have open at once; more are refused
+    /// (`REFUSED_STREAM`, the browser retries), the connection stays.
+    pub max_concurrent_streams: u32,
+    /// Bytes a client may send on one stream before we grant more (publish
+    /// bodies; SSE requests send none).
+    pub stream_window_bytes: u32,
+    /// Bytes a client may send on the whole connection before we grant more.
+    pub connection_window_bytes: u32,
+    /// Most bytes of one stream queued for a client that has not granted
+    /// the window for them; past it the stream waits (and is cut after
+    /// `limits.write_stall_ms`).
+    pub max_send_buffer_bytes: usize,
+}
+
+impl Default for Http2Config {
+    fn default() -> Self {
+        Self {
+            max_concurrent_streams: 256,
+            stream_window_bytes: 256 * 1024,
+            connection_window_bytes: 1024 * 1024,
+            max_send_buffer_bytes: 64 * 1024,
+        }
+    }
+}
+
+impl Http2Config {
+    fn validate(&self) -> Result<(), String> {
+        // RFC 9113 6.9.2: windows above 2^31-1 are a protocol error; below
+        // the default 65,535 a publish crawls.
+        const MAX_WINDOW: u32 = (1 << 31) - 1;
+        if !(100..=10_000).contains(&self.max_concurrent_streams) {
+            return Err("http2.max_concurrent_streams must be 100 to 10000".into());
+        }
+        for (name, value) in [
+            ("http2.stream_window_bytes", self.stream_window_bytes),
+            (
+                "http2.connection_window_bytes",
+                self.connection_window_bytes,
+            ),
+        ] {
+            if !(65_535..=MAX_WINDOW).contains(&value) {
+                return Err(format!("{name} must be 65535 to {MAX_WINDOW}"));
+            }
+        }
+        if !(16_384..=16 * 1024 * 1024).contains(&self.max_send_buffer_bytes) {
+            return Err("http2.max_send_buffer_bytes must be 16384 to 16777216".into());
+        }
+        Ok(())
+    }
+}
+
 /// `[tenancy]`
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -526,6 +609,12 @@ impl Config {
         let invalid = |m: String| Err(ConfigError::Invalid(m));
         self.listen_addr()?;
         self.storage.validate().map_err(ConfigError::Invalid)?;
+        self.http2.validate().map_err(ConfigError::Invalid)?;
+        if let Some(tls) = &self.tls {
+            if tls.reload_interval_ms > 3_600_000 {
+                return invalid("tls.reload_interval_ms must be at most 3600000".into());
+            }
+        }
         if let Some(auth) = &self.auth {
             auth.validate()
                 .map_err(|m| ConfigError::Invalid(format!("auth: {m}")))?;
@@ -818,6 +907,29 @@ mod tests {
         assert!(err.contains("retry_msec"), "{err}");
         let err = Config::from_toml("[nope]\n").unwrap_err().to_string();
         assert!(err.contains("nope"), "{err}");
+    }
+
+    #[test]
+    fn tls_and_http2_tables_parse_and_are_checked() {
+        let config = Config::from_toml(
+            "[tls]\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"\n[http2]\nmax_concurrent_streams = 100\n",
+        )
+        .unwrap();
+        let tls = config.tls.unwrap();
+        assert_eq!(tls.cert_file, PathBuf::from("c.pem"));
+        assert_eq!(tls.reload_interval(), Some(Duration::from_secs(2)));
+        assert_eq!(config.http2.max_concurrent_streams, 100);
+        for bad in [
+            "[tls]\ncert_file = \"c.pem\"\n",
+            "[tls]\ncert_file = \"c\"\nkey_file = \"k\"\nreload_interval_ms = 3600001\n",
+            "[tls]\ncert_file = \"c\"\nkey_file = \"k\"\nextra = 1\n",
+            "[http2]\nmax_concurrent_streams = 99\n",
+            "[http2]\nstream_window_bytes = 1000\n",
+            "[http2]\nconnection_window_bytes = 2147483648\n",
+            "[http2]\nmax_send_buffer_bytes = 100\n",
+        ] {
+            assert!(Config::from_toml(bad).is_err(), "accepted: {bad}");
+        }
     }
 
     #[test]

@@ -21,6 +21,7 @@ pub mod replay_budget;
 pub mod routes;
 pub mod sse;
 pub mod subscription;
+pub mod tls;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,6 +38,8 @@ pub enum RunError {
     Log(#[from] log::LogError),
     #[error(transparent)]
     Auth(#[from] auth::AuthConfigError),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
     #[error("server error: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -53,17 +56,39 @@ pub async fn run(
         header_read_timeout: config.limits.header_read_timeout(),
         max_header_bytes: config.limits.max_header_bytes,
         drain_timeout: Duration::from_millis(config.server.drain_timeout_ms),
+        http2: config.http2.clone(),
     };
     let write_stall = config.limits.write_stall();
+    // Before the log opens: a bad certificate is a one-line error, not a half-started gateway.
+    let tls = match &config.tls {
+        Some(settings) => {
+            let certificates = tls::Certificates::open(settings)?;
+            let acceptor = tokio_rustls::TlsAcceptor::from(certificates.server_config()?);
+            tracing::info!(fingerprint = %certificates.fingerprint(), "TLS certificate loaded");
+            Some((acceptor, certificates, settings.reload_interval()))
+        }
+        None => None,
+    };
     let app = Arc::new(app::App::open(config, stop.clone()).await?);
     let local = listener.local_addr()?;
-    tracing::info!("listening on http://{local}");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    tracing::info!("listening on {scheme}://{local}");
 
     let sweeper = tokio::spawn(sweep_limits(Arc::clone(&app), stop.clone()));
     let router = http::router(Arc::clone(&app));
     let listener = http::listener::GuardedListener::new(listener, write_stall);
-    let served = http::server::serve(listener, router, limits, stop.clone()).await;
+    let (acceptor, watcher) = match tls {
+        Some((acceptor, certificates, every)) => {
+            let watch = tls::watch(certificates, every, stop.clone());
+            (Some(acceptor), Some(tokio::spawn(watch)))
+        }
+        None => (None, None),
+    };
+    let served = http::server::serve(listener, router, limits, acceptor, stop.clone()).await;
     sweeper.abort();
+    if let Some(watcher) = watcher {
+        watcher.abort();
+    }
     // Close the log last so queued publishes finish and flush.
     app.close_logs().await?;
     served?;

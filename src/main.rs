@@ -5,7 +5,7 @@
 
 mod cli;
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write as _};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -90,6 +90,11 @@ struct ServeArgs {
     /// with redis-cluster, a comma-separated list overriding storage.cluster_urls.
     #[arg(long, env = "SSE_GATEWAY_STORAGE_URL", global = true)]
     storage_url: Option<String>,
+    /// Serve HTTPS (HTTP/2 and HTTP/1.1) with a self-signed certificate for
+    /// localhost, made under <data_dir>/dev-tls/ and reused; prints its path
+    /// and SHA-256 fingerprint. For development only; overrides [tls].
+    #[arg(long)]
+    dev_tls: bool,
 }
 
 fn main() -> ExitCode {
@@ -214,7 +219,14 @@ fn load_config(args: &ServeArgs) -> anyhow::Result<Config> {
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let config = load_config(&args)?;
+    let mut config = load_config(&args)?;
+    if args.dev_tls {
+        use_dev_certificate(&mut config)?;
+    }
+    // A bad certificate is the operator's one-line error, before anything starts.
+    if let Some(tls) = &config.tls {
+        sse_gateway::tls::load(&tls.cert_file, &tls.key_file)?;
+    }
     // Before any thread starts: sled's own log writes fsynced (durable.rs).
     #[cfg(target_os = "linux")]
     if config.storage.backend == Backend::Sled {
@@ -237,6 +249,41 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .await
             .context("gateway stopped with an error")
     })
+}
+
+/// `--dev-tls`: serves the development certificate (made when missing)
+/// and tells the operator where it is and how to trust it.
+fn use_dev_certificate(config: &mut Config) -> anyhow::Result<()> {
+    let cert = sse_gateway::tls::dev::ensure(&config.storage.data_dir)?;
+    let path = std::path::absolute(&cert.cert_file).unwrap_or_else(|_| cert.cert_file.clone());
+    if config.tls.is_some() {
+        tracing::warn!("--dev-tls replaces the certificate of [tls]");
+    }
+    let reload_interval_ms = config.tls.as_ref().map_or(2_000, |t| t.reload_interval_ms);
+    config.tls = Some(sse_gateway::config::TlsConfig {
+        cert_file: cert.cert_file.clone(),
+        key_file: cert.key_file.clone(),
+        reload_interval_ms,
+    });
+    let made = if cert.created { "made" } else { "reused" };
+    let port = match config.listen_addr().map(|a| a.port()) {
+        Ok(0) => "<port>".to_owned(),
+        Ok(port) => port.to_string(),
+        Err(_) => "8080".to_owned(),
+    };
+    // Not `println!`: a closed stdout (`| head`) must not stop the gateway.
+    let _ = writeln!(
+        std::io::stdout(),
+        "dev TLS: self-signed certificate for localhost, 127.0.0.1 and ::1 ({made})\n\
+         \x20 certificate: {}\n\
+         \x20 SHA-256 fingerprint: {}\n\
+         \x20 try: curl --cacert {} https://localhost:{port}/healthz\n\
+         \x20 browsers: trust that file, or accept the warning once (development only)",
+        path.display(),
+        cert.fingerprint,
+        path.display(),
+    );
+    Ok(())
 }
 
 /// Binds `addr` with a listen backlog of [`LISTEN_BACKLOG`] (tokio's `bind`

@@ -8,6 +8,8 @@
 mod access;
 mod console;
 pub mod error;
+mod h2;
+mod hop;
 pub mod listener;
 mod ops;
 mod publish;

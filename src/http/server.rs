@@ -8,6 +8,11 @@
 //! first request is a stream is served by `raw` on the raw socket;
 //! every other one by hyper.
 //!
+//! With `[tls]` every connection first completes a TLS handshake (within
+//! `limits.header_read_timeout`); ALPN `h2` is served by hyper's HTTP/2
+//! (`h2`), anything else as HTTP/1.x exactly as above, over the TLS
+//! session. Cleartext HTTP/2 (h2c) is not spoken.
+//!
 //! Streams are sent from their own runtime (one worker per core), not the
 //! one that accepts and serves requests. Why: a publish fans out to every
 //! subscriber at once, and on a shared runtime the publisher's acknowledgement
@@ -33,11 +38,14 @@ use hyper::body::Incoming;
 use hyper::Request;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::runtime::Handle;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
+use super::hop::{Hop, Socket};
 use super::listener::{GuardedListener, StallGuardedStream};
 use super::raw::{self, Next, Rewind};
 use super::table::StreamRoutes;
@@ -46,11 +54,12 @@ use super::table::StreamRoutes;
 const BLOCKING_THREADS_PER_CORE: usize = 4;
 
 /// Connection settings.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ConnectionLimits {
     pub header_read_timeout: Duration,
     pub max_header_bytes: usize,
     pub drain_timeout: Duration,
+    pub http2: crate::config::Http2Config,
 }
 
 /// Serves `router` until `stop`, then drains (bounded). Fails only when the
@@ -59,6 +68,7 @@ pub async fn serve(
     mut listener: GuardedListener,
     router: Router,
     limits: ConnectionLimits,
+    tls: Option<TlsAcceptor>,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
@@ -79,9 +89,13 @@ pub async fn serve(
         .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(limits.max_header_bytes.max(8192))
         .keep_alive(true);
+    let executor = super::h2::StreamExecutor::new(streams.clone(), listener.write_stall());
+    let h2 = super::h2::builder(&limits.http2, limits.max_header_bytes, executor);
     let shared = Arc::new(raw::Shared {
         router,
         http,
+        h2,
+        tls,
         header_read_timeout: limits.header_read_timeout,
         max_header_bytes: limits.max_header_bytes,
         write_stall: listener.write_stall(),
@@ -100,34 +114,24 @@ pub async fn serve(
         let streams = streams.clone();
         let tracker = connections.clone();
         connections.spawn(async move {
-            let mut tcp = tcp;
-            match Box::pin(raw::serve_first(&mut tcp, peer, &shared)).await {
-                Next::Close => {}
-                Next::Stream(stream) => {
-                    // Moves the socket to the stream runtime (module docs).
-                    let tcp = match tcp.into_std() {
-                        Ok(tcp) => tcp,
-                        Err(e) => {
-                            tracing::debug!(error = %e, "cannot hand the stream over");
-                            return;
-                        }
-                    };
-                    let stall = shared.write_stall;
-                    // Boxed: an idle stream pays for its pump and nothing else.
-                    tracker.spawn_on(
-                        async move {
-                            match TcpStream::from_std(tcp) {
-                                Ok(mut tcp) => {
-                                    Box::pin(raw::pump(&mut tcp, *stream, stall)).await;
-                                }
-                                Err(e) => tracing::debug!(error = %e, "cannot register the stream"),
+            match &shared.tls {
+                None => serve_http1(tcp, peer, &shared, watcher, &streams, &tracker).await,
+                Some(acceptor) => {
+                    let handshake = acceptor.accept(Socket::new(tcp));
+                    let tls =
+                        match tokio::time::timeout(shared.header_read_timeout, handshake).await {
+                            Ok(Ok(tls)) => tls,
+                            Ok(Err(e)) => {
+                                tracing::debug!(error = %e, %peer, "TLS handshake failed");
+                                return;
                             }
-                        },
-                        &streams,
-                    );
-                }
-                Next::Hyper(prefix) => {
-                    Box::pin(serve_with_hyper(tcp, prefix, peer, &shared, watcher)).await;
+                            Err(_) => return,
+                        };
+                    if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                        Box::pin(super::h2::serve(tls, peer, &shared, watcher)).await;
+                    } else {
+                        serve_http1(tls, peer, &shared, watcher, &streams, &tracker).await;
+                    }
                 }
             }
         });
@@ -164,13 +168,56 @@ impl Drop for StreamRuntime {
     }
 }
 
-async fn serve_with_hyper(
-    tcp: TcpStream,
+/// One HTTP/1.x connection: its first request read by `raw`, a stream
+/// pumped on the stream runtime, anything else served by hyper.
+async fn serve_http1<S>(
+    mut io: S,
+    peer: SocketAddr,
+    shared: &raw::Shared,
+    watcher: hyper_util::server::graceful::Watcher,
+    streams: &Handle,
+    tracker: &TaskTracker,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + Hop + 'static,
+{
+    match Box::pin(raw::serve_first(&mut io, peer, shared)).await {
+        Next::Close => {}
+        Next::Stream(stream) => {
+            // Moves the socket to the stream runtime (module docs).
+            let detached = match io.detach() {
+                Ok(detached) => detached,
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot hand the stream over");
+                    return;
+                }
+            };
+            let stall = shared.write_stall;
+            // Boxed: an idle stream pays for its pump and nothing else.
+            tracker.spawn_on(
+                async move {
+                    match S::attach(detached) {
+                        Ok(mut io) => Box::pin(raw::pump(&mut io, *stream, stall)).await,
+                        Err(e) => tracing::debug!(error = %e, "cannot register the stream"),
+                    }
+                },
+                streams,
+            );
+        }
+        Next::Hyper(prefix) => {
+            Box::pin(serve_with_hyper(io, prefix, peer, shared, watcher)).await;
+        }
+    }
+}
+
+async fn serve_with_hyper<S>(
+    io: S,
     prefix: bytes::Bytes,
     peer: SocketAddr,
     shared: &raw::Shared,
     watcher: hyper_util::server::graceful::Watcher,
-) {
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let router = shared.router.clone();
     let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
         request
@@ -178,7 +225,7 @@ async fn serve_with_hyper(
             .insert(ConnectInfo::<SocketAddr>(peer));
         router.clone().oneshot(request.map(Body::new))
     });
-    let io = StallGuardedStream::new(Rewind::new(prefix, tcp), shared.write_stall);
+    let io = StallGuardedStream::new(Rewind::new(prefix, io), shared.write_stall);
     let connection = watcher.watch(shared.http.serve_connection(TokioIo::new(io), service));
     if let Err(e) = connection.await {
         tracing::debug!(error = %e, %peer, "connection ended with an error");

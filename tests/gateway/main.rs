@@ -26,4 +26,5 @@ mod redis_readiness;
 mod redis_sentinel;
 mod subscribe_api;
 mod third_party;
+mod tls;
 mod transfer;

@@ -1,5 +1,6 @@
-//! One connection, from accept to close: SSE streams are written straight to
-//! the socket; everything else is served by hyper.
+//! One HTTP/1.x connection, from accept to close: SSE streams are written
+//! straight to the socket (plain TCP or a TLS session); everything else is
+//! served by hyper.
 //!
 //! The first request head is read here (same timeout and size limit hyper
 //! applies). When it is a plain `GET` of a stream route, the request still
@@ -30,8 +31,7 @@ use std::time::Duration;
 
 use axum::Router;
 use bytes::{Bytes, BytesMut};
-use tokio::io::AsyncReadExt;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
@@ -47,8 +47,12 @@ const INITIAL_HEAD_BUFFER: usize = 1024;
 /// What a connection needs, shared by all of them.
 pub struct Shared {
     pub router: Router,
-    /// hyper's settings, for connections it serves.
+    /// hyper's settings, for HTTP/1.x connections it serves.
     pub http: hyper::server::conn::http1::Builder,
+    /// hyper's settings for HTTP/2 connections (negotiated over TLS).
+    pub h2: hyper::server::conn::http2::Builder<crate::http::h2::StreamExecutor>,
+    /// Set when the listener speaks TLS.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub header_read_timeout: Duration,
     pub max_header_bytes: usize,
     pub write_stall: Duration,
@@ -76,10 +80,13 @@ pub struct Stream {
 
 /// Reads the first head and, when it is a stream request, runs it through
 /// the router: a subscription comes back as [`Next::Stream`], any other
-/// answer is sent here. Otherwise says how to go on; `tcp` stays usable for
-/// hyper afterwards. Everything this allocates is gone when it returns, so an
+/// answer is sent here. Otherwise says how to go on; `io` stays usable for
+/// hyper afterwards. Plain TCP or TLS alike. Everything this allocates is gone when it returns, so an
 /// idle stream keeps none of it.
-pub async fn serve_first(tcp: &mut TcpStream, peer: SocketAddr, shared: &Shared) -> Next {
+pub async fn serve_first<S>(io: &mut S, peer: SocketAddr, shared: &Shared) -> Next
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let deadline = Instant::now() + shared.header_read_timeout;
     let limit = shared.max_header_bytes.max(8192);
     let mut buf = BytesMut::with_capacity(INITIAL_HEAD_BUFFER);
@@ -106,7 +113,7 @@ pub async fn serve_first(tcp: &mut TcpStream, peer: SocketAddr, shared: &Shared)
         }
         let read = tokio::select! {
             () = shared.stop.cancelled() => return Next::Close,
-            read = tokio::time::timeout_at(deadline, tcp.read_buf(&mut buf)) => read,
+            read = tokio::time::timeout_at(deadline, io.read_buf(&mut buf)) => read,
         };
         match read {
             // Too slow (slowloris), gone, or broken: hyper would close too.
@@ -141,7 +148,7 @@ pub async fn serve_first(tcp: &mut TcpStream, peer: SocketAddr, shared: &Shared)
             chunked: http11,
         }));
     }
-    match send_small(tcp, response, http11, keep_alive, shared.write_stall).await {
+    match send_small(io, response, http11, keep_alive, shared.write_stall).await {
         Ok(()) if keep_alive => Next::Hyper(rest),
         _ => Next::Close,
     }

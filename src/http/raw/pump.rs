@@ -2,18 +2,22 @@
 //! subscription as one vectored write, until it ends, the peer leaves or a
 //! write stalls.
 
-use std::io::{self, IoSlice};
+use std::io::IoSlice;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use super::response::{write_all, ChunkSize};
 use super::Stream;
 
 /// Writes the head, then every chunk of the subscription, until it ends,
 /// the peer leaves, or a write stalls.
-pub async fn pump(tcp: &mut TcpStream, stream: Stream, stall: Duration) {
+pub async fn pump<S>(io: &mut S, stream: Stream, stall: Duration)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let Stream {
         head,
         mut subscription,
@@ -24,12 +28,7 @@ pub async fn pump(tcp: &mut TcpStream, stream: Stream, stall: Duration) {
         let chunk = tokio::select! {
             biased;
             chunk = subscription.next_chunk() => chunk,
-            ready = std::future::poll_fn(|cx| tcp.poll_read_ready(cx)) => {
-                if ready.is_err() || peer_left(tcp) {
-                    return;
-                }
-                continue;
-            }
+            () = std::future::poll_fn(|cx| peer_left(&mut *io, cx)) => return,
         };
         let Some(chunk) = chunk else { break };
         let mut size = ChunkSize::default();
@@ -42,7 +41,7 @@ pub async fn pump(tcp: &mut TcpStream, stream: Stream, stall: Duration) {
             IoSlice::new(&chunk),
             IoSlice::new(trailer),
         ];
-        if let Err(e) = write_all(tcp, &mut slices, stall).await {
+        if let Err(e) = write_all(io, &mut slices, stall).await {
             tracing::debug!(error = %e, "stream write failed; closing");
             return;
         }
@@ -54,22 +53,25 @@ pub async fn pump(tcp: &mut TcpStream, stream: Stream, stall: Duration) {
         IoSlice::new(head_bytes.as_deref().unwrap_or_default()),
         IoSlice::new(last),
     ];
-    if write_all(tcp, &mut slices, stall).await.is_ok() {
-        let _ = tcp.shutdown().await;
+    if write_all(io, &mut slices, stall).await.is_ok() {
+        let _ = io.shutdown().await;
     }
 }
 
-/// Whether the peer closed its side; discards anything it sent.
-fn peer_left(tcp: &TcpStream) -> bool {
+/// Ready when the peer closed its side (or the connection broke);
+/// discards anything it sent. For TLS this also reads `close_notify`.
+fn peer_left<S: AsyncRead + Unpin>(io: &mut S, cx: &mut Context<'_>) -> Poll<()> {
     let mut scratch = [0u8; 512];
     // Bounded, so a client that streams bytes at us cannot hold this task.
     for _ in 0..16 {
-        match tcp.try_read(&mut scratch) {
-            Ok(0) => return true,
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
-            Err(_) => return true,
+        let mut buf = ReadBuf::new(&mut scratch);
+        match Pin::new(&mut *io).poll_read(cx, &mut buf) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Err(_)) => return Poll::Ready(()),
+            Poll::Ready(Ok(())) if buf.filled().is_empty() => return Poll::Ready(()),
+            Poll::Ready(Ok(())) => {}
         }
     }
-    false
+    cx.waker().wake_by_ref();
+    Poll::Pending
 }

@@ -8,8 +8,9 @@ use std::time::{Duration, SystemTime};
 use axum::body::Body;
 use axum::http::{header, Response};
 use bytes::{BufMut, BytesMut};
+use futures_util::FutureExt;
 use http_body_util::BodyExt;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 /// Largest non-stream body this module sends itself (errors, shed notices).
 const MAX_SMALL_BODY: usize = 1 << 20;
@@ -81,8 +82,8 @@ pub(super) fn response_head(
 }
 
 /// Sends a response that is not a stream (an error, a shed notice).
-pub(super) async fn send_small(
-    tcp: &TcpStream,
+pub(super) async fn send_small<S: AsyncWrite + Unpin>(
+    io: &mut S,
     response: Response<Body>,
     http11: bool,
     keep_alive: bool,
@@ -95,12 +96,13 @@ pub(super) async fn send_small(
         .map_err(|e| io::Error::other(e.to_string()))?
         .to_bytes();
     let head = response_head(&parts, http11, Framing::Length(body.len()), keep_alive);
-    write_all(tcp, &mut [IoSlice::new(&head), IoSlice::new(&body)], stall).await
+    write_all(io, &mut [IoSlice::new(&head), IoSlice::new(&body)], stall).await
 }
 
-/// Writes every slice; a write that makes no progress for `stall` fails.
-pub(super) async fn write_all(
-    tcp: &TcpStream,
+/// Writes every slice, then flushes (a TLS session holds what it
+/// encrypted until then); a write that makes no progress for `stall` fails.
+pub(super) async fn write_all<S: AsyncWrite + Unpin>(
+    io: &mut S,
     slices: &mut [IoSlice<'_>],
     stall: Duration,
 ) -> io::Result<()> {
@@ -108,27 +110,31 @@ pub(super) async fn write_all(
     // Drops leading empty slices, so "everything written" is "no slices left".
     IoSlice::advance_slices(&mut slices, 0);
     while !slices.is_empty() {
-        match tcp.try_write_vectored(slices) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => IoSlice::advance_slices(&mut slices, n),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                // Boxed: the rare slow path should not size every stream's state.
-                Box::pin(tokio::time::timeout(
-                    stall,
-                    std::future::poll_fn(|cx| tcp.poll_write_ready(cx)),
-                ))
+        let written = match io.write_vectored(slices).now_or_never() {
+            Some(written) => written,
+            // Boxed: the rare slow path should not size every stream's state.
+            None => Box::pin(tokio::time::timeout(stall, io.write_vectored(slices)))
                 .await
-                .map_err(|_| {
-                    io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        "client took no bytes for limits.write_stall",
-                    )
-                })??;
-            }
-            Err(e) => return Err(e),
+                .map_err(|_| stalled())?,
+        };
+        match written? {
+            0 => return Err(io::ErrorKind::WriteZero.into()),
+            n => IoSlice::advance_slices(&mut slices, n),
         }
     }
-    Ok(())
+    match io.flush().now_or_never() {
+        Some(flushed) => flushed,
+        None => Box::pin(tokio::time::timeout(stall, io.flush()))
+            .await
+            .map_err(|_| stalled())?,
+    }
+}
+
+fn stalled() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        "client took no bytes for limits.write_stall",
+    )
 }
 
 /// The `<hex size>\r\n` line of one HTTP/1.1 chunk.

@@ -2,7 +2,8 @@
 //! `127.0.0.1:0` with a temp data dir, in process ([`server`]) or as the real
 //! binary ([`process`]); SSE reading on the library's WHATWG decoder ([`sse`]);
 //! a hand-read HTTP/1.1 connection ([`raw_http`]); crash-test publishers and
-//! checks ([`crash`]); ports that survive a restart ([`ports`]). Small shared helpers live here.
+//! checks ([`crash`]); ports that survive a restart ([`ports`]); a test CA and
+//! HTTPS/HTTP/2 clients ([`tls`]). Small shared helpers live here.
 //!
 //! Everything is re-exported, so a test imports `crate::common::{…}`.
 
@@ -12,6 +13,7 @@ pub mod process;
 pub mod raw_http;
 pub mod server;
 pub mod sse;
+pub mod tls;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -71,7 +71,11 @@ impl GatewayProcess {
         std::thread::spawn(move || {
             let mut addr_tx = Some(addr_tx);
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(rest) = line.split("listening on http://").nth(1) {
+                let rest = line.split("listening on ").nth(1).and_then(|rest| {
+                    rest.strip_prefix("http://")
+                        .or_else(|| rest.strip_prefix("https://"))
+                });
+                if let Some(rest) = rest {
                     if let (Some(tx), Ok(addr)) =
                         (addr_tx.take(), rest.trim().parse::<SocketAddr>())
                     {
