@@ -22,7 +22,7 @@ use tempfile::TempDir;
 use crate::common::*;
 use crate::redis::{gateways, redis_cli, redis_config, require};
 use crate::redis_sentinel::{
-    assert_stream_matches_log, data_server, log_of, read_into, wait_until, Proc,
+    assert_stream_matches_log, data_server, log_of, read_into, wait_followed, wait_until, Proc,
 };
 
 /// How long the gateways may take to follow a failover.
@@ -308,42 +308,15 @@ async fn failover_under_load(how: Failover) {
     resumed_task.await.expect("resumed reader");
 
     // The gateways follow without a restart: publishes acknowledged again.
-    let after = publishers.acked();
-    let deadline = tokio::time::Instant::now() + FAILOVER_BOUND;
-    while publishers.acked() < after + 50 {
-        if tokio::time::Instant::now() > deadline {
-            let log: Vec<String> = nodes[0]
-                .log
-                .lock()
-                .unwrap()
-                .iter()
-                .rev()
-                .take(8)
-                .cloned()
-                .collect();
-            panic!("{how:?}: publishes were not acknowledged again: {log:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let publishing = started.elapsed();
-    for node in &nodes {
-        loop {
-            let ready = client
-                .get(node.url("/readyz"))
-                .send()
-                .await
-                .map(|r| r.status());
-            if matches!(ready, Ok(StatusCode::OK)) {
-                break;
-            }
-            assert!(
-                started.elapsed() < FAILOVER_BOUND,
-                "{how:?}: /readyz not 200 again after the failover"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-    let ready = started.elapsed();
+    let (publishing, ready) = wait_followed(
+        &format!("{how:?}"),
+        &client,
+        &nodes,
+        &publishers,
+        publishers.acked(),
+        (started, FAILOVER_BOUND),
+    )
+    .await;
 
     let last_id = resumed_seen
         .lock()

@@ -318,6 +318,55 @@ fn crash_primary_with_writes_in_flight(
 }
 
 /// Reads `reader` into `seen` until it ends or `stop` is set.
+/// After a failover (at `since`): waits until `publishers` have 50 more
+/// acknowledgements than `acked_before`, then until every node's `/readyz`
+/// is 200, each within `bound` — the gateways follow the new primary with
+/// no restart. Returns (publishing again, all ready), measured from `since`.
+pub(crate) async fn wait_followed(
+    what: &str,
+    client: &reqwest::Client,
+    nodes: &[GatewayProcess],
+    publishers: &AckingPublishers,
+    acked_before: usize,
+    (since, bound): (Instant, Duration),
+) -> (Duration, Duration) {
+    let deadline = since + bound;
+    while publishers.acked() < acked_before + 50 {
+        if Instant::now() > deadline {
+            let log: Vec<String> = nodes[0]
+                .log
+                .lock()
+                .unwrap()
+                .iter()
+                .rev()
+                .take(8)
+                .cloned()
+                .collect();
+            panic!("{what}: publishes were not acknowledged again after the failover: {log:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let publishing = since.elapsed();
+    for node in nodes {
+        loop {
+            let ready = client
+                .get(node.url("/readyz"))
+                .send()
+                .await
+                .map(|r| r.status());
+            if matches!(ready, Ok(StatusCode::OK)) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: /readyz not 200 again after the failover"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    (publishing, since.elapsed())
+}
+
 pub(crate) fn read_into(
     mut reader: SseReader,
     seen: Arc<Mutex<Vec<SseEvent>>>,
@@ -448,42 +497,15 @@ async fn redis_sentinel_failover_under_load_loses_no_acknowledged_event() {
 
     // The gateways follow, without a restart: publishes are acknowledged
     // again, both ready.
-    let after_kill = publishers.acked();
-    let deadline = tokio::time::Instant::now() + FAILOVER_BOUND;
-    while publishers.acked() < after_kill + 50 {
-        if tokio::time::Instant::now() > deadline {
-            let log: Vec<String> = nodes[0]
-                .log
-                .lock()
-                .unwrap()
-                .iter()
-                .rev()
-                .take(5)
-                .cloned()
-                .collect();
-            panic!("publishes were not acknowledged again after the failover: {log:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let publishing = killed.elapsed();
-    for node in &nodes {
-        loop {
-            let ready = client
-                .get(node.url("/readyz"))
-                .send()
-                .await
-                .map(|r| r.status());
-            if matches!(ready, Ok(StatusCode::OK)) {
-                break;
-            }
-            assert!(
-                killed.elapsed() < FAILOVER_BOUND,
-                "/readyz not 200 again after the failover"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-    let ready = killed.elapsed();
+    let (publishing, ready) = wait_followed(
+        "sentinel",
+        &client,
+        &nodes,
+        &publishers,
+        publishers.acked(),
+        (killed, FAILOVER_BOUND),
+    )
+    .await;
 
     // The dropped stream resumes from the last id it saw.
     let last_id = resumed_seen
