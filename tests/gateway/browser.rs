@@ -1247,6 +1247,26 @@ async fn assert_every_tab_got(page: &mut BrowserScript, tabs: usize, expected: &
     }
 }
 
+/// `shared.mjs` started (its static server and the browser up) and a
+/// gateway config in `dir` whose CORS allows that server's origin.
+pub(crate) async fn shared_page(dir: &Path) -> (BrowserScript, PathBuf) {
+    let mut page = BrowserScript::spawn("shared.mjs");
+    let origin = page
+        .line_where("the static server's origin", PAGE_WAIT, |l| {
+            l.get("origin").is_some()
+        })
+        .await["origin"]
+        .as_str()
+        .expect("origin")
+        .to_owned();
+    page.line_where("the browser to start", PAGE_WAIT, |l| {
+        l["ready"] == json!(true)
+    })
+    .await;
+    let config = write_config(dir, Some(&origin));
+    (page, config)
+}
+
 /// `/client.js` with `shareAcrossTabs` in 5 tabs of one browser: ONE stream
 /// for all of them (the gateway counts one subscriber); the leader tab closed
 /// while events are published: another tab leads within 1 s and every tab
@@ -1262,21 +1282,8 @@ async fn client_js_shares_one_stream_across_tabs_through_leader_close_and_kill_9
     let _one = ONE_BROWSER.lock().await;
     let dir = TempDir::new().expect("tempdir");
     let data = dir.path().join("data");
-    let mut page = BrowserScript::spawn("shared.mjs");
-    let origin = page
-        .line_where("the static server's origin", PAGE_WAIT, |l| {
-            l.get("origin").is_some()
-        })
-        .await["origin"]
-        .as_str()
-        .expect("origin")
-        .to_owned();
-    page.line_where("the browser to start", PAGE_WAIT, |l| {
-        l["ready"] == json!(true)
-    })
-    .await;
-    let config = write_config(dir.path(), Some(&origin));
-    let gateway = start_gateway(&data, "127.0.0.1:0", Some(&config)).await;
+    let (mut page, config) = shared_page(dir.path()).await;
+    let gateway = start_gateway(&data, &restartable_listen(), Some(&config)).await;
     let port = gateway.addr.port();
     let base = gateway.base.clone();
 
@@ -1448,21 +1455,13 @@ async fn client_js_relays_a_reset_to_every_tab_and_survives_throwing_handlers() 
     require_browser_tools();
     let _one = ONE_BROWSER.lock().await;
     let dir = TempDir::new().expect("tempdir");
-    let mut page = BrowserScript::spawn("shared.mjs");
-    let origin = page
-        .line_where("the static server's origin", PAGE_WAIT, |l| {
-            l.get("origin").is_some()
-        })
-        .await["origin"]
-        .as_str()
-        .expect("origin")
-        .to_owned();
-    page.line_where("the browser to start", PAGE_WAIT, |l| {
-        l["ready"] == json!(true)
-    })
+    let (mut page, config) = shared_page(dir.path()).await;
+    let gateway = start_gateway(
+        &dir.path().join("data-a"),
+        &restartable_listen(),
+        Some(&config),
+    )
     .await;
-    let config = write_config(dir.path(), Some(&origin));
-    let gateway = start_gateway(&dir.path().join("data-a"), "127.0.0.1:0", Some(&config)).await;
     let port = gateway.addr.port();
     let base = gateway.base.clone();
     page.command(json!({"cmd": "open", "n": 3, "gateway": base, "topics": "shared:a,shared:b", "throws": true}))
@@ -1562,20 +1561,7 @@ async fn client_js_joining_tab_catches_up_from_an_older_from() {
     require_browser_tools();
     let _one = ONE_BROWSER.lock().await;
     let dir = TempDir::new().expect("tempdir");
-    let mut page = BrowserScript::spawn("shared.mjs");
-    let origin = page
-        .line_where("the static server's origin", PAGE_WAIT, |l| {
-            l.get("origin").is_some()
-        })
-        .await["origin"]
-        .as_str()
-        .expect("origin")
-        .to_owned();
-    page.line_where("the browser to start", PAGE_WAIT, |l| {
-        l["ready"] == json!(true)
-    })
-    .await;
-    let config = write_config(dir.path(), Some(&origin));
+    let (mut page, config) = shared_page(dir.path()).await;
     let gateway = start_gateway(&dir.path().join("data"), "127.0.0.1:0", Some(&config)).await;
     let base = gateway.base.clone();
     page.command(json!({"cmd": "open", "n": 2, "gateway": base, "topics": "shared:a,shared:b"}))

@@ -209,23 +209,12 @@ async fn readme_api_reference_commands_run_as_written() {
 /// subscriber) and each applies a published update exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readme_client_snippets_share_one_stream_across_tabs() {
-    use crate::browser::{open_tabs, write_config, BrowserScript, ONE_BROWSER, PAGE_WAIT};
+    use crate::browser::{open_tabs, shared_page, ONE_BROWSER, PAGE_WAIT};
     crate::browser::require_browser_tools();
     let _one = ONE_BROWSER.lock().await;
     for block in blocks_with(Rule::Client) {
         let dir = TempDir::new().expect("tempdir");
-        let mut page = BrowserScript::spawn("shared.mjs");
-        let origin = page
-            .line_where("the static server's origin", PAGE_WAIT, |l| {
-                l.get("origin").is_some()
-            })
-            .await["origin"]
-            .as_str()
-            .expect("origin")
-            .to_owned();
-        page.line_where("the browser", PAGE_WAIT, |l| l["ready"] == json!(true))
-            .await;
-        let config = write_config(dir.path(), Some(&origin));
+        let (mut page, config) = shared_page(dir.path()).await;
         let gateway = GatewayProcess::start_with_config(
             &dir.path().join("data"),
             "127.0.0.1:0",
