@@ -845,7 +845,14 @@ fn sorted(mut list: Vec<(String, String, String)>) -> Vec<(String, String, Strin
 
 /// Starts the dashboard script, its static server and a gateway allowing its origin.
 async fn dashboard_setup(dir: &Path) -> (BrowserScript, String, PathBuf) {
-    let mut page = BrowserScript::spawn("dashboard.mjs");
+    page_with_cors("dashboard.mjs", dir).await
+}
+
+/// Starts `script` (its static server and the browser up) and writes a
+/// gateway config in `dir` whose CORS allows that server's origin:
+/// (the script, the origin, the config).
+async fn page_with_cors(script: &str, dir: &Path) -> (BrowserScript, String, PathBuf) {
+    let mut page = BrowserScript::spawn(script);
     let origin = page
         .line_where("the static server's origin", PAGE_WAIT, |l| {
             l.get("origin").is_some()
@@ -1247,23 +1254,9 @@ async fn assert_every_tab_got(page: &mut BrowserScript, tabs: usize, expected: &
     }
 }
 
-/// `shared.mjs` started (its static server and the browser up) and a
-/// gateway config in `dir` whose CORS allows that server's origin.
+/// `shared.mjs` started and a gateway config allowing its origin.
 pub(crate) async fn shared_page(dir: &Path) -> (BrowserScript, PathBuf) {
-    let mut page = BrowserScript::spawn("shared.mjs");
-    let origin = page
-        .line_where("the static server's origin", PAGE_WAIT, |l| {
-            l.get("origin").is_some()
-        })
-        .await["origin"]
-        .as_str()
-        .expect("origin")
-        .to_owned();
-    page.line_where("the browser to start", PAGE_WAIT, |l| {
-        l["ready"] == json!(true)
-    })
-    .await;
-    let config = write_config(dir, Some(&origin));
+    let (page, _origin, config) = page_with_cors("shared.mjs", dir).await;
     (page, config)
 }
 
