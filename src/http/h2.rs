@@ -152,21 +152,26 @@ impl<F: Future<Output = ()>> Future for Watched<F> {
         {
             return Poll::Ready(());
         }
+        // The timer is armed once and moved only when it fires early (like
+        // the subscription's heartbeat): a chunk costs no allocation and no
+        // timer-wheel traffic. `handed_at` only grows, so an armed deadline
+        // is never later than the one that counts.
         let Some(handed_at) = *this.watch.handed_at.lock() else {
-            this.timer = None;
             return Poll::Pending;
         };
         let deadline = handed_at + this.watch.stall;
         let timer = this
             .timer
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-        if timer.deadline() != deadline {
-            timer.as_mut().reset(deadline);
-        }
         if timer.as_mut().poll(cx).is_ready() {
-            tracing::debug!("HTTP/2 stream got no window for limits.write_stall; resetting it");
-            // Dropping the stream's future resets it (RST_STREAM CANCEL).
-            return Poll::Ready(());
+            if Instant::now() >= deadline {
+                tracing::debug!("HTTP/2 stream got no window for limits.write_stall; resetting it");
+                // Dropping the stream's future resets it (RST_STREAM CANCEL).
+                return Poll::Ready(());
+            }
+            // Armed for an earlier hand-off that hyper took since.
+            timer.as_mut().reset(deadline);
+            let _registered = timer.as_mut().poll(cx);
         }
         Poll::Pending
     }
