@@ -17,6 +17,7 @@ pub mod limits;
 pub mod log;
 pub mod metrics;
 pub mod model;
+pub mod process_memory;
 pub mod replay_budget;
 pub mod routes;
 pub mod sse;

@@ -14,6 +14,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use crate::process_memory;
+
 type Labels = Vec<(&'static str, &'static str)>;
 
 /// Every metric the gateway exports.
@@ -51,6 +53,75 @@ pub struct Metrics {
     /// append-to-arrival time, or the age of the oldest probe not back yet),
     /// the worst of the open logs; 0 with sled (no tail) or probing off.
     pub tail_lag: Gauge<f64, AtomicU64>,
+    /// The process's memory, refreshed by [`Metrics::refresh_memory`].
+    memory: MemoryGauges,
+}
+
+/// One gauge per figure of [`process_memory::MemoryReading`] this build and
+/// platform can read; a figure it cannot read is not exported at all, rather
+/// than exported as a misleading 0.
+#[derive(Default)]
+struct MemoryGauges {
+    process_resident: Option<Gauge>,
+    heap_allocated: Option<Gauge>,
+    heap_active: Option<Gauge>,
+    heap_resident: Option<Gauge>,
+    heap_retained: Option<Gauge>,
+}
+
+impl MemoryGauges {
+    fn register(registry: &mut Registry) -> Self {
+        let available = process_memory::read();
+        let mut gauge = |present: Option<u64>, name: &str, help: &str| {
+            present.map(|_| {
+                let gauge = Gauge::default();
+                registry.register(name, help, gauge.clone());
+                gauge
+            })
+        };
+        Self {
+            process_resident: gauge(
+                available.process_resident,
+                "process_resident_bytes",
+                "Resident set size of the gateway process (what a memory limit sees)",
+            ),
+            heap_allocated: gauge(
+                available.heap_allocated,
+                "heap_allocated_bytes",
+                "jemalloc: bytes the program holds",
+            ),
+            heap_active: gauge(
+                available.heap_active,
+                "heap_active_bytes",
+                "jemalloc: bytes in pages that hold allocations",
+            ),
+            heap_resident: gauge(
+                available.heap_resident,
+                "heap_resident_bytes",
+                "jemalloc: resident bytes it maps, freed pages not yet returned included",
+            ),
+            heap_retained: gauge(
+                available.heap_retained,
+                "heap_retained_bytes",
+                "jemalloc: address space returned to the kernel but kept mapped for reuse",
+            ),
+        }
+    }
+
+    fn set(&self, reading: process_memory::MemoryReading) {
+        let pairs = [
+            (&self.process_resident, reading.process_resident),
+            (&self.heap_allocated, reading.heap_allocated),
+            (&self.heap_active, reading.heap_active),
+            (&self.heap_resident, reading.heap_resident),
+            (&self.heap_retained, reading.heap_retained),
+        ];
+        for (gauge, value) in pairs {
+            if let (Some(gauge), Some(value)) = (gauge, value) {
+                gauge.set(i64::try_from(value).unwrap_or(i64::MAX));
+            }
+        }
+    }
 }
 
 impl Metrics {
@@ -156,6 +227,7 @@ impl Metrics {
             "Redis: time from a delivery probe's append to its arrival through this node's tail (or the age of the oldest probe not back), worst open log",
             tail_lag.clone(),
         );
+        let memory = MemoryGauges::register(&mut registry);
 
         Self {
             registry,
@@ -176,7 +248,14 @@ impl Metrics {
             storage_bytes,
             log_head,
             tail_lag,
+            memory,
         }
+    }
+
+    /// Reads the process's memory into its gauges (at scrape time: a
+    /// reading costs a file read and a jemalloc epoch, not worth a timer).
+    pub fn refresh_memory(&self) {
+        self.memory.set(process_memory::read());
     }
 
     /// Records one group commit.
