@@ -3,34 +3,34 @@
 //! RSS is what an operator's memory limit sees, but on its own it cannot say
 //! whether a rise is live data (a cache, buffers) or memory the allocator
 //! keeps after it was freed. So next to the resident set (from
-//! `/proc/self/status`, Linux only) this reports, when the binary allocates
-//! with jemalloc (the default `jemalloc` feature), jemalloc's own counts:
-//! bytes the program holds (`allocated`), pages those sit in (`active`),
-//! pages jemalloc has resident including freed-but-not-yet-returned ones
-//! (`resident`) and address space it keeps unmapped for reuse (`retained`).
+//! `/proc/self/status`, Linux only) this carries the allocator's own counts
+//! when the binary that installed the allocator supplies a reader (the
+//! `sse-gateway` binary does for jemalloc, its default): bytes the program
+//! holds, pages those sit in, pages resident including freed ones not yet
+//! returned, and address space kept for reuse.
 
-/// One reading; a field is `None` where this platform or build cannot say.
+/// The allocator's own counts, in bytes. Only the binary knows which
+/// allocator it installed, so it supplies the reader ([`HeapReader`]); the
+/// library never guesses (jemalloc linked but not installed still counts a
+/// few allocations of its own, which would describe the wrong heap).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct MemoryReading {
-    pub process_resident: Option<u64>,
-    pub heap_allocated: Option<u64>,
-    pub heap_active: Option<u64>,
-    pub heap_resident: Option<u64>,
-    pub heap_retained: Option<u64>,
+pub struct HeapReading {
+    /// Bytes the program holds.
+    pub allocated: u64,
+    /// Bytes in pages that hold allocations.
+    pub active: u64,
+    /// Resident bytes the allocator maps, freed pages not yet returned included.
+    pub resident: u64,
+    /// Address space returned to the kernel but kept mapped for reuse.
+    pub retained: u64,
 }
 
-/// Reads the process's memory now.
-pub fn read() -> MemoryReading {
-    let mut reading = MemoryReading {
-        process_resident: process_resident_bytes(),
-        ..MemoryReading::default()
-    };
-    heap(&mut reading);
-    reading
-}
+/// Reads the installed allocator's counts; `None` when it cannot now.
+pub type HeapReader = fn() -> Option<HeapReading>;
 
-/// `VmRSS` of `/proc/self/status`, in bytes.
-fn process_resident_bytes() -> Option<u64> {
+/// The process's resident set in bytes (`VmRSS` of `/proc/self/status`);
+/// `None` off Linux.
+pub fn process_resident_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     parse_vm_rss_kib(&status).map(|kib| kib.saturating_mul(1024))
 }
@@ -43,31 +43,6 @@ fn parse_vm_rss_kib(status: &str) -> Option<u64> {
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|kib| kib.parse().ok())
 }
-
-#[cfg(all(feature = "jemalloc", not(target_env = "msvc")))]
-fn heap(reading: &mut MemoryReading) {
-    use tikv_jemalloc_ctl::{epoch, stats};
-    // jemalloc's statistics are a snapshot refreshed only when the epoch
-    // advances; without this every scrape would repeat the first one.
-    if epoch::advance().is_err() {
-        return;
-    }
-    let allocated = stats::allocated::read().ok();
-    // A library user that links this crate but allocates with another
-    // allocator: jemalloc then holds nothing of the program's, and its
-    // figures would describe an idle heap, not this process.
-    if allocated.is_none_or(|bytes| bytes == 0) {
-        return;
-    }
-    let as_u64 = |value: usize| u64::try_from(value).unwrap_or(u64::MAX);
-    reading.heap_allocated = allocated.map(as_u64);
-    reading.heap_active = stats::active::read().ok().map(as_u64);
-    reading.heap_resident = stats::resident::read().ok().map(as_u64);
-    reading.heap_retained = stats::retained::read().ok().map(as_u64);
-}
-
-#[cfg(not(all(feature = "jemalloc", not(target_env = "msvc"))))]
-fn heap(_reading: &mut MemoryReading) {}
 
 #[cfg(test)]
 mod tests {
@@ -84,9 +59,7 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[test]
     fn this_process_has_a_resident_set() {
-        let bytes = read()
-            .process_resident
-            .expect("Linux has /proc/self/status");
+        let bytes = process_resident_bytes().expect("Linux has /proc/self/status");
         assert!(
             bytes > 1 << 20,
             "a test binary holds more than 1 MiB: {bytes}"
