@@ -51,6 +51,9 @@ pub struct Metrics {
     /// append-to-arrival time, or the age of the oldest probe not back yet),
     /// the worst of the open logs; 0 with sled (no tail) or probing off.
     pub tail_lag: Gauge<f64, AtomicU64>,
+    /// Logs open on this node (the default one, plus each org's with
+    /// tenancy on Redis; idle org logs close).
+    pub open_logs: Gauge,
 }
 
 impl Metrics {
@@ -74,6 +77,7 @@ impl Metrics {
         let storage_bytes = Gauge::default();
         let log_head = Gauge::default();
         let tail_lag = Gauge::<f64, AtomicU64>::default();
+        let open_logs = Gauge::default();
 
         registry.register(
             "streams_open",
@@ -156,6 +160,11 @@ impl Metrics {
             "Redis: time from a delivery probe's append to its arrival through this node's tail (or the age of the oldest probe not back), worst open log",
             tail_lag.clone(),
         );
+        registry.register(
+            "open_logs",
+            "Logs open on this node (with tenancy on Redis: the default log plus each org's that is in use)",
+            open_logs.clone(),
+        );
 
         Self {
             registry,
@@ -176,6 +185,7 @@ impl Metrics {
             storage_bytes,
             log_head,
             tail_lag,
+            open_logs,
         }
     }
 

@@ -176,8 +176,8 @@ impl RedisLog {
         let gated = options.wait_replicas > 0;
         if gated && replicated.is_none_or(|r| r < snapshot.head) {
             let limits = (options.wait_replicas, options.wait_timeout);
-            let confirmed = match clients.dedicated(false).await {
-                Ok(mut c) => writer::confirm(&script, &log_key, &epoch, limits, &mut c).await,
+            let confirmed = match clients.writer(&log_key).await {
+                Ok(mut c) => writer::confirm(&script, &log_key, &epoch, limits, &mut c.conn).await,
                 Err(e) => Err(e),
             };
             match confirmed {
@@ -228,7 +228,6 @@ impl RedisLog {
             stats,
             failed: Mutex::new(None),
             healthy: AtomicBool::new(true),
-            outages: AtomicU64::new(0),
             writer_ready: AtomicBool::new(true),
             probe: probe::Probe::new(options.probe_interval),
             hub,
@@ -403,6 +402,7 @@ impl Log for RedisLog {
             && self.shared.failure().is_none()
             && self.shared.healthy.load(Ordering::Acquire)
             && self.shared.writer_ready.load(Ordering::Acquire)
+            && self.shared.clients.listening()
             && !self.shared.probe.is_late()
     }
 
