@@ -113,6 +113,13 @@ pub struct RedisClients {
     /// Delivery probers running on this deployment (one per open log):
     /// they share one probe budget per interval (see `probe`).
     pub(super) probers: Arc<AtomicUsize>,
+    /// Age trimmers running on this deployment (one per open log): they
+    /// share one trim budget per interval the same way.
+    pub(super) trimmers: Arc<AtomicUsize>,
+    /// The script was loaded (`SCRIPT LOAD`) by a log opened on these
+    /// clients: later opens skip it (a server that lost it answers
+    /// `NOSCRIPT`, on which the call loads it again).
+    pub(super) script_loaded: Arc<AtomicBool>,
     /// The tails' reader (replaced when it fails or falls silent).
     reader: Arc<Mutex<Option<Conn>>>,
     /// The writers' connections; a log always uses the same slot.
@@ -238,6 +245,8 @@ impl RedisClients {
             shared: Arc::new(Mutex::new(shared)),
             command_timeout,
             probers: Arc::default(),
+            trimmers: Arc::default(),
+            script_loaded: Arc::default(),
             clients,
             reader: Arc::default(),
             writers: Arc::new(writers),

@@ -132,11 +132,14 @@ impl RedisLog {
         let script = redis::Script::new(SCRIPT_SOURCE);
         let log_key = format!("{{{}}}:log", options.tag);
         let mut conn = clients.shared().await?;
-        script
-            .prepare_invoke()
-            .load_async(&mut conn)
-            .await
-            .map_err(redis_err)?;
+        if !clients.script_loaded.load(Ordering::Acquire) {
+            script
+                .prepare_invoke()
+                .load_async(&mut conn)
+                .await
+                .map_err(redis_err)?;
+            clients.script_loaded.store(true, Ordering::Release);
+        }
         let candidate = Epoch::generate();
         let (version, epoch): (String, Option<String>) = script
             .key(&log_key)

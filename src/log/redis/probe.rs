@@ -251,16 +251,16 @@ pub(super) async fn run_prober(shared: Arc<Shared>, stop: CancellationToken) {
 }
 
 /// Each log's interval when `probers` logs share the node's budget.
-fn stretched(interval: Duration, probers: usize) -> Duration {
+pub(super) fn stretched(interval: Duration, probers: usize) -> Duration {
     let share = probers.div_ceil(PROBE_BUDGET).max(1);
     interval.saturating_mul(u32::try_from(share).unwrap_or(u32::MAX))
 }
 
 /// Counts a running prober for as long as it lives.
-struct Running<'a>(&'a AtomicUsize);
+pub(super) struct Running<'a>(&'a AtomicUsize);
 
 impl<'a> Running<'a> {
-    fn start(count: &'a AtomicUsize) -> Self {
+    pub(super) fn start(count: &'a AtomicUsize) -> Self {
         count.fetch_add(1, Ordering::Relaxed);
         Self(count)
     }

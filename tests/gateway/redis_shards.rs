@@ -1,0 +1,322 @@
+//! Tailing by shard, not by org: with tenancy on Redis, a gateway's Redis
+//! connections are bounded by the deployment (a few per Redis node), not by
+//! the orgs it serves, and an org's log that goes idle is closed.
+//!
+//! Real `redis-server` processes (one server; a 3-primary Cluster), two real
+//! gateway processes, 2,000 orgs each publishing and streaming through them;
+//! `CLIENT LIST` on every Redis node counts the connections.
+
+use std::time::Duration;
+
+use futures_util::stream::{self, StreamExt};
+use reqwest::StatusCode;
+use serde_json::json;
+use tempfile::TempDir;
+
+use crate::common::*;
+use crate::redis::{
+    gateways, post, redis_cli, redis_config, single, subscribe_as, token, Cluster, RedisServer,
+    SECRET,
+};
+
+/// Orgs publishing and streaming at once.
+const ORGS: usize = 2_000;
+/// Events each org publishes (then one more, its end mark).
+const ROUNDS: usize = 2;
+/// Connections one gateway may hold on one Redis node: shared, reader,
+/// `writer_connections` (2) and the subscriber, plus slack for one that is
+/// being replaced.
+const PER_GATEWAY: usize = 6;
+/// Requests in flight at once from the test.
+const PARALLEL: usize = 64;
+
+/// Client connections on the Redis at `port` (not counting this `redis-cli`).
+fn clients_on(port: u16) -> usize {
+    redis_cli(port, &["client", "list"])
+        .lines()
+        .filter(|l| l.contains("addr="))
+        .count()
+        .saturating_sub(1)
+}
+
+/// The gateway's `/metrics` value of `name` (a gauge without labels).
+async fn gauge(client: &reqwest::Client, node: &GatewayProcess, name: &str) -> f64 {
+    let text = client
+        .get(node.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name} not in /metrics"))
+}
+
+/// 2,000 orgs through 2 gateways on the Redis deployment `storage` whose
+/// nodes listen on `ports`: each org streams from one gateway and publishes
+/// through the other; every event arrives once, in order, at its own org's
+/// stream only, and each Redis node holds a few connections per gateway.
+async fn many_orgs(storage: &str, ports: &[u16]) {
+    let dir = TempDir::new().unwrap();
+    let storage = format!("{storage}\nwriter_connections = 2\nprobe_interval_ms = 1000");
+    let extra = format!(
+        "[auth]\nhs256_secret = \"{SECRET}\"\n[tenancy]\nenabled = true\n\
+         [limits]\nmax_connections_per_ip = 10000\n"
+    );
+    let config = redis_config(dir.path(), &storage, &extra);
+    let nodes = gateways(dir.path(), &config, 2);
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(PARALLEL)
+        .build()
+        .expect("client");
+    let orgs: Vec<(String, String)> = (0..ORGS)
+        .map(|i| {
+            let org = format!("o{i}");
+            let token = token(&org);
+            (org, token)
+        })
+        .collect();
+    let url = |i: usize, node: usize| nodes[(i + node) % 2].url("/topics/projects:all");
+    // What the gateways warned about, for a failure message.
+    let warnings = || -> Vec<String> {
+        nodes
+            .iter()
+            .flat_map(|n| {
+                let log = n.log.lock().expect("log lock");
+                log.iter()
+                    .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+                    .take(8)
+                    .cloned()
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+
+    // Org i streams from gateway i % 2, from the start of its log.
+    let started = std::time::Instant::now();
+    let mut readers: Vec<SseReader> = stream::iter(0..ORGS)
+        .map(|i| {
+            let (client, url, token) = (&client, url(i, 0), &orgs[i].1);
+            async move { subscribe_as(client, &url, token, Some("0")).await }
+        })
+        .buffered(PARALLEL)
+        .collect()
+        .await;
+    eprintln!(
+        "{ORGS} streams open after {:?}; Redis clients per node: {:?}",
+        started.elapsed(),
+        ports.iter().map(|&p| clients_on(p)).collect::<Vec<_>>()
+    );
+
+    // Each org publishes ROUNDS events through the other gateway, in order.
+    let mut ids: Vec<Vec<String>> = vec![Vec::new(); ORGS];
+    for round in 0..=ROUNDS {
+        let answers: Vec<(usize, String)> = stream::iter(0..ORGS)
+            .map(|i| {
+                let (client, url, (org, token)) = (&client, url(i, 1), &orgs[i]);
+                let warnings = &warnings;
+                async move {
+                    let data = json!({ "data": { "org": org, "round": round } });
+                    let (status, answer) = post(client, &url, data, Some(token)).await;
+                    if status != StatusCode::CREATED {
+                        panic!("{org}: {status} {answer}; gateways said {:#?}", warnings());
+                    }
+                    (i, answer["id"].as_str().expect("id").to_owned())
+                }
+            })
+            .buffer_unordered(PARALLEL)
+            .collect()
+            .await;
+        for (i, id) in answers {
+            ids[i].push(id);
+        }
+        if round == 0 {
+            eprintln!("first round published after {:?}", started.elapsed());
+        }
+    }
+    eprintln!(
+        "{} events published after {:?}",
+        ORGS * (ROUNDS + 1),
+        started.elapsed()
+    );
+
+    // Every stream gets its own org's events, once each, in order, up to its
+    // end mark: nothing of another org and no repeat in between.
+    let checked: Vec<usize> = stream::iter(readers.iter_mut().enumerate())
+        .map(|(i, reader)| {
+            let (want, org) = (&ids[i], &orgs[i].0);
+            async move {
+                let events = reader.take(ROUNDS + 1).await;
+                let got: Vec<&str> = events.iter().map(|e| e.id.as_str()).collect();
+                assert_eq!(got, *want, "{org}: every event once, in order");
+                for (round, event) in events.iter().enumerate() {
+                    let data = event.json();
+                    assert_eq!(
+                        (data["org"].as_str(), data["round"].as_u64()),
+                        (Some(org.as_str()), Some(round as u64)),
+                        "{org} got {data}"
+                    );
+                }
+                i
+            }
+        })
+        .buffer_unordered(PARALLEL * 4)
+        .collect()
+        .await;
+    assert_eq!(checked.len(), ORGS);
+    eprintln!("all delivered after {:?}", started.elapsed());
+
+    let counts: Vec<usize> = ports.iter().map(|&p| clients_on(p)).collect();
+    eprintln!(
+        "Redis client connections per Redis node with {ORGS} orgs and 2 gateways: {counts:?}"
+    );
+    for (port, count) in ports.iter().zip(&counts) {
+        assert!(
+            (2..=2 * PER_GATEWAY).contains(count),
+            "the Redis on {port} has {count} clients: bounded by gateways × {PER_GATEWAY}, \
+             not by {ORGS} orgs"
+        );
+    }
+    // Both gateways serve every org (each streams half and publishes half).
+    for node in &nodes {
+        let open = gauge(&client, node, "sse_gateway_open_logs").await;
+        assert!(open > ORGS as f64, "{open} logs open, want {}", ORGS + 1);
+    }
+    // Nothing more arrives on any stream.
+    stream::iter(readers.iter_mut())
+        .for_each_concurrent(PARALLEL * 4, |reader| async move {
+            reader.expect_no_event(Duration::from_millis(300)).await;
+        })
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_2000_orgs_on_one_redis_take_a_few_connections_per_gateway() {
+    let redis = RedisServer::start();
+    many_orgs(&single(&redis.url()), &[redis.port]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_2000_orgs_take_a_few_connections_per_gateway_on_each_primary() {
+    let cluster = Cluster::start();
+    let urls: Vec<String> = cluster
+        .nodes
+        .iter()
+        .map(|n| format!("\"{}\"", n.url()))
+        .collect();
+    let storage = format!(
+        "backend = \"redis-cluster\"\ncluster_urls = [{}]\ncommand_timeout_ms = 3000",
+        urls.join(", ")
+    );
+    let ports: Vec<u16> = cluster.nodes.iter().map(|n| n.port).collect();
+    many_orgs(&storage, &ports).await;
+}
+
+/// An org's log with no stream and no request for `idle_log_close_s` is
+/// closed (the open-logs gauge drops, its probes stop); one with a stream
+/// stays open; the next request opens it again and a client resumes with no
+/// gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_an_idle_org_log_closes_and_opens_again_with_no_gap() {
+    let redis = RedisServer::start();
+    let dir = TempDir::new().unwrap();
+    let storage = format!(
+        "{}\nidle_log_close_s = 1\nprobe_interval_ms = 200",
+        single(&redis.url())
+    );
+    let extra = format!("[auth]\nhs256_secret = \"{SECRET}\"\n[tenancy]\nenabled = true\n");
+    let config = redis_config(dir.path(), &storage, &extra);
+    let node = gateways(dir.path(), &config, 1).remove(0);
+    let client = reqwest::Client::new();
+    let topic = node.url("/topics/projects:all");
+    const IDLE_ORGS: usize = 20;
+    let mut last = Vec::new();
+    for i in 0..IDLE_ORGS {
+        let org = format!("idle{i}");
+        let (status, answer) = post(&client, &topic, json!({"data": i}), Some(&token(&org))).await;
+        assert_eq!(status, StatusCode::CREATED, "{answer}");
+        last.push(answer["id"].as_str().expect("id").to_owned());
+    }
+    // One org keeps a stream open: its log stays.
+    let kept = token("kept");
+    let (status, _) = post(&client, &topic, json!({"data": "k"}), Some(&kept)).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let mut follower = subscribe_as(&client, &topic, &kept, None).await;
+    follower.until_blocks(1).await;
+    let open = gauge(&client, &node, "sse_gateway_open_logs").await;
+    assert_eq!(
+        open,
+        (IDLE_ORGS + 2) as f64,
+        "default + {IDLE_ORGS} idle + kept"
+    );
+    let connections = clients_on(redis.port);
+
+    // After the idle time (closes run every quarter of it) only the
+    // default log and the followed one are open.
+    eventually("idle org logs close", || async {
+        gauge(&client, &node, "sse_gateway_open_logs").await == 2.0
+    })
+    .await;
+    // Their probes stopped: no new probe entry in an idle org's stream.
+    let probes = |org: &str| {
+        redis_cli(
+            redis.port,
+            &[
+                "xrevrange",
+                &format!("{{sse:org:{org}}}:log"),
+                "+",
+                "-",
+                "count",
+                "1",
+            ],
+        )
+    };
+    let before = probes("idle0");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(probes("idle0"), before, "a closed log probes no more");
+    assert!(
+        clients_on(redis.port) <= connections,
+        "closing logs opens no connection"
+    );
+    assert_eq!(
+        ready_status(&client, &node).await,
+        StatusCode::OK,
+        "ready with the idle logs closed"
+    );
+
+    // The followed org still streams live.
+    let (status, answer) = post(&client, &topic, json!({"data": "live"}), Some(&kept)).await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(
+        follower.next_event().await.id,
+        answer["id"].as_str().expect("id")
+    );
+
+    // An idle org comes back: a client resuming from its last id before the
+    // close gets the next event, nothing skipped, nothing repeated.
+    let org0 = token("idle0");
+    let mut resumed = subscribe_as(&client, &topic, &org0, Some(&last[0])).await;
+    let (status, answer) = post(&client, &topic, json!({"data": "again"}), Some(&org0)).await;
+    assert_eq!(status, StatusCode::CREATED, "{answer}");
+    let event = resumed.next_event().await;
+    assert_eq!(event.id, answer["id"].as_str().expect("id"));
+    assert_eq!(event.json(), json!("again"));
+    resumed.expect_no_event(Duration::from_millis(300)).await;
+    assert_eq!(
+        gauge(&client, &node, "sse_gateway_open_logs").await,
+        3.0,
+        "idle0's log is open again"
+    );
+}
+
+async fn ready_status(client: &reqwest::Client, node: &GatewayProcess) -> StatusCode {
+    client
+        .get(node.url("/readyz"))
+        .send()
+        .await
+        .expect("readyz")
+        .status()
+}
