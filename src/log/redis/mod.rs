@@ -30,8 +30,9 @@
 //!
 //! **Parts.** The `writer` appends publishes in groups, one script call
 //! each (see the README for what a `201` means under each persistence
-//! setting). The `tailer` follows the stream and hands every event, whoever
-//! appended it, to this node's hub; subscribers never talk to Redis except
+//! setting). The `tailer` follows the stream (reading when the script's
+//! `PUBLISH` says it grew) and hands every event, whoever appended it, to
+//! this node's hub; subscribers never talk to Redis except
 //! for replay reads.
 //!
 //! **What a `201` means across a failover.** With `wait_replicas = 0`: the
@@ -55,16 +56,18 @@
 //! epoch changed, or its head is below what this node delivered) makes it
 //! refuse writes until the gateway restarts (see `tailer`).
 //!
-//! **Connections** (size Redis `maxclients` by them): per node one shared,
-//! multiplexed connection for the deployment (replay reads, trims, probes),
-//! plus two per open log, the writer's (`WAIT` blocks it) and the tailer's
-//! (`XREAD BLOCK`): 3 per node without tenancy, `1 + 2 × orgs served` with it
-//! (on a Cluster, each of them on every primary: one TCP connection per
-//! node it talks to). With `wait_replicas`, a Cluster's `WAIT` goes to the
-//! primary of the log's slot (see `Conn::wait`). The `probe`
-//! checks delivery itself: a probe appended every interval must come back
-//! through this node's tail, or the log is not ready and the tailer replaces
-//! its connection.
+//! **Connections** (size Redis `maxclients` by them): per node a fixed
+//! set, whatever the number of open logs (one per org with tenancy): one
+//! shared multiplexed connection (replay reads, trims, probes), one reader
+//! every log's tail reads through, a pool of `storage.writer_connections`
+//! every log's writer appends through (`WAIT` blocks the one it is sent on),
+//! and one pub/sub subscriber that tells tails when their log got entries
+//! (see `connections`). On a Cluster each but the subscriber is a Cluster
+//! connection (one TCP connection per primary). With `wait_replicas`, a
+//! Cluster's `WAIT` goes to the primary of the log's slot (see `Conn::wait`).
+//! The `probe` checks delivery itself: a probe appended every interval must
+//! come back through this node's tail, or the log is not ready and the node
+//! replaces its reader and subscription.
 
 mod connections;
 pub mod offline;

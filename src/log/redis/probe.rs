@@ -17,9 +17,10 @@
 //! of its (longer) intervals.
 //!
 //! A probe outstanding for two intervals also wakes the tailer's watchdog:
-//! it drops its connection and opens a new one (at most once per two
-//! intervals), which is what follows a failover that left the old
-//! connection blocked on a server no one writes to any more.
+//! it has the node replace its reader connection and its subscription (at
+//! most once per two intervals per log, and once a second per node), which
+//! is what follows a failover that left a connection on a server no one
+//! writes to any more; every tail then reads again from what it delivered.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
