@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
-use super::connections::{is_broken, redis_err, Conn, Pooled};
+use super::connections::{redis_err, Conn, Pooled};
 use super::shared::Shared;
 use crate::idempotency;
 use crate::log::queue::{Pending, WriterMsg};
@@ -211,8 +211,11 @@ impl Shared {
                     tracing::warn!(log = %self.log_key, error = %cause, "append failed");
                 }
                 // A broken connection is replaced on the next commit.
+                // Any error reply may come from a server that is no longer
+                // the primary (READONLY after a failover): the slot is made
+                // anew, as the writer's own connection used to be.
                 match &*cause {
-                    LogError::Redis(e) if is_broken(e) => self.drop_writer(conn).await,
+                    LogError::Redis(_) => self.drop_writer(conn).await,
                     _ => *conn = None,
                 }
                 for (_, reply) in chunk {
@@ -302,10 +305,8 @@ impl Shared {
             Ok(()) => *marker = None,
             Err(e) => {
                 tracing::warn!(log = %self.log_key, error = %e, through, "commit marker not written");
-                match &e {
-                    LogError::Redis(re) if is_broken(re) => self.drop_writer(conn).await,
-                    LogError::Redis(_) => *conn = None,
-                    _ => {}
+                if matches!(e, LogError::Redis(_)) {
+                    self.drop_writer(conn).await;
                 }
             }
         }
