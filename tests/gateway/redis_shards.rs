@@ -4,7 +4,10 @@
 //!
 //! Real `redis-server` processes (one server; a 3-primary Cluster), two real
 //! gateway processes, 2,000 orgs each publishing and streaming through them;
-//! `CLIENT LIST` on every Redis node counts the connections.
+//! `CLIENT LIST` on every Redis node counts the connections. Also: an idle
+//! org log closes and reopens with no gap, and a renewed notification
+//! subscription makes every tail catch up (through a loopback proxy that
+//! silences, then cuts, the gateway's pub/sub connection).
 
 use std::time::Duration;
 
@@ -319,4 +322,167 @@ async fn ready_status(client: &reqwest::Client, node: &GatewayProcess) -> Status
         .await
         .expect("readyz")
         .status()
+}
+
+/// One proxied connection's switches.
+#[derive(Default)]
+struct SubLink {
+    /// Its client sent `SUBSCRIBE`: the gateway's listener.
+    subscriber: std::sync::atomic::AtomicBool,
+    /// Bytes are held, in both directions.
+    frozen: std::sync::atomic::AtomicBool,
+    /// Both directions are closed.
+    closed: std::sync::atomic::AtomicBool,
+}
+
+/// A loopback TCP proxy in front of one Redis that can silence, then cut,
+/// the gateway's pub/sub connection.
+struct SubProxy {
+    port: u16,
+    links: std::sync::Arc<parking_lot::Mutex<Vec<std::sync::Arc<SubLink>>>>,
+}
+
+impl SubProxy {
+    async fn start(redis_port: u16) -> Self {
+        use std::sync::Arc;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind proxy");
+        let port = listener.local_addr().expect("proxy addr").port();
+        let links: Arc<parking_lot::Mutex<Vec<Arc<SubLink>>>> = Arc::default();
+        let all = Arc::clone(&links);
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", redis_port)).await
+                else {
+                    continue;
+                };
+                let link = Arc::new(SubLink::default());
+                all.lock().push(Arc::clone(&link));
+                let (client_read, client_write) = client.into_split();
+                let (server_read, server_write) = server.into_split();
+                tokio::spawn(sub_pump(client_read, server_write, Arc::clone(&link), true));
+                tokio::spawn(sub_pump(server_read, client_write, link, false));
+            }
+        });
+        Self { port, links }
+    }
+
+    /// Holds the bytes of the subscriber connections open now; how many.
+    fn freeze_subscribers(&self) -> usize {
+        use std::sync::atomic::Ordering;
+        let links = self.links.lock();
+        let subscribers: Vec<_> = links
+            .iter()
+            .filter(|l| l.subscriber.load(Ordering::SeqCst) && !l.closed.load(Ordering::SeqCst))
+            .collect();
+        for link in &subscribers {
+            link.frozen.store(true, Ordering::SeqCst);
+        }
+        subscribers.len()
+    }
+
+    /// Cuts the frozen connections (what they held is lost).
+    fn cut_frozen(&self) {
+        use std::sync::atomic::Ordering;
+        for link in self.links.lock().iter() {
+            if link.frozen.load(Ordering::SeqCst) {
+                link.closed.store(true, Ordering::SeqCst);
+            }
+        }
+    }
+}
+
+/// Copies one direction of a link, holding bytes while it is frozen and
+/// stopping (closing its side) once it is cut.
+async fn sub_pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    link: std::sync::Arc<SubLink>,
+    client_to_server: bool,
+) {
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 64 * 1024];
+    'copy: loop {
+        if link.closed.load(Ordering::SeqCst) {
+            break;
+        }
+        let n = match tokio::time::timeout(Duration::from_millis(20), from.read(&mut buf)).await {
+            Err(_) => continue,
+            Ok(Ok(0) | Err(_)) => break,
+            Ok(Ok(n)) => n,
+        };
+        if client_to_server
+            && buf[..n]
+                .windows(9)
+                .any(|w| w.eq_ignore_ascii_case(b"SUBSCRIBE"))
+        {
+            link.subscriber.store(true, Ordering::SeqCst);
+        }
+        while link.frozen.load(Ordering::SeqCst) {
+            if link.closed.load(Ordering::SeqCst) {
+                break 'copy;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown().await;
+}
+
+/// Pub/sub loses what is published while the subscription is down: after
+/// the listener subscribes again, every open tail reads from what it
+/// delivered, so an event announced only on the lost connection arrives at
+/// once, not at the next periodic read (5 s). No probe here, so nothing
+/// else wakes the tail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_tails_catch_up_when_the_notification_subscription_is_renewed() {
+    let redis = RedisServer::start();
+    let proxy = SubProxy::start(redis.port).await;
+    let dir = TempDir::new().unwrap();
+    let storage = format!(
+        "{}\nprobe_interval_ms = 0",
+        single(&format!("redis://127.0.0.1:{}", proxy.port))
+    );
+    let config = redis_config(dir.path(), &storage, "");
+    let node = gateways(dir.path(), &config, 1).remove(0);
+    let client = reqwest::Client::new();
+    let topic = node.url("/topics/n");
+    let publish = |data: &'static str| {
+        let (client, topic) = (&client, &topic);
+        async move {
+            let (status, answer) = post(client, topic, json!({ "data": data }), None).await;
+            assert_eq!(status, StatusCode::CREATED, "{answer}");
+            answer["id"].as_str().expect("id").to_owned()
+        }
+    };
+    let mut reader = SseReader::connect(&client, &topic, Some("0")).await;
+    let first = publish("first").await;
+    assert_eq!(reader.next_event().await.id, first, "live through pub/sub");
+
+    assert_eq!(
+        proxy.freeze_subscribers(),
+        1,
+        "one subscription per gateway"
+    );
+    let lost = publish("announced on the lost connection").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.cut_frozen();
+    let cut = std::time::Instant::now();
+    let event = reader
+        .next_event_within(Duration::from_secs(3))
+        .await
+        .expect("the event announced while the subscription was down");
+    eprintln!("caught up {:?} after the cut", cut.elapsed());
+    assert_eq!(event.id, lost);
+    assert!(
+        cut.elapsed() < Duration::from_secs(2),
+        "caught up on resubscription, not by the periodic read"
+    );
+    let after = publish("after").await;
+    assert_eq!(reader.next_event().await.id, after, "live again");
+    reader.expect_no_event(Duration::from_millis(200)).await;
 }
