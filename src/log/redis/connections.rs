@@ -346,18 +346,17 @@ impl RedisClients {
 
     /// A tail's probe went unanswered for two intervals: the reader or the
     /// subscription may be silent without an error (a connection left on a
-    /// demoted server, a blackholed link). Replaces both, at most once per
-    /// [`RENEW_REST`] however many tails ask.
+    /// demoted server, a blackholed link). Replaces the reader of
+    /// `generation` (once, however many tails ask) and the subscription (at
+    /// most once per [`RENEW_REST`]).
     pub(super) fn renew(&self, generation: u64) {
-        {
-            let mut renewed = self.tails.renewed.lock();
-            if renewed.is_some_and(|at| at.elapsed() < RENEW_REST) {
-                return;
-            }
-            *renewed = Some(Instant::now());
-        }
-        self.tails.renew.notify_one();
         self.reader_broken(generation);
+        let mut renewed = self.tails.renewed.lock();
+        if renewed.is_some_and(|at| at.elapsed() < RENEW_REST) {
+            return;
+        }
+        *renewed = Some(Instant::now());
+        self.tails.renew.notify_one();
     }
 
     /// The writer connection of `log_key`'s slot, made anew when missing or
