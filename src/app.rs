@@ -7,11 +7,14 @@
 //! A request's topics live in one [`Shard`] (a log and the hub fed by it).
 //! There is one shard, except on Redis with tenancy on: there each org has its
 //! own log under its own hash tag (`{sse:org:<org>}`), so orgs spread over a
-//! Cluster's shards; an org's log is opened on first use on this node.
+//! Cluster's shards; an org's log is opened on first use on this node, and
+//! closed again once idle (`storage.idle_log_close_s`: no stream follows it
+//! here and no request used it for that long), which releases its tasks and
+//! memory (its connections are the deployment's, shared by every log).
 
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
 
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -36,14 +39,61 @@ pub struct Shard {
     pub hub: Arc<Hub>,
 }
 
-/// The per-org Redis logs of a tenancy deployment, opened on first use.
+/// The per-org Redis logs of a tenancy deployment, opened on first use and
+/// closed when idle.
 struct OrgLogs {
     clients: RedisClients,
     /// Options of the default log; each org's log differs in its tag only.
     options: RedisOptions,
     /// One cell per org: opening an org's log (Redis round trips) makes only
-    /// that org's requests wait, never another org's.
-    open: parking_lot::Mutex<HashMap<String, Arc<tokio::sync::OnceCell<Shard>>>>,
+    /// that org's requests wait, never another org's. With it, when a
+    /// request last asked for it (the closer spares logs used since).
+    open: parking_lot::Mutex<HashMap<String, OrgCell>>,
+}
+
+/// An org's log (once opened) and when a request last asked for it.
+struct OrgCell {
+    log: Arc<tokio::sync::OnceCell<Shard>>,
+    used: Instant,
+}
+
+impl OrgLogs {
+    /// Takes out of the map every org log that no stream follows and no
+    /// request asked for in `idle`; the caller closes them.
+    fn take_idle(&self, idle: Duration) -> Vec<Shard> {
+        let mut closing = Vec::new();
+        self.open.lock().retain(|_, cell| {
+            let Some(shard) = cell.log.get() else {
+                // Being opened (or its open failed): left alone.
+                return true;
+            };
+            if cell.used.elapsed() < idle || !shard.hub.is_idle() {
+                return true;
+            }
+            closing.push(shard.clone());
+            false
+        });
+        closing
+    }
+}
+
+/// Closes idle org logs every quarter of `idle` until `stop` or the app is gone.
+async fn close_idle_logs(orgs: Weak<OrgLogs>, idle: Duration, stop: CancellationToken) {
+    let every = (idle / 4).clamp(Duration::from_millis(100), Duration::from_secs(15));
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+        let Some(orgs) = orgs.upgrade() else { return };
+        let closing = orgs.take_idle(idle);
+        drop(orgs);
+        for shard in closing {
+            if let Err(e) = shard.log.close().await {
+                tracing::warn!(error = %e, "closing an idle org log failed");
+            }
+        }
+    }
 }
 
 /// Shared application state.
@@ -54,7 +104,7 @@ pub struct App {
     /// The default shard's hub.
     pub hub: Arc<Hub>,
     /// Per-org logs (Redis with tenancy on), else `None`.
-    orgs: Option<OrgLogs>,
+    orgs: Option<Arc<OrgLogs>>,
     pub metrics: Arc<Metrics>,
     /// `(module, kind)` → route.
     routes: HashMap<(String, String), RouteSpec>,
@@ -109,7 +159,7 @@ impl App {
         };
         let trim_interval = Duration::from_millis(config.retention.trim_interval_ms);
         let redis_target = RedisTarget::from_config(&config.storage);
-        let (log, orgs): (Arc<dyn Log>, Option<OrgLogs>) = match redis_target {
+        let (log, orgs): (Arc<dyn Log>, Option<Arc<OrgLogs>>) = match redis_target {
             None => {
                 let options = SledOptions {
                     cache_capacity_bytes: config.storage.cache_capacity_bytes,
@@ -132,6 +182,7 @@ impl App {
                 let clients = RedisClients::connect(
                     target,
                     Duration::from_millis(storage.command_timeout_ms),
+                    storage.writer_connections,
                 )
                 .await?;
                 let options = RedisOptions {
@@ -152,11 +203,20 @@ impl App {
                     Arc::clone(&metrics),
                 )
                 .await?;
-                let orgs = config.tenancy.enabled.then(|| OrgLogs {
-                    clients,
-                    options,
-                    open: parking_lot::Mutex::new(HashMap::new()),
+                let orgs = config.tenancy.enabled.then(|| {
+                    Arc::new(OrgLogs {
+                        clients,
+                        options,
+                        open: parking_lot::Mutex::new(HashMap::new()),
+                    })
                 });
+                if let (Some(orgs), 1..) = (&orgs, storage.idle_log_close_s) {
+                    tokio::spawn(close_idle_logs(
+                        Arc::downgrade(orgs),
+                        Duration::from_secs(storage.idle_log_close_s),
+                        stop.clone(),
+                    ));
+                }
                 (Arc::new(log), orgs)
             }
         };
@@ -214,8 +274,17 @@ impl App {
         let (Some(orgs), Scope::Org(org)) = (&self.orgs, scope) else {
             return Ok(default());
         };
-        // The map lock is held only to find the org's cell, never across an await.
-        let cell = Arc::clone(orgs.open.lock().entry(org.clone()).or_default());
+        // The map lock is held only to find the org's cell, never across an
+        // await; taking it counts as a use (the idle closer spares the log).
+        let cell = {
+            let mut open = orgs.open.lock();
+            let cell = open.entry(org.clone()).or_insert_with(|| OrgCell {
+                log: Arc::default(),
+                used: Instant::now(),
+            });
+            cell.used = Instant::now();
+            Arc::clone(&cell.log)
+        };
         let shard = cell
             .get_or_try_init(|| async {
                 let hub = Arc::new(Hub::new(self.config.stream.live_buffer_events));
@@ -249,7 +318,7 @@ impl App {
                 .open
                 .lock()
                 .values()
-                .filter_map(|cell| cell.get())
+                .filter_map(|cell| cell.log.get())
                 .all(|s| s.log.is_ready()),
             None => true,
         }
@@ -259,11 +328,22 @@ impl App {
     pub fn tail_lag(&self) -> Duration {
         let mut lag = self.log.tail_lag().unwrap_or_default();
         if let Some(orgs) = &self.orgs {
-            for shard in orgs.open.lock().values().filter_map(|cell| cell.get()) {
+            for shard in orgs.open.lock().values().filter_map(|cell| cell.log.get()) {
                 lag = lag.max(shard.log.tail_lag().unwrap_or_default());
             }
         }
         lag
+    }
+
+    /// Logs open on this node: the default one and every org's in use.
+    pub fn open_logs(&self) -> usize {
+        1 + self.orgs.as_ref().map_or(0, |orgs| {
+            orgs.open
+                .lock()
+                .values()
+                .filter(|cell| cell.log.initialized())
+                .count()
+        })
     }
 
     /// Closes every log: queued publishes finish first.
@@ -273,7 +353,7 @@ impl App {
                 .open
                 .lock()
                 .values()
-                .filter_map(|cell| cell.get().cloned())
+                .filter_map(|cell| cell.log.get().cloned())
                 .collect();
             for shard in shards {
                 shard.log.close().await?;

@@ -162,6 +162,13 @@ pub struct StorageConfig {
     /// Redis: how often each open log appends a delivery probe that must
     /// come back through this node's tail for `/readyz` (0 = no probe).
     pub probe_interval_ms: u64,
+    /// Redis: connections per node that publishes are written through
+    /// (shared by every open log; `WAIT` blocks the one it is sent on).
+    pub writer_connections: usize,
+    /// Redis with tenancy: an org's log with no subscriber on this node and
+    /// no publish or read for this long is closed, releasing what it holds
+    /// (0 = never close).
+    pub idle_log_close_s: u64,
     /// sled page cache size.
     pub cache_capacity_bytes: u64,
 }
@@ -180,6 +187,8 @@ impl Default for StorageConfig {
             wait_replicas: 0,
             wait_timeout_ms: 1_000,
             probe_interval_ms: 1_000,
+            writer_connections: 2,
+            idle_log_close_s: 300,
             cache_capacity_bytes: 256 * 1024 * 1024,
         }
     }
@@ -266,6 +275,12 @@ impl StorageConfig {
             return Err(format!(
                 "storage.probe_interval_ms = {} is out of range: 100 to 600000 (ms), or 0 for no delivery probe",
                 self.probe_interval_ms
+            ));
+        }
+        if !(1..=64).contains(&self.writer_connections) {
+            return Err(format!(
+                "storage.writer_connections = {} is out of range: 1 to 64",
+                self.writer_connections
             ));
         }
         Ok(())

@@ -72,6 +72,12 @@ impl Hub {
         }
     }
 
+    /// No stream follows this hub (none subscribed to the feed or counted
+    /// on a topic): its log may be closed.
+    pub fn is_idle(&self) -> bool {
+        self.feed.receiver_count() == 0 && self.subscribers.lock().is_empty()
+    }
+
     /// Streams currently subscribed to `topic`.
     pub fn subscriber_count(&self, topic: &Topic) -> usize {
         self.subscribers.lock().get(topic).copied().unwrap_or(0)

@@ -55,6 +55,9 @@ pub struct Metrics {
     pub tail_lag: Gauge<f64, AtomicU64>,
     /// The process's memory, refreshed by [`Metrics::refresh_memory`].
     memory: MemoryGauges,
+    /// Logs open on this node (the default one, plus each org's with
+    /// tenancy on Redis; idle org logs close).
+    pub open_logs: Gauge,
 }
 
 /// The process's memory: its resident set where the platform says it, and
@@ -159,6 +162,7 @@ impl Metrics {
         let storage_bytes = Gauge::default();
         let log_head = Gauge::default();
         let tail_lag = Gauge::<f64, AtomicU64>::default();
+        let open_logs = Gauge::default();
 
         registry.register(
             "streams_open",
@@ -242,6 +246,11 @@ impl Metrics {
             tail_lag.clone(),
         );
         let memory = MemoryGauges::register(&mut registry, heap);
+        registry.register(
+            "open_logs",
+            "Logs open on this node (with tenancy on Redis: the default log plus each org's that is in use)",
+            open_logs.clone(),
+        );
 
         Self {
             registry,
@@ -263,6 +272,7 @@ impl Metrics {
             log_head,
             tail_lag,
             memory,
+            open_logs,
         }
     }
 

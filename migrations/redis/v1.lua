@@ -30,6 +30,12 @@
 -- nothing stored). The check and the store are in this one atomic call, so
 -- of two gateways sending one key, exactly one stores.
 --
+-- Every operation that adds stream entries (append, trim, probe, commit)
+-- ends with PUBLISH sse-gateway:appended <stream key>: the gateways'
+-- tails read only when told (or every few seconds), instead of each log
+-- blocking a connection of its own on every node. Pub/sub may lose a message; the tails catch up
+-- after every resubscription and poll, and the probe shows a silent tail.
+--
 -- Numbers cross the boundary as decimal strings: Lua numbers are doubles,
 -- exact up to 2^53, and are formatted with %.0f (tostring would give 1e+15).
 
@@ -46,6 +52,7 @@ local K_r = p .. 'r'
 local cmd = ARGV[1]
 
 local function s(n) return string.format('%.0f', n) end
+local function notify() redis.call('PUBLISH', 'sse-gateway:appended', log) end
 local function tkey(topic) return p .. 't:' .. topic end
 
 local function now_ms()
@@ -234,6 +241,7 @@ elseif cmd == 'append' then
     end
     pos = pos + 5 * k
   end
+  notify()
   return out
 
 elseif cmd == 'read' then
@@ -284,6 +292,7 @@ elseif cmd == 'trim' then
     -- without using a sequence number.
     redis.call('XADD', log, (redis.call('GET', K_head) or '0') .. '-*', 'ms', s(now),
       'x', trim_state(touched))
+    notify()
   end
   return removed
 
@@ -304,6 +313,7 @@ elseif cmd == 'probe' then
   for _, old in ipairs(redis.call('LRANGE', lk, keep, -1)) do redis.call('XDEL', log, old) end
   redis.call('LTRIM', lk, 0, keep - 1)
   redis.call('PEXPIRE', lk, ARGV[5])
+  notify()
   return id
 
 elseif cmd == 'confirm' then
@@ -321,7 +331,9 @@ elseif cmd == 'commit' then
   -- The marker alone (see commit above), when no append follows soon.
   local bad = check_epoch(ARGV[2])
   if bad then return bad end
-  return commit(tonumber(ARGV[3]))
+  local through = commit(tonumber(ARGV[3]))
+  notify()
+  return through
 end
 
 return redis.error_reply('SSEUNKNOWN unknown command ' .. tostring(cmd))

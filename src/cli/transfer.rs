@@ -61,7 +61,7 @@ fn write_export(
             },
             None,
         ) => super::runtime()?.block_on(async {
-            let clients = RedisClients::connect(target.clone(), *command_timeout).await?;
+            let clients = RedisClients::connect(target.clone(), *command_timeout, 1).await?;
             Ok(redis_offline::export(&clients, tag, out, bar).await?)
         }),
     }
@@ -154,7 +154,7 @@ fn read_import(
             tag,
             command_timeout,
         } => super::runtime()?.block_on(async {
-            let clients = RedisClients::connect(target.clone(), *command_timeout).await?;
+            let clients = RedisClients::connect(target.clone(), *command_timeout, 1).await?;
             Ok(redis_offline::import(&clients, tag, input, len, bar).await?)
         }),
     }

@@ -43,6 +43,9 @@ pub async fn metrics(State(app): State<Arc<App>>) -> Response {
         .set(i64::try_from(app.log.durable_head()).unwrap_or(i64::MAX));
     app.metrics.tail_lag.set(app.tail_lag().as_secs_f64());
     app.metrics.refresh_memory();
+    app.metrics
+        .open_logs
+        .set(i64::try_from(app.open_logs()).unwrap_or(i64::MAX));
     (
         [(
             header::CONTENT_TYPE,

@@ -24,6 +24,7 @@ mod redis_cluster_failover;
 mod redis_power_loss;
 mod redis_readiness;
 mod redis_sentinel;
+mod redis_shards;
 mod subscribe_api;
 mod third_party;
 mod tls;

@@ -195,7 +195,7 @@ pub(crate) fn gateways(dir: &Path, config: &Path, n: usize) -> Vec<GatewayProces
         .collect()
 }
 
-async fn post(
+pub(crate) async fn post(
     client: &reqwest::Client,
     url: &str,
     body: Value,
@@ -549,7 +549,7 @@ pub(crate) fn token(org: &str) -> String {
     org_token(SECRET, org)
 }
 
-async fn subscribe_as(
+pub(crate) async fn subscribe_as(
     client: &reqwest::Client,
     url: &str,
     token: &str,

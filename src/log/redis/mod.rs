@@ -30,8 +30,9 @@
 //!
 //! **Parts.** The `writer` appends publishes in groups, one script call
 //! each (see the README for what a `201` means under each persistence
-//! setting). The `tailer` follows the stream and hands every event, whoever
-//! appended it, to this node's hub; subscribers never talk to Redis except
+//! setting). The `tailer` follows the stream (reading when the script's
+//! `PUBLISH` says it grew) and hands every event, whoever appended it, to
+//! this node's hub; subscribers never talk to Redis except
 //! for replay reads.
 //!
 //! **What a `201` means across a failover.** With `wait_replicas = 0`: the
@@ -55,16 +56,18 @@
 //! epoch changed, or its head is below what this node delivered) makes it
 //! refuse writes until the gateway restarts (see `tailer`).
 //!
-//! **Connections** (size Redis `maxclients` by them): per node one shared,
-//! multiplexed connection for the deployment (replay reads, trims, probes),
-//! plus two per open log, the writer's (`WAIT` blocks it) and the tailer's
-//! (`XREAD BLOCK`): 3 per node without tenancy, `1 + 2 × orgs served` with it
-//! (on a Cluster, each of them on every primary: one TCP connection per
-//! node it talks to). With `wait_replicas`, a Cluster's `WAIT` goes to the
-//! primary of the log's slot (see `Conn::wait`). The `probe`
-//! checks delivery itself: a probe appended every interval must come back
-//! through this node's tail, or the log is not ready and the tailer replaces
-//! its connection.
+//! **Connections** (size Redis `maxclients` by them): per node a fixed
+//! set, whatever the number of open logs (one per org with tenancy): one
+//! shared multiplexed connection (replay reads, trims, probes), one reader
+//! every log's tail reads through, a pool of `storage.writer_connections`
+//! every log's writer appends through (`WAIT` blocks the one it is sent on),
+//! and one pub/sub subscriber that tells tails when their log got entries
+//! (see `connections`). On a Cluster each but the subscriber is a Cluster
+//! connection (one TCP connection per primary). With `wait_replicas`, a
+//! Cluster's `WAIT` goes to the primary of the log's slot (see `Conn::wait`).
+//! The `probe` checks delivery itself: a probe appended every interval must
+//! come back through this node's tail, or the log is not ready and the node
+//! replaces its reader and subscription.
 
 mod connections;
 pub mod offline;
@@ -132,11 +135,14 @@ impl RedisLog {
         let script = redis::Script::new(SCRIPT_SOURCE);
         let log_key = format!("{{{}}}:log", options.tag);
         let mut conn = clients.shared().await?;
-        script
-            .prepare_invoke()
-            .load_async(&mut conn)
-            .await
-            .map_err(redis_err)?;
+        if !clients.script_loaded.load(Ordering::Acquire) {
+            script
+                .prepare_invoke()
+                .load_async(&mut conn)
+                .await
+                .map_err(redis_err)?;
+            clients.script_loaded.store(true, Ordering::Release);
+        }
         let candidate = Epoch::generate();
         let (version, epoch): (String, Option<String>) = script
             .key(&log_key)
@@ -176,8 +182,8 @@ impl RedisLog {
         let gated = options.wait_replicas > 0;
         if gated && replicated.is_none_or(|r| r < snapshot.head) {
             let limits = (options.wait_replicas, options.wait_timeout);
-            let confirmed = match clients.dedicated(false).await {
-                Ok(mut c) => writer::confirm(&script, &log_key, &epoch, limits, &mut c).await,
+            let confirmed = match clients.writer(&log_key).await {
+                Ok(mut c) => writer::confirm(&script, &log_key, &epoch, limits, &mut c.conn).await,
                 Err(e) => Err(e),
             };
             match confirmed {
@@ -228,7 +234,6 @@ impl RedisLog {
             stats,
             failed: Mutex::new(None),
             healthy: AtomicBool::new(true),
-            outages: AtomicU64::new(0),
             writer_ready: AtomicBool::new(true),
             probe: probe::Probe::new(options.probe_interval),
             hub,
@@ -403,6 +408,7 @@ impl Log for RedisLog {
             && self.shared.failure().is_none()
             && self.shared.healthy.load(Ordering::Acquire)
             && self.shared.writer_ready.load(Ordering::Acquire)
+            && self.shared.clients.listening()
             && !self.shared.probe.is_late()
     }
 

@@ -17,9 +17,10 @@
 //! of its (longer) intervals.
 //!
 //! A probe outstanding for two intervals also wakes the tailer's watchdog:
-//! it drops its connection and opens a new one (at most once per two
-//! intervals), which is what follows a failover that left the old
-//! connection blocked on a server no one writes to any more.
+//! it has the node replace its reader connection and its subscription (at
+//! most once per two intervals per log, and once a second per node), which
+//! is what follows a failover that left a connection on a server no one
+//! writes to any more; every tail then reads again from what it delivered.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -251,16 +252,16 @@ pub(super) async fn run_prober(shared: Arc<Shared>, stop: CancellationToken) {
 }
 
 /// Each log's interval when `probers` logs share the node's budget.
-fn stretched(interval: Duration, probers: usize) -> Duration {
+pub(super) fn stretched(interval: Duration, probers: usize) -> Duration {
     let share = probers.div_ceil(PROBE_BUDGET).max(1);
     interval.saturating_mul(u32::try_from(share).unwrap_or(u32::MAX))
 }
 
 /// Counts a running prober for as long as it lives.
-struct Running<'a>(&'a AtomicUsize);
+pub(super) struct Running<'a>(&'a AtomicUsize);
 
 impl<'a> Running<'a> {
-    fn start(count: &'a AtomicUsize) -> Self {
+    pub(super) fn start(count: &'a AtomicUsize) -> Self {
         count.fetch_add(1, Ordering::Relaxed);
         Self(count)
     }

@@ -73,9 +73,6 @@ pub(super) struct Shared {
     pub failed: Mutex<Option<Arc<LogError>>>,
     /// Redis answered the last command / tail read.
     pub healthy: AtomicBool,
-    /// Outages seen so far: a connection made before the latest one is stale
-    /// (Redis restarted under it) and is replaced before it is used.
-    pub outages: AtomicU64,
     /// The writer holds a connection that answered since the last outage:
     /// the next publish would be stored (with `healthy`, what `/readyz` says).
     pub writer_ready: AtomicBool,
@@ -106,7 +103,6 @@ impl Shared {
     /// refuses writes from now on.
     pub fn unhealthy(&self, e: &LogError) {
         if self.healthy.swap(false, Ordering::AcqRel) {
-            self.outages.fetch_add(1, Ordering::AcqRel);
             self.writer_ready.store(false, Ordering::Release);
             tracing::warn!(log = %self.log_key, error = %e, "redis unavailable; retrying");
         }

@@ -1,12 +1,16 @@
 //! The Redis log's tailer: how this node learns of every event, whoever
 //! appended it, and hands it to the local hub.
 //!
-//! One tailer per log and node: a blocking `XREAD` on its own connection (the
-//! shared one is multiplexed and would stall; its response timeout is set
-//! above the block time). For each event it raises this node's durable head
-//! *then* hands the event to the hub, the same ordering as the sled writer,
-//! so `subscription`'s no-gap/no-duplicate argument holds unchanged: readers
-//! never read past the head this node has delivered.
+//! One tailer per open log and node, but no connection of its own: every
+//! tail reads through the deployment's one reader connection (see
+//! `connections`) with a non-blocking `XREAD` of its own stream, when the
+//! listener says the log got entries (the append script `PUBLISH`es its
+//! key), when the generation moves, and every [`TAIL_POLL`] regardless. It
+//! reads until an answer is short, so it is caught up. For each event it
+//! raises this node's durable head *then* hands the event to the hub, the
+//! same ordering as the sled writer, so `subscription`'s no-gap/no-duplicate
+//! argument holds unchanged: readers never read past the head this node has
+//! delivered.
 //!
 //! **Replicated delivery.** With `storage.wait_replicas = 0` an event is
 //! delivered as soon as it is read. With `wait_replicas >= 1` the tailer
@@ -19,12 +23,15 @@
 //! un-says nothing. Events, trim markers and markers are released in stream
 //! order.
 //!
-//! After a reconnect it drops what it holds, re-reads from the last entry it
+//! Whenever the generation moves (a new subscription: notifications may
+//! have been missed; a new reader: it may talk to another server) and after
+//! any failed read, it drops what it holds, re-reads from the last entry it
 //! *delivered*, checks the epoch and the head against what it delivered (a
 //! changed epoch or a head below it means Redis lost data: the log then
 //! refuses writes until the gateway restarts and says why), reloads stats
-//! and goes on, so open streams resume with no gap. It does the same when the
-//! probe's watchdog says its tail went silent (see `probe`).
+//! and goes on, so open streams resume with no gap. When the probe's
+//! watchdog says its tail went silent (see `probe`) it asks for a new reader
+//! and subscription, which moves the generation.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
@@ -34,13 +41,17 @@ use std::time::{Duration, Instant};
 use redis::Value;
 use tokio_util::sync::CancellationToken;
 
-use super::connections::{redis_err, Conn, TAIL_BLOCK};
+use super::connections::{is_broken, redis_err, Conn};
 use super::replies::{apply_trim_text, decode_event, entry_fields, number, text, StreamPos};
 use super::shared::{snapshot, Shared};
 use crate::log::{hand_off, LogError, StoredEvent};
 
 /// Entries taken per `XREAD`.
 const TAIL_COUNT: usize = 1024;
+
+/// How often a tail reads without being told to: covers a notification
+/// lost without a reconnect (or sent by a gateway of an older version).
+pub(super) const TAIL_POLL: Duration = Duration::from_secs(5);
 
 /// Most entries held undelivered, and most bytes of event data in them.
 /// Past either (a long replica outage: every publish `503`, yet stored on
@@ -200,16 +211,18 @@ impl TailState {
     }
 }
 
-/// Follows the log until `stop`: reconnects with backoff, resyncs, then
-/// blocks in `XREAD` for new entries.
+/// Follows the log until `stop`: resyncs at every generation and after
+/// every failed read, then reads whenever woken.
 pub(super) async fn run_tailer(shared: Arc<Shared>, mut tail: TailState, stop: CancellationToken) {
+    let registration = shared.clients.register_tail(&shared.log_key);
+    let wake = Arc::clone(&registration.wake);
     let mut backoff = Duration::from_millis(50);
     while !stop.is_cancelled() {
         if shared.failure().is_some() {
             return;
         }
-        let mut conn = match shared.clients.dedicated(true).await {
-            Ok(conn) => conn,
+        let (mut conn, generation) = match shared.clients.reader().await {
+            Ok(found) => found,
             Err(e) => {
                 shared.unhealthy(&e);
                 sleep_or_stop(&stop, backoff).await;
@@ -221,9 +234,18 @@ pub(super) async fn run_tailer(shared: Arc<Shared>, mut tail: TailState, stop: C
         shared.held.store(0, Ordering::Release);
         // Trims of entries this node never saw may have happened meanwhile:
         // take fresh stats; entries up to the snapshot skip the stats update.
-        let stats_through = match shared.resync(&mut conn, &mut tail).await {
+        let resynced = tokio::select! {
+            () = stop.cancelled() => return,
+            resynced = shared.resync(&mut conn, &mut tail) => resynced,
+        };
+        let stats_through = match resynced {
             Ok(through) => through,
             Err(e) => {
+                if let LogError::Redis(re) = &e {
+                    if is_broken(re) {
+                        shared.clients.reader_broken(generation);
+                    }
+                }
                 shared.unhealthy(&e);
                 sleep_or_stop(&stop, backoff).await;
                 backoff = (backoff * 2).min(Duration::from_millis(500));
@@ -232,33 +254,56 @@ pub(super) async fn run_tailer(shared: Arc<Shared>, mut tail: TailState, stop: C
         };
         backoff = Duration::from_millis(50);
         shared.healthy.store(true, Ordering::Release);
-        loop {
-            let mut xread = redis::cmd("XREAD");
-            xread
-                .arg("COUNT")
-                .arg(TAIL_COUNT)
-                .arg("BLOCK")
-                .arg(TAIL_BLOCK.as_millis() as u64)
-                .arg("STREAMS")
-                .arg(&shared.log_key)
-                .arg(tail.read.render());
-            let read = xread.query_async::<Value>(&mut conn);
-            let value = tokio::select! {
+        // Read until caught up, then wait to be woken; a new generation or
+        // a failed read goes back to resync.
+        'reading: loop {
+            loop {
+                if shared.clients.generation() != generation {
+                    break 'reading;
+                }
+                let mut xread = redis::cmd("XREAD");
+                xread
+                    .arg("COUNT")
+                    .arg(TAIL_COUNT)
+                    .arg("STREAMS")
+                    .arg(&shared.log_key)
+                    .arg(tail.read.render());
+                let read = xread.query_async::<Value>(&mut conn);
+                let value = tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = shared.probe.stale.notified() => {
+                        shared.clients.renew(generation);
+                        break 'reading;
+                    }
+                    value = read => value,
+                };
+                match value {
+                    Ok(value) => {
+                        shared.healthy.store(true, Ordering::Release);
+                        let taken = shared.take_entries(&value, &mut tail, stats_through);
+                        if taken < TAIL_COUNT {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        if is_broken(&e) {
+                            shared.clients.reader_broken(generation);
+                        }
+                        shared.unhealthy(&redis_err(e));
+                        break 'reading;
+                    }
+                }
+            }
+            tokio::select! {
                 () = stop.cancelled() => return,
                 // The probe's watchdog: the tail brought nothing back for two
-                // probe intervals; a new connection, from where we were.
-                () = shared.probe.stale.notified() => break,
-                value = read => value,
-            };
-            match value {
-                Ok(value) => {
-                    shared.healthy.store(true, Ordering::Release);
-                    shared.take_entries(&value, &mut tail, stats_through);
+                // probe intervals; a new reader and subscription.
+                () = shared.probe.stale.notified() => {
+                    shared.clients.renew(generation);
+                    break 'reading;
                 }
-                Err(e) => {
-                    shared.unhealthy(&redis_err(e));
-                    break;
-                }
+                () = wake.notified() => {}
+                () = tokio::time::sleep(TAIL_POLL) => {}
             }
         }
     }
@@ -308,10 +353,12 @@ impl Shared {
 
     /// Feeds the entries of one `XREAD` answer to the stats, head and hub
     /// (holding, with `wait_replicas`, what no commit marker covers yet).
-    fn take_entries(&self, value: &Value, tail: &mut TailState, stats_through: StreamPos) {
+    /// Answers how many entries the answer had.
+    fn take_entries(&self, value: &Value, tail: &mut TailState, stats_through: StreamPos) -> usize {
+        let (mut taken, mut rewound) = (0, false);
         // [[key, [[id, fields], …]]] (RESP2) or {key: [[id, fields], …]} (RESP3).
         let streams: Vec<&Value> = match value {
-            Value::Nil => return,
+            Value::Nil => return 0,
             Value::Array(streams) => streams
                 .iter()
                 .filter_map(|s| match s {
@@ -320,12 +367,13 @@ impl Shared {
                 })
                 .collect(),
             Value::Map(pairs) => pairs.iter().map(|(_, v)| v).collect(),
-            _ => return,
+            _ => return 0,
         };
         for entries in streams {
             let Value::Array(entries) = entries else {
                 continue;
             };
+            taken += entries.len();
             for entry in entries {
                 let Value::Array(parts) = entry else { continue };
                 let (Some(id), Some(fields)) = (
@@ -346,11 +394,18 @@ impl Shared {
                     // follows in this answer is read again after it.
                     self.release(tail);
                     tail.rewind();
+                    rewound = true;
                     break;
                 }
             }
         }
         self.release(tail);
+        // Entries to read again: not caught up.
+        if rewound {
+            usize::MAX
+        } else {
+            taken
+        }
     }
 
     /// Holds one entry (a probe or a marker is taken at once); true when

@@ -4,21 +4,31 @@
 //! that is published to never needs this; one that has gone quiet still
 //! loses its old events on time. The trim itself is the script's `trim`
 //! operation (`migrations/redis/`), atomic like every other.
+//!
+//! The trimmers of all the logs open on a node share one budget per
+//! `retention.trim_interval_ms`, as the probes do (see `probe`): with more
+//! than 100 logs open (one per org with tenancy) each runs less often, so
+//! 2,000 quiet org logs cost 100 calls per interval, not 2,000.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
+use super::probe::{stretched, Running};
 use super::shared::Shared;
 
 /// Age retention for quiet logs (appends also trim, as part of the script).
 pub(super) async fn run_trimmer(shared: Arc<Shared>, stop: CancellationToken) {
-    let mut tick = tokio::time::interval(shared.options.trim_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let _running = Running::start(&shared.clients.trimmers);
     loop {
+        let every = stretched(
+            shared.options.trim_interval,
+            shared.clients.trimmers.load(Ordering::Relaxed),
+        );
         tokio::select! {
             () = stop.cancelled() => return,
-            _ = tick.tick() => {}
+            () = tokio::time::sleep(every) => {}
         }
         if shared.failure().is_some() {
             return;

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
-use super::connections::{redis_err, Conn};
+use super::connections::{redis_err, Conn, Pooled};
 use super::shared::Shared;
 use crate::idempotency;
 use crate::log::queue::{Pending, WriterMsg};
@@ -48,15 +48,17 @@ const IDLE_CHECK: Duration = Duration::from_secs(1);
 /// publishes are sparse.
 const MARKER_LINGER: Duration = Duration::from_millis(2);
 
-/// The writer's connection and the outage count when it was made: one made
-/// before the latest outage is stale (Redis restarted under it).
-type WriterConn = Option<(Conn, u64)>;
+/// The writer's connection from the pool and the generation it was made at:
+/// one made before the generation moved is stale (Redis may have restarted
+/// or failed over under it).
+type WriterConn = Option<Pooled>;
 
 /// Commits until the queue closes or a shutdown message arrives.
 pub(super) async fn run_writer(shared: Arc<Shared>, mut rx: mpsc::Receiver<WriterMsg>) {
     let max = shared.options.max_commit_batch.max(1);
     let mut msgs = Vec::with_capacity(max);
-    // Its own connection: `WAIT` blocks the connection it is sent on.
+    // A connection of the pool, always the same slot for this log: a `WAIT`
+    // covers this log's appends sent on it before.
     let mut conn: WriterConn = None;
     // The last successful WAIT's commit marker, not written yet: the next
     // append carries it, or it is written alone after MARKER_LINGER without
@@ -115,46 +117,59 @@ pub(super) async fn run_writer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Write
 }
 
 impl Shared {
-    /// While idle: replaces a stale or missing connection and PINGs it, and
-    /// says in `writer_ready` whether the next publish would reach Redis.
+    /// While idle: replaces a stale or missing connection and PINGs it
+    /// (only then, or while not ready: a ready writer's connection is
+    /// shared with other logs and checked by their use), and says in
+    /// `writer_ready` whether the next publish would reach Redis.
     async fn check_writer_connection(&self, conn: &mut WriterConn) {
-        let outages = self.outages.load(Ordering::Acquire);
-        if conn.as_ref().is_some_and(|(_, made)| *made != outages) {
+        let generation = self.clients.generation();
+        if conn.as_ref().is_some_and(|p| p.generation != generation) {
             *conn = None;
         }
+        let held = self.held.load(Ordering::Acquire);
+        let confirm =
+            self.options.wait_replicas > 0 && held > self.durable_head.load(Ordering::Acquire);
+        if conn.is_some() && self.writer_ready.load(Ordering::Acquire) && !confirm {
+            return;
+        }
         if conn.is_none() {
-            match self.clients.dedicated(false).await {
-                Ok(fresh) => *conn = Some((fresh, outages)),
+            match self.clients.writer(&self.log_key).await {
+                Ok(fresh) => *conn = Some(fresh),
                 Err(_) => {
                     self.writer_ready.store(false, Ordering::Release);
                     return;
                 }
             }
         }
-        let Some((c, _)) = conn.as_mut() else { return };
-        let pong: Result<String, _> = redis::cmd("PING").query_async(c).await;
+        let Some(pooled) = conn.as_mut() else { return };
+        let pong: Result<String, _> = redis::cmd("PING").query_async(&mut pooled.conn).await;
         let mut ok = pong.is_ok();
-        if ok && self.options.wait_replicas > 0 {
+        if ok && confirm {
             // Held events no marker covered (their marker was lost in a
             // failover, or their writer died after WAIT): confirm them.
-            let held = self.held.load(Ordering::Acquire);
-            if held > self.durable_head.load(Ordering::Acquire) {
-                if let Err(e) = self.confirm(c).await {
-                    tracing::debug!(log = %self.log_key, error = %e, "replication confirm failed");
-                    ok = !matches!(e, LogError::Redis(_));
-                }
+            if let Err(e) = self.confirm(&mut pooled.conn).await {
+                tracing::debug!(log = %self.log_key, error = %e, "replication confirm failed");
+                ok = !matches!(e, LogError::Redis(_));
             }
         }
         if !ok {
-            *conn = None;
+            self.drop_writer(conn).await;
         }
         // Ready only while the tailer sees Redis too and no outage began
         // since this connection was made.
-        let current = self.outages.load(Ordering::Acquire) == outages;
+        let current = self.clients.generation() == generation;
         self.writer_ready.store(
             ok && current && self.healthy.load(Ordering::Acquire),
             Ordering::Release,
         );
+    }
+
+    /// Gives up the writer's connection, and tells the pool to make its
+    /// slot anew (a broken connection fails every log that uses it).
+    async fn drop_writer(&self, conn: &mut WriterConn) {
+        if let Some(pooled) = conn.take() {
+            self.clients.writer_broken(&pooled).await;
+        }
     }
 
     /// Appends one chunk and answers every publish in it.
@@ -196,7 +211,13 @@ impl Shared {
                     tracing::warn!(log = %self.log_key, error = %cause, "append failed");
                 }
                 // A broken connection is replaced on the next commit.
-                *conn = None;
+                // Any error reply may come from a server that is no longer
+                // the primary (READONLY after a failover): the slot is made
+                // anew, as the writer's own connection used to be.
+                match &*cause {
+                    LogError::Redis(_) => self.drop_writer(conn).await,
+                    _ => *conn = None,
+                }
                 for (_, reply) in chunk {
                     let _ = reply.send(Err(LogError::Commit(Arc::clone(&cause))));
                 }
@@ -213,14 +234,15 @@ impl Shared {
         chunk: &[Pending],
         marker: &mut Option<u64>,
     ) -> Result<Vec<String>, LogError> {
-        let outages = self.outages.load(Ordering::Acquire);
-        if conn.as_ref().is_some_and(|(_, made)| *made != outages) {
-            // Made before the latest outage: Redis restarted under it.
+        let generation = self.clients.generation();
+        if conn.as_ref().is_some_and(|p| p.generation != generation) {
+            // Made before the generation moved: Redis may have restarted
+            // or failed over under it.
             *conn = None;
         }
-        let (c, _) = match conn {
-            Some(c) => c,
-            None => conn.insert((self.clients.dedicated(false).await?, outages)),
+        let c = match conn {
+            Some(pooled) => &mut pooled.conn,
+            None => &mut conn.insert(self.clients.writer(&self.log_key).await?).conn,
         };
         let retention = &self.options.retention;
         let mut invocation = self.script.key(&self.log_key);
@@ -278,13 +300,13 @@ impl Shared {
     /// connection is replaced); the next append carries it.
     async fn flush_marker(&self, conn: &mut WriterConn, marker: &mut Option<u64>) {
         let Some(through) = *marker else { return };
-        let Some((c, _)) = conn.as_mut() else { return };
-        match self.commit_marker(c, through).await {
+        let Some(pooled) = conn.as_mut() else { return };
+        match self.commit_marker(&mut pooled.conn, through).await {
             Ok(()) => *marker = None,
             Err(e) => {
                 tracing::warn!(log = %self.log_key, error = %e, through, "commit marker not written");
                 if matches!(e, LogError::Redis(_)) {
-                    *conn = None;
+                    self.drop_writer(conn).await;
                 }
             }
         }
