@@ -532,6 +532,16 @@ pub struct Http2Config {
     /// the window for them; past it the stream waits (and is cut after
     /// `limits.write_stall_ms`).
     pub max_send_buffer_bytes: usize,
+    /// A connection with no open stream for this long is closed (`GOAWAY`,
+    /// then the socket); 0 = never. Streams, heartbeats included, keep it.
+    pub idle_timeout_ms: u64,
+    /// A `PING` is sent when the client sent nothing for this long, and the
+    /// connection is closed (its streams with it) when no answer comes
+    /// within `keepalive_timeout_ms`: a peer that vanished without a FIN is
+    /// found even while its streams only get heartbeats. 0 = no pings.
+    pub keepalive_interval_ms: u64,
+    /// How long a `PING` may go unanswered.
+    pub keepalive_timeout_ms: u64,
 }
 
 impl Default for Http2Config {
@@ -541,6 +551,14 @@ impl Default for Http2Config {
             stream_window_bytes: 256 * 1024,
             connection_window_bytes: 1024 * 1024,
             max_send_buffer_bytes: 64 * 1024,
+            // nginx's http2_idle_timeout (before 1.19.7 folded it into
+            // keepalive_timeout); Caddy's idle_timeout is 5 min.
+            idle_timeout_ms: 180_000,
+            // Go's HTTP/2 transport pings after 15 s of silence and waits
+            // 15 s; hyper waits 20 s. A minute keeps the cost nil for
+            // thousands of connections and finds a dead peer in < 90 s.
+            keepalive_interval_ms: 60_000,
+            keepalive_timeout_ms: 20_000,
         }
     }
 }
@@ -567,7 +585,27 @@ impl Http2Config {
         if !(16_384..=16 * 1024 * 1024).contains(&self.max_send_buffer_bytes) {
             return Err("http2.max_send_buffer_bytes must be 16384 to 16777216".into());
         }
+        const DAY_MS: u64 = 24 * 3600 * 1000;
+        if self.idle_timeout_ms > DAY_MS || self.keepalive_interval_ms > DAY_MS {
+            return Err(
+                "http2.idle_timeout_ms and http2.keepalive_interval_ms must be at most 86400000 (0 = off)"
+                    .into(),
+            );
+        }
+        if !(100..=600_000).contains(&self.keepalive_timeout_ms) {
+            return Err("http2.keepalive_timeout_ms must be 100 to 600000".into());
+        }
         Ok(())
+    }
+
+    /// `idle_timeout_ms` as a duration; `None` when off.
+    pub fn idle_timeout(&self) -> Option<Duration> {
+        (self.idle_timeout_ms > 0).then(|| Duration::from_millis(self.idle_timeout_ms))
+    }
+
+    /// `keepalive_interval_ms` as a duration; `None` when off.
+    pub fn keepalive_interval(&self) -> Option<Duration> {
+        (self.keepalive_interval_ms > 0).then(|| Duration::from_millis(self.keepalive_interval_ms))
     }
 }
 
