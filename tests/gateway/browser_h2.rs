@@ -209,6 +209,11 @@ async fn twenty_tabs_stream_over_one_h2_connection_and_a_seventh_waits_over_http
     }
     assert_eq!(metric(&server, EVENTS_STREAMS).await, 6);
     assert_eq!(metric(&server, H2_CONNECTIONS).await, 0);
+    let http1 = metric(&server, "sse_gateway_connections_open{protocol=\"http1\"}").await;
+    assert!(
+        http1 >= 6,
+        "a connection per stream: {http1} HTTP/1.1 connections"
+    );
     page.assert_no_page_errors();
     page.exit().await;
 }
