@@ -882,6 +882,31 @@ mod tests {
     }
 
     #[test]
+    fn http2_idle_and_keepalive_are_bounded_and_0_turns_them_off() {
+        let config = Config::from_toml("").unwrap();
+        assert_eq!(config.http2.idle_timeout(), Some(Duration::from_secs(180)));
+        assert_eq!(
+            config.http2.keepalive_interval(),
+            Some(Duration::from_secs(60))
+        );
+        let off =
+            Config::from_toml("[http2]\nidle_timeout_ms = 0\nkeepalive_interval_ms = 0\n").unwrap();
+        assert_eq!(off.http2.idle_timeout(), None);
+        assert_eq!(off.http2.keepalive_interval(), None);
+        for (key, value) in [
+            ("idle_timeout_ms", "86400001"),
+            ("keepalive_interval_ms", "86400001"),
+            ("keepalive_timeout_ms", "0"),
+            ("keepalive_timeout_ms", "600001"),
+        ] {
+            let err = Config::from_toml(&format!("[http2]\n{key} = {value}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(&format!("http2.{key}")), "{key}: {err}");
+        }
+    }
+
+    #[test]
     fn the_probe_interval_is_off_or_between_100_ms_and_10_minutes() {
         assert_eq!(
             Config::from_toml("").unwrap().storage.probe_interval_ms,
