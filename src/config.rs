@@ -521,7 +521,8 @@ impl TlsConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct Http2Config {
     /// Streams one connection may have open at once; more are refused
-    /// (`REFUSED_STREAM`, the browser retries), the connection stays.
+    /// (`REFUSED_STREAM`, the browser retries), the connection stays (h2
+    /// closes it after 1,024 refusals: a client ignoring the limit).
     pub max_concurrent_streams: u32,
     /// Bytes a client may send on one stream before we grant more (publish
     /// bodies; SSE requests send none).

@@ -3,7 +3,8 @@
 //! same auth, limits, CORS and resume handling as over HTTP/1.1.
 //!
 //! Settings: up to `http2.max_concurrent_streams` streams per connection
-//! (more are refused one by one, the connection stays: no GOAWAY), our
+//! (more are refused one by one, the connection stays: no GOAWAY, until a
+//! client that ignores the limit was refused 1,024 times; below), our
 //! receive windows from `[http2]` (SSE requests upload nothing; publishes
 //! do), and a request's header list bounded by `limits.max_header_bytes`
 //! as an HTTP/1.1 head is.
