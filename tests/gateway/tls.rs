@@ -714,3 +714,24 @@ async fn h2_connection_outlives_more_stall_resets_than_h2s_local_reset_limit() {
     assert_eq!(head.status, 200);
     assert!(!ended.is_finished(), "the connection lives on");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_connection_is_closed_with_goaway_when_the_gateway_stops() {
+    let server = TlsServer::start(|_| {}).await;
+    let (mut send, connection) = server.h2_open(1 << 20).await;
+    let ended = tokio::spawn(connection);
+    let (head, mut body) = server.h2_get(&mut send, "/topics/h2-stop", &[]).await;
+    assert_eq!(head.status, 200);
+    let id = server.publish("h2-stop", json!({"before": "stop"})).await;
+    let events = h2_events(&mut body, &mut SseParser::default(), 1, true).await;
+    assert_eq!(events[0].id, id);
+    server.stop();
+    // The stream ends (the subscriber resumes elsewhere) and the
+    // connection closes cleanly instead of idling until the drain gives up.
+    h2_body_end(&mut body).await;
+    let closed = tokio::time::timeout(WAIT, ended)
+        .await
+        .expect("the connection is closed at stop")
+        .expect("join");
+    assert!(closed.is_ok(), "GOAWAY, not an error: {closed:?}");
+}

@@ -216,6 +216,11 @@ impl TlsServer {
         panic!("TLS gateway did not become ready");
     }
 
+    /// Stops the gateway (as `SIGTERM` does): it drains and returns.
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{}", self.base, path)
     }
