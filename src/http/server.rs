@@ -42,6 +42,8 @@ use hyper::body::Incoming;
 use hyper::Request;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::runtime::Handle;
 use tokio_rustls::TlsAcceptor;
@@ -49,14 +51,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
-use crate::metrics::{Labels, Metrics};
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
-
 use super::hop::{Hop, Socket};
 use super::listener::{GuardedListener, StallGuardedStream};
 use super::raw::{self, Next, Rewind};
 use super::table::StreamRoutes;
+use crate::metrics::{Labels, Metrics};
 
 /// Blocking threads (log reads) of the stream runtime per core.
 const BLOCKING_THREADS_PER_CORE: usize = 4;
