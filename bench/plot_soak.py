@@ -40,6 +40,7 @@ def num(v):
 
 def read(path):
     samples, baseline, after, summary = [], None, None, {}
+    memory = []
     with open(path, encoding="utf-8") as f:
         for line in f:
             line = line.strip()
@@ -47,13 +48,15 @@ def read(path):
                 summary.update(run_duration_s=fields(line).get("duration_s"))
             elif line.startswith("sample "):
                 samples.append(fields(line))
+            elif line.startswith("memory "):
+                memory.append(fields(line))
             elif line.startswith("baseline "):
                 baseline = fields(line)
             elif line.startswith("after_exit "):
                 after = fields(line)
             elif line.startswith("summary "):
                 summary.update(fields(line))
-    return samples, baseline, after, summary
+    return samples, baseline, after, summary, memory
 
 
 def linreg(xs, ys):
@@ -65,7 +68,7 @@ def linreg(xs, ys):
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / den if den else 0.0
 
 
-def figures(samples, baseline, after, summary):
+def figures(samples, baseline, after, summary, memory):
     load = [s for s in samples if s.get("phase") in ("load", "end") and num(s.get("rss_kib"))]
     duration = num(summary.get("run_duration_s")) or max((num(s["t"]) for s in load), default=0.0)
     warmup = WARMUP_S if duration >= 3 * WARMUP_S else duration / 3
@@ -84,6 +87,18 @@ def figures(samples, baseline, after, summary):
             rss_spread_pct=round(max(max(rss) - mean, mean - min(rss)) / mean * 100, 2),
             rss_slope_mib_per_h=round(linreg(ts, rss) * 3600, 1),
             samples_after_warmup=len(rss),
+        )
+    # The gateway's own memory figures (bench/soak.sh samples /metrics):
+    # jemalloc's allocated bytes move with RSS when RSS is live data.
+    heap = [num(m.get("heap_allocated_kib")) / 1024 for m in memory
+            if num(m.get("heap_allocated_kib")) is not None and warmup <= num(m["t"]) <= duration + 1]
+    if heap:
+        hmean = sum(heap) / len(heap)
+        fig.update(
+            heap_allocated_mean_mib=round(hmean, 1),
+            heap_allocated_min_mib=round(min(heap), 1),
+            heap_allocated_max_mib=round(max(heap), 1),
+            heap_allocated_spread_pct=round(max(max(heap) - hmean, hmean - min(heap)) / hmean * 100, 2),
         )
     fds = [num(s["fds"]) for s in load if num(s.get("fds")) is not None]
     fig["fds_baseline"] = baseline.get("fds") if baseline else "na"
@@ -124,10 +139,11 @@ def nice_max(v):
     return 10 * step
 
 
-def panel(out, y0, h, title, series, color, t_max, warmup, x0, w, stop=None, band=None):
+def panel(out, y0, h, title, series, color, t_max, warmup, x0, w, stop=None, band=None, extra=None):
     """One panel; `band` = (mean, from_t, to_t) draws mean ±5 % over that span;
-    `stop` = when publishing stopped (a dashed vertical line)."""
-    vals = [v for _, v in series]
+    `stop` = when publishing stopped (a dashed vertical line); `extra` = a
+    second series drawn grey (jemalloc's allocated bytes under RSS)."""
+    vals = [v for _, v in series] + [v for _, v in (extra or [])]
     top = nice_max(max(vals) * 1.1) if vals else 1.0
     out.append(f'<text x="{x0}" y="{y0 - 8}" font-size="13" font-weight="bold">{esc(title)}</text>')
     out.append(f'<rect x="{x0}" y="{y0}" width="{w}" height="{h}" fill="white" stroke="#888"/>')
@@ -153,6 +169,10 @@ def panel(out, y0, h, title, series, color, t_max, warmup, x0, w, stop=None, ban
         sx = x0 + w * stop / t_max
         out.append(f'<line x1="{sx:.1f}" y1="{y0}" x2="{sx:.1f}" y2="{y0 + h}" stroke="#555" stroke-dasharray="3,3"/>')
         out.append(f'<text x="{sx - 4:.1f}" y="{y0 + 14}" font-size="11" text-anchor="end" fill="#555">publishing stops</text>')
+    if extra:
+        epts = " ".join(f"{x0 + w * t / t_max:.1f},{y0 + h - h * v / top:.1f}" for t, v in extra)
+        out.append(f'<polyline points="{epts}" fill="none" stroke="#888" stroke-width="1.2" stroke-dasharray="4,2"/>')
+        out.append(f'<text x="{x0 + w - 4}" y="{y0 + h - 6}" font-size="11" text-anchor="end" fill="#888">grey dashed: heap allocated (jemalloc)</text>')
     pts = " ".join(
         f"{x0 + w * t / t_max:.1f},{y0 + h - h * v / top:.1f}" for t, v in series
     )
@@ -161,7 +181,7 @@ def panel(out, y0, h, title, series, color, t_max, warmup, x0, w, stop=None, ban
         out.append(f'<circle cx="{x0 + w * t / t_max:.1f}" cy="{y0 + h - h * v / top:.1f}" r="1.8" fill="{color}"/>')
 
 
-def svg(samples, baseline, after, fig, warmup, stop, title):
+def svg(samples, baseline, after, fig, warmup, stop, title, memory):
     load = [s for s in samples if s.get("phase") in ("start", "load", "end", "after")]
     t_max = max((num(s["t"]) for s in load), default=1.0) or 1.0
     x0, w, h, gap = 70, 780, 150, 60
@@ -178,8 +198,10 @@ def svg(samples, baseline, after, fig, warmup, stop, title):
     y = 60
     spread = fig.get("rss_spread_pct", "na")
     band = (fig["rss_mean_mib"], warmup, stop) if "rss_mean_mib" in fig else None
+    heap = [(num(m["t"]), num(m["heap_allocated_kib"]) / 1024) for m in memory
+            if num(m.get("heap_allocated_kib")) is not None and num(m["t"]) <= t_max]
     panel(out, y, h, f"Gateway RSS (MiB) — after warm-up: ±{spread} % around the mean, slope {fig.get('rss_slope_mib_per_h', 'na')} MiB/h",
-          rss, "#c0392b", t_max, warmup, x0, w, stop=stop, band=band)
+          rss, "#c0392b", t_max, warmup, x0, w, stop=stop, band=band, extra=heap)
     y += h + gap
     panel(out, y, h, f"Gateway open fds — baseline {fig['fds_baseline']}, under load {fig.get('fds_load_max', 'na')}, after the clients left {fig['fds_after_exit']}",
           fds, "#2e86c1", t_max, warmup, x0, w, stop=stop)
@@ -204,14 +226,14 @@ def main():
         sys.exit(__doc__)
     path = sys.argv[1]
     dest = sys.argv[2] if len(sys.argv) > 2 else "bench/soak.svg"
-    samples, baseline, after, summary = read(path)
+    samples, baseline, after, summary, memory = read(path)
     if not samples:
         sys.exit(f"no sample lines in {path}")
-    fig, warmup, stop = figures(samples, baseline, after, summary)
+    fig, warmup, stop = figures(samples, baseline, after, summary, memory)
     minutes = max(num(s["t"]) for s in samples) / 60
     title = f"sse-gateway soak, {minutes:.0f} min ({path.rsplit('/', 1)[-1]})"
     with open(dest, "w", encoding="utf-8") as f:
-        f.write(svg(samples, baseline, after, fig, warmup, stop, title))
+        f.write(svg(samples, baseline, after, fig, warmup, stop, title, memory))
     for k, v in fig.items():
         print(f"{k}={v}")
     print(f"svg={dest}")

@@ -90,6 +90,27 @@ sleep 1
   echo "baseline $(probe "$GATEWAY_PID") loadavg=$(cut -d' ' -f1-3 /proc/loadavg | tr ' ' ,)"
 } | tee "$OUT"
 
+# The gateway's own view of its memory every 30 s, beside the load
+# generator's RSS samples: process RSS and jemalloc's allocated / active /
+# resident / retained bytes (src/process_memory.rs). When RSS moves, this
+# says whether the program holds more (allocated) or the allocator keeps
+# freed pages (resident - active).
+memory_sampler() {
+  local start=$SECONDS
+  while kill -0 "$GATEWAY_PID" 2>/dev/null; do
+    curl -sf "http://127.0.0.1:$PORT/metrics" |
+      awk -v t=$((SECONDS - start)) '
+        /^sse_gateway_(process_resident|heap_[a-z]+)_bytes / {
+          name = $1; sub(/^sse_gateway_/, "", name); sub(/_bytes$/, "_kib", name)
+          line = line " " name "=" int($2 / 1024)
+        }
+        END { if (line != "") print "memory t=" t line }' >> "$OUT" || true
+    sleep 30
+  done
+}
+memory_sampler &
+SAMPLER_PID=$!
+
 status=0
 "$LOADGEN" --scenario soak --label ours --duration-s "$DURATION" --rate "$RATE" \
   --topics 6 --publishers 12 --subscribers 200 --churners 40 --slow 4 \
@@ -99,6 +120,7 @@ status=0
   --events-url "http://127.0.0.1:$PORT/events" --topic soak \
   2> >(sed 's/^/stderr: /' >> "$OUT") | tee -a "$OUT" || status=$?
 
+kill "$SAMPLER_PID" 2>/dev/null || true
 # The load generator has exited: every client socket is closed. The gateway
 # should be back to its baseline fds (give it a few seconds to notice).
 sleep 5

@@ -24,6 +24,7 @@ use crate::log::redis::{RedisClients, RedisOptions, RedisTarget};
 use crate::log::sled::SledOptions;
 use crate::log::{Log, LogError, RedisLog, RetentionPolicy, SledLog};
 use crate::metrics::Metrics;
+use crate::process_memory::HeapReader;
 use crate::replay_budget::ReplayBudget;
 use crate::routes::RouteSpec;
 use crate::subscription::{StreamContext, StreamSettings};
@@ -90,11 +91,16 @@ impl From<OpenError> for crate::RunError {
 
 impl App {
     /// Opens storage and builds the state. Must run inside a tokio runtime.
-    pub async fn open(config: Config, stop: CancellationToken) -> Result<Self, OpenError> {
+    /// `heap` reads the installed allocator's counts for `/metrics`.
+    pub async fn open(
+        config: Config,
+        stop: CancellationToken,
+        heap: Option<HeapReader>,
+    ) -> Result<Self, OpenError> {
         // Keys first: a bad key file should not leave a log open behind it.
         let gate = Gate::from_config(config.auth.as_ref(), config.tenancy.enabled)?;
         let limits = ClientLimits::new(&config.limits);
-        let metrics = Arc::new(Metrics::new());
+        let metrics = Arc::new(Metrics::with_heap(heap));
         let hub = Arc::new(Hub::new(config.stream.live_buffer_events));
         let retention = RetentionPolicy {
             max_events_per_topic: config.retention.max_events_per_topic,

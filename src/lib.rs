@@ -17,6 +17,7 @@ pub mod limits;
 pub mod log;
 pub mod metrics;
 pub mod model;
+pub mod process_memory;
 pub mod replay_budget;
 pub mod routes;
 pub mod sse;
@@ -44,6 +45,14 @@ pub enum RunError {
     Io(#[from] std::io::Error),
 }
 
+/// What the program hosting the gateway supplies beyond its config.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Host {
+    /// Reads the global allocator's counts for `/metrics`; only the binary
+    /// that installed the allocator can say which one it is.
+    pub heap: Option<process_memory::HeapReader>,
+}
+
 /// Serves the gateway on `listener` until `stop` is cancelled, then drains:
 /// streams end, in-flight publishes finish (bounded by
 /// `server.drain_timeout_ms`), the log flushes. Returns once it is closed.
@@ -51,6 +60,16 @@ pub async fn run(
     listener: TcpListener,
     config: Config,
     stop: CancellationToken,
+) -> Result<(), RunError> {
+    run_hosted(listener, config, stop, Host::default()).await
+}
+
+/// [`run`], with what the hosting binary supplies.
+pub async fn run_hosted(
+    listener: TcpListener,
+    config: Config,
+    stop: CancellationToken,
+    host: Host,
 ) -> Result<(), RunError> {
     let limits = http::server::ConnectionLimits {
         header_read_timeout: config.limits.header_read_timeout(),
@@ -69,7 +88,7 @@ pub async fn run(
         }
         None => None,
     };
-    let app = Arc::new(app::App::open(config, stop.clone()).await?);
+    let app = Arc::new(app::App::open(config, stop.clone(), host.heap).await?);
     let local = listener.local_addr()?;
     let scheme = if tls.is_some() { "https" } else { "http" };
     tracing::info!("listening on {scheme}://{local}");

@@ -36,6 +36,33 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 #[export_name = "_rjem_malloc_conf"]
 static JEMALLOC_OPTIONS: &[u8] = b"dirty_decay_ms:1000,muzzy_decay_ms:0\0";
 
+/// The reader of the allocator this binary installed, for `/metrics`.
+#[cfg(all(feature = "jemalloc", not(target_env = "msvc")))]
+fn installed_heap_reader() -> Option<sse_gateway::process_memory::HeapReader> {
+    Some(jemalloc_heap)
+}
+
+#[cfg(not(all(feature = "jemalloc", not(target_env = "msvc"))))]
+fn installed_heap_reader() -> Option<sse_gateway::process_memory::HeapReader> {
+    None
+}
+
+/// jemalloc's counts now.
+#[cfg(all(feature = "jemalloc", not(target_env = "msvc")))]
+fn jemalloc_heap() -> Option<sse_gateway::process_memory::HeapReading> {
+    use tikv_jemalloc_ctl::{epoch, stats};
+    // jemalloc refreshes its statistics only when the epoch advances;
+    // without this every scrape would repeat the first reading.
+    epoch::advance().ok()?;
+    let bytes = |value: usize| u64::try_from(value).unwrap_or(u64::MAX);
+    Some(sse_gateway::process_memory::HeapReading {
+        allocated: bytes(stats::allocated::read().ok()?),
+        active: bytes(stats::active::read().ok()?),
+        resident: bytes(stats::resident::read().ok()?),
+        retained: bytes(stats::retained::read().ok()?),
+    })
+}
+
 #[derive(Parser)]
 #[command(
     name = "sse-gateway",
@@ -245,7 +272,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let listener = listen(addr).with_context(|| format!("cannot listen on {addr}"))?;
         let stop = CancellationToken::new();
         tokio::spawn(stop_on_signal(stop.clone()));
-        sse_gateway::run(listener, config, stop)
+        let host = sse_gateway::Host {
+            heap: installed_heap_reader(),
+        };
+        sse_gateway::run_hosted(listener, config, stop, host)
             .await
             .context("gateway stopped with an error")
     })

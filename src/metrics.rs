@@ -14,6 +14,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use crate::process_memory::{self, HeapReader};
+
 /// A metric's label pairs.
 pub type Labels = Vec<(&'static str, &'static str)>;
 
@@ -55,11 +57,94 @@ pub struct Metrics {
     /// append-to-arrival time, or the age of the oldest probe not back yet),
     /// the worst of the open logs; 0 with sled (no tail) or probing off.
     pub tail_lag: Gauge<f64, AtomicU64>,
+    /// The process's memory, refreshed by [`Metrics::refresh_memory`].
+    memory: MemoryGauges,
+}
+
+/// The process's memory: its resident set where the platform says it, and
+/// the allocator's counts when the binary supplied a [`HeapReader`]. A
+/// figure that cannot be read is not exported, rather than exported as 0.
+struct MemoryGauges {
+    process_resident: Option<Gauge>,
+    heap: Option<(HeapReader, HeapGauges)>,
+}
+
+struct HeapGauges {
+    allocated: Gauge,
+    active: Gauge,
+    resident: Gauge,
+    retained: Gauge,
+}
+
+impl MemoryGauges {
+    fn register(registry: &mut Registry, heap: Option<HeapReader>) -> Self {
+        let process_resident = process_memory::process_resident_bytes().map(|_| {
+            let gauge = Gauge::default();
+            registry.register(
+                "process_resident_bytes",
+                "Resident set size of the gateway process (what a memory limit sees)",
+                gauge.clone(),
+            );
+            gauge
+        });
+        let heap = heap.map(|reader| {
+            let mut gauge = |name: &str, help: &str| {
+                let gauge = Gauge::default();
+                registry.register(name, help, gauge.clone());
+                gauge
+            };
+            let gauges = HeapGauges {
+                allocated: gauge("heap_allocated_bytes", "Allocator: bytes the program holds"),
+                active: gauge(
+                    "heap_active_bytes",
+                    "Allocator: bytes in pages that hold allocations",
+                ),
+                resident: gauge(
+                    "heap_resident_bytes",
+                    "Allocator: resident bytes it maps, freed pages not yet returned included",
+                ),
+                retained: gauge(
+                    "heap_retained_bytes",
+                    "Allocator: address space returned to the kernel but kept mapped for reuse",
+                ),
+            };
+            (reader, gauges)
+        });
+        Self {
+            process_resident,
+            heap,
+        }
+    }
+
+    fn refresh(&self) {
+        let set = |gauge: &Gauge, bytes: u64| gauge.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        if let (Some(gauge), Some(bytes)) = (
+            &self.process_resident,
+            process_memory::process_resident_bytes(),
+        ) {
+            set(gauge, bytes);
+        }
+        if let Some((reader, gauges)) = &self.heap {
+            if let Some(reading) = reader() {
+                set(&gauges.allocated, reading.allocated);
+                set(&gauges.active, reading.active);
+                set(&gauges.resident, reading.resident);
+                set(&gauges.retained, reading.retained);
+            }
+        }
+    }
 }
 
 impl Metrics {
-    /// A fresh registry with every metric registered.
+    /// A fresh registry with every metric registered, without allocator
+    /// figures.
     pub fn new() -> Self {
+        Self::with_heap(None)
+    }
+
+    /// Like [`Metrics::new`], exporting the allocator's counts through
+    /// `heap` (supplied by the binary that installed the allocator).
+    pub fn with_heap(heap: Option<HeapReader>) -> Self {
         let mut registry = Registry::with_prefix("sse_gateway");
         let streams_open = Family::<Labels, Gauge>::default();
         let streams_total = Family::<Labels, Counter>::default();
@@ -166,6 +251,7 @@ impl Metrics {
             "Redis: time from a delivery probe's append to its arrival through this node's tail (or the age of the oldest probe not back), worst open log",
             tail_lag.clone(),
         );
+        let memory = MemoryGauges::register(&mut registry, heap);
 
         Self {
             registry,
@@ -187,7 +273,14 @@ impl Metrics {
             storage_bytes,
             log_head,
             tail_lag,
+            memory,
         }
+    }
+
+    /// Reads the process's memory into its gauges (at scrape time: a
+    /// reading costs a file read and a jemalloc epoch, not worth a timer).
+    pub fn refresh_memory(&self) {
+        self.memory.refresh();
     }
 
     /// Records one group commit.

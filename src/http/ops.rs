@@ -42,6 +42,7 @@ pub async fn metrics(State(app): State<Arc<App>>) -> Response {
         .log_head
         .set(i64::try_from(app.log.durable_head()).unwrap_or(i64::MAX));
     app.metrics.tail_lag.set(app.tail_lag().as_secs_f64());
+    app.metrics.refresh_memory();
     (
         [(
             header::CONTENT_TYPE,

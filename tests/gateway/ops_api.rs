@@ -157,6 +157,60 @@ async fn readyz_answers_200_when_storage_is_open_and_writable() {
 
 // ---------------------------------------------------------------- metrics
 
+/// What the process's memory is made of (src/process_memory.rs; the soak
+/// samples these to tell live data from allocator retention). The real
+/// binary allocates with jemalloc: it reports jemalloc's figures and its own
+/// resident set. A gateway inside this test binary (system malloc) reports
+/// its resident set but no heap figures, rather than a misleading 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_say_what_the_process_memory_is_made_of() {
+    let dir = tempfile::TempDir::new().expect("temp dir");
+    let gateway = GatewayProcess::start(&dir.path().join("data"), "127.0.0.1:0", &[]);
+    let text = fresh_client()
+        .get(gateway.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", gateway.pid()))
+        .expect("the child's /proc status");
+    let vm_rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|kib| kib.parse::<f64>().ok())
+        .expect("VmRSS")
+        * 1024.0;
+    let reported = sample(&text, "sse_gateway_process_resident_bytes");
+    assert!(
+        reported > vm_rss / 2.0 && reported < vm_rss * 2.0,
+        "the child's own RSS ({vm_rss} B by /proc), not another process's: {reported}"
+    );
+    let allocated = sample(&text, "sse_gateway_heap_allocated_bytes");
+    let active = sample(&text, "sse_gateway_heap_active_bytes");
+    assert!(
+        allocated > f64::from(1 << 20),
+        "a running gateway holds > 1 MiB: {allocated}"
+    );
+    assert!(
+        active >= allocated,
+        "active pages hold the allocations: {active} < {allocated}"
+    );
+    assert!(sample(&text, "sse_gateway_heap_resident_bytes") >= active);
+    assert!(sample_sum(&text, "sse_gateway_heap_retained_bytes").is_some());
+    gateway.kill9();
+
+    let server = TestServer::start(|_| {}).await;
+    let (_, text) = metrics(&server).await;
+    assert!(sample(&text, "sse_gateway_process_resident_bytes") > 0.0);
+    assert!(
+        !text.contains("sse_gateway_heap_"),
+        "no allocator figures when the host supplied no reader:\n{text}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_are_prometheus_text_with_published_count_streams_storage_and_latency() {
     let server = TestServer::start(|c| c.stream.heartbeat_ms = 200).await;
