@@ -536,7 +536,8 @@ impl TlsConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct Http2Config {
     /// Streams one connection may have open at once; more are refused
-    /// (`REFUSED_STREAM`, the browser retries), the connection stays.
+    /// (`REFUSED_STREAM`, the browser retries), the connection stays (h2
+    /// closes it after 1,024 refusals: a client ignoring the limit).
     pub max_concurrent_streams: u32,
     /// Bytes a client may send on one stream before we grant more (publish
     /// bodies; SSE requests send none).
@@ -547,6 +548,16 @@ pub struct Http2Config {
     /// the window for them; past it the stream waits (and is cut after
     /// `limits.write_stall_ms`).
     pub max_send_buffer_bytes: usize,
+    /// A connection with no open stream for this long is closed (`GOAWAY`,
+    /// then the socket); 0 = never. Streams, heartbeats included, keep it.
+    pub idle_timeout_ms: u64,
+    /// A `PING` is sent when the client sent nothing for this long, and the
+    /// connection is closed (its streams with it) when no answer comes
+    /// within `keepalive_timeout_ms`: a peer that vanished without a FIN is
+    /// found even while its streams only get heartbeats. 0 = no pings.
+    pub keepalive_interval_ms: u64,
+    /// How long a `PING` may go unanswered.
+    pub keepalive_timeout_ms: u64,
 }
 
 impl Default for Http2Config {
@@ -556,6 +567,14 @@ impl Default for Http2Config {
             stream_window_bytes: 256 * 1024,
             connection_window_bytes: 1024 * 1024,
             max_send_buffer_bytes: 64 * 1024,
+            // nginx's http2_idle_timeout (before 1.19.7 folded it into
+            // keepalive_timeout); Caddy's idle_timeout is 5 min.
+            idle_timeout_ms: 180_000,
+            // Go's HTTP/2 transport pings after 15 s of silence and waits
+            // 15 s; hyper waits 20 s. A minute keeps the cost nil for
+            // thousands of connections and finds a dead peer in < 90 s.
+            keepalive_interval_ms: 60_000,
+            keepalive_timeout_ms: 20_000,
         }
     }
 }
@@ -582,7 +601,27 @@ impl Http2Config {
         if !(16_384..=16 * 1024 * 1024).contains(&self.max_send_buffer_bytes) {
             return Err("http2.max_send_buffer_bytes must be 16384 to 16777216".into());
         }
+        const DAY_MS: u64 = 24 * 3600 * 1000;
+        if self.idle_timeout_ms > DAY_MS || self.keepalive_interval_ms > DAY_MS {
+            return Err(
+                "http2.idle_timeout_ms and http2.keepalive_interval_ms must be at most 86400000 (0 = off)"
+                    .into(),
+            );
+        }
+        if !(100..=600_000).contains(&self.keepalive_timeout_ms) {
+            return Err("http2.keepalive_timeout_ms must be 100 to 600000".into());
+        }
         Ok(())
+    }
+
+    /// `idle_timeout_ms` as a duration; `None` when off.
+    pub fn idle_timeout(&self) -> Option<Duration> {
+        (self.idle_timeout_ms > 0).then(|| Duration::from_millis(self.idle_timeout_ms))
+    }
+
+    /// `keepalive_interval_ms` as a duration; `None` when off.
+    pub fn keepalive_interval(&self) -> Option<Duration> {
+        (self.keepalive_interval_ms > 0).then(|| Duration::from_millis(self.keepalive_interval_ms))
     }
 }
 
@@ -856,6 +895,31 @@ mod tests {
             assert!(err.contains("too long"), "{err}");
         }
         assert!(Config::from_toml("[stream]\nheartbeat_ms = 86400000\n").is_ok());
+    }
+
+    #[test]
+    fn http2_idle_and_keepalive_are_bounded_and_0_turns_them_off() {
+        let config = Config::from_toml("").unwrap();
+        assert_eq!(config.http2.idle_timeout(), Some(Duration::from_secs(180)));
+        assert_eq!(
+            config.http2.keepalive_interval(),
+            Some(Duration::from_secs(60))
+        );
+        let off =
+            Config::from_toml("[http2]\nidle_timeout_ms = 0\nkeepalive_interval_ms = 0\n").unwrap();
+        assert_eq!(off.http2.idle_timeout(), None);
+        assert_eq!(off.http2.keepalive_interval(), None);
+        for (key, value) in [
+            ("idle_timeout_ms", "86400001"),
+            ("keepalive_interval_ms", "86400001"),
+            ("keepalive_timeout_ms", "0"),
+            ("keepalive_timeout_ms", "600001"),
+        ] {
+            let err = Config::from_toml(&format!("[http2]\n{key} = {value}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(&format!("http2.{key}")), "{key}: {err}");
+        }
     }
 
     #[test]

@@ -103,7 +103,16 @@ pub async fn run_hosted(
         }
         None => (None, None),
     };
-    let served = http::server::serve(listener, router, limits, acceptor, stop.clone()).await;
+    let connections = app.metrics.connections_open.clone();
+    let served = http::server::serve(
+        listener,
+        router,
+        limits,
+        acceptor,
+        connections,
+        stop.clone(),
+    )
+    .await;
     sweeper.abort();
     if let Some(watcher) = watcher {
         watcher.abort();

@@ -16,13 +16,17 @@ use prometheus_client::registry::Registry;
 
 use crate::process_memory::{self, HeapReader};
 
-type Labels = Vec<(&'static str, &'static str)>;
+/// A metric's label pairs.
+pub type Labels = Vec<(&'static str, &'static str)>;
 
 /// Every metric the gateway exports.
 pub struct Metrics {
     registry: Registry,
     /// Open SSE streams by mode (`topic` = `/topics/{t}`, `events` = `/events`).
     pub streams_open: Family<Labels, Gauge>,
+    /// Open client connections by protocol (`http1`, `h2`): over HTTP/2
+    /// many streams share one.
+    pub connections_open: Family<Labels, Gauge>,
     /// SSE streams accepted, by mode.
     pub streams_total: Family<Labels, Counter>,
     /// Streams refused with `200` + `retry:` + close, by reason.
@@ -147,6 +151,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("sse_gateway");
         let streams_open = Family::<Labels, Gauge>::default();
         let streams_total = Family::<Labels, Counter>::default();
+        let connections_open = Family::<Labels, Gauge>::default();
         let streams_shed = Family::<Labels, Counter>::default();
         let events_published = Counter::default();
         let events_delivered = Counter::default();
@@ -168,6 +173,11 @@ impl Metrics {
             "streams_open",
             "Open SSE streams by mode",
             streams_open.clone(),
+        );
+        registry.register(
+            "connections_open",
+            "Open client connections by protocol (http1, h2)",
+            connections_open.clone(),
         );
         registry.register(
             "streams",
@@ -255,6 +265,7 @@ impl Metrics {
         Self {
             registry,
             streams_open,
+            connections_open,
             streams_total,
             streams_shed,
             events_published,

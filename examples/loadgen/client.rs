@@ -2,35 +2,50 @@
 //! publish and subscribe ([`Target`], source addresses spread over
 //! 127.0.0.x), response heads, keep-alive publishers, and SSE streams read
 //! through the chunked decoder and the library's WHATWG decoder.
+//!
+//! `https://` URLs go over TLS (rustls, trusting `--ca-file`), HTTP/1.1 on
+//! a connection per stream or publisher; with `--sub-http2` the streams go
+//! over HTTP/2 instead (the `h2` crate), `--h2-streams-per-connection` of
+//! them multiplexed on each connection ([`H2Pool`]), read through the same
+//! WHATWG decoder.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _, Result};
+use bytes::Bytes;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
 use sse_gateway::sse::decode::{Decoder, Event, Item};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream};
 
 use crate::chunked::ChunkedDecoder;
 use crate::payload::Payload;
 use crate::{Args, ResumeVia};
 
-/// A parsed `http://host:port/path?query`.
+/// A parsed `http(s)://host:port/path?query`.
 #[derive(Debug, Clone)]
 pub struct Url {
     addr: SocketAddr,
     host: String,
     path: String,
+    /// `https://`.
+    tls: bool,
 }
 
 impl Url {
-    /// Parses a loopback `http://` URL (`localhost` means 127.0.0.1).
+    /// Parses a loopback `http://` or `https://` URL (`localhost` means 127.0.0.1).
     pub fn parse(url: &str) -> Result<Self> {
-        let rest = url
-            .strip_prefix("http://")
-            .ok_or_else(|| anyhow!("only http:// URLs: {url}"))?;
+        let (tls, rest) = match (url.strip_prefix("https://"), url.strip_prefix("http://")) {
+            (Some(rest), _) => (true, rest),
+            (None, Some(rest)) => (false, rest),
+            (None, None) => bail!("only http:// and https:// URLs: {url}"),
+        };
         let (host, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, "/"),
@@ -46,8 +61,142 @@ impl Url {
             addr,
             host: host.to_owned(),
             path: path.to_owned(),
+            tls,
         })
     }
+}
+
+/// A client connection: plain TCP or TLS over it.
+pub enum Io {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_flush(cx),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// The TLS client settings for `https://` URLs: trusts the PEM
+/// certificates of `ca_file`; offers `alpn`.
+pub fn tls_config(ca_file: &std::path::Path, alpn: &[&[u8]]) -> Result<Arc<rustls::ClientConfig>> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca_file)
+        .with_context(|| format!("--ca-file {}", ca_file.display()))?
+    {
+        roots.add(cert.context("a PEM certificate")?)?;
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(Arc::new(config))
+}
+
+/// HTTP/2 connections shared by the streams: each takes up to `per_connection`.
+pub struct H2Pool {
+    config: Arc<rustls::ClientConfig>,
+    per_connection: usize,
+    /// The connection being filled and how many streams it has.
+    current: tokio::sync::Mutex<Option<(h2::client::SendRequest<Bytes>, usize)>>,
+    /// Connections opened.
+    pub connections: AtomicUsize,
+}
+
+impl H2Pool {
+    /// `config` must offer ALPN `h2`.
+    pub fn new(config: Arc<rustls::ClientConfig>, per_connection: usize) -> Self {
+        Self {
+            config,
+            per_connection: per_connection.max(1),
+            current: tokio::sync::Mutex::new(None),
+            connections: AtomicUsize::new(0),
+        }
+    }
+
+    /// A connection with room for one more stream (a new one when the
+    /// current one is full).
+    async fn sender(&self, target: &Target, url: &Url) -> Result<h2::client::SendRequest<Bytes>> {
+        let mut current = self.current.lock().await;
+        if let Some((send, used)) = current.as_mut() {
+            if *used < self.per_connection {
+                *used += 1;
+                return Ok(send.clone());
+            }
+        }
+        let tcp = target.connect(url.addr).await?;
+        let tls = tokio_rustls::TlsConnector::from(Arc::clone(&self.config))
+            .connect(server_name(url)?, tcp)
+            .await
+            .context("TLS handshake")?;
+        if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
+            bail!("the server did not choose HTTP/2 (ALPN)");
+        }
+        let (send, connection) = h2::client::Builder::new()
+            // Streams read as fast as they can; generous windows so flow
+            // control does not pace a fast reader.
+            .initial_window_size(1 << 20)
+            .initial_connection_window_size(16 << 20)
+            .handshake::<_, Bytes>(tls)
+            .await
+            .context("h2 handshake")?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                if std::env::var_os("LOADGEN_DEBUG").is_some() {
+                    eprintln!("h2 connection ended: {e}");
+                }
+            }
+        });
+        self.connections.fetch_add(1, Ordering::Relaxed);
+        *current = Some((send.clone(), 1));
+        Ok(send)
+    }
+}
+
+fn server_name(url: &Url) -> Result<ServerName<'static>> {
+    let host = url
+        .host
+        .rsplit_once(':')
+        .map_or(url.host.as_str(), |(h, _)| h);
+    ServerName::try_from(host.to_owned()).map_err(|e| anyhow!("TLS server name {host:?}: {e}"))
 }
 
 /// Where to publish and subscribe for this run.
@@ -60,6 +209,10 @@ pub struct Target {
     resume_query_name: String,
     source_ips: u8,
     next_source: AtomicUsize,
+    /// For `https://` URLs (HTTP/1.1).
+    tls: Option<Arc<rustls::ClientConfig>>,
+    /// Set: streams go over HTTP/2 (`https://` subscribe URL).
+    h2: Option<Arc<H2Pool>>,
 }
 
 impl Target {
@@ -74,7 +227,43 @@ impl Target {
             resume_query_name: args.resume_query_name.clone(),
             source_ips: args.source_ips.max(1),
             next_source: AtomicUsize::new(0),
+            tls: match &args.ca_file {
+                Some(ca) => Some(tls_config(ca, &[b"http/1.1"])?),
+                None => None,
+            },
+            h2: match (&args.ca_file, args.sub_http2) {
+                (Some(ca), true) => Some(Arc::new(H2Pool::new(
+                    tls_config(ca, &[b"h2"])?,
+                    args.h2_streams_per_connection,
+                ))),
+                (None, true) => bail!("--sub-http2 needs --ca-file and an https:// --sub-url"),
+                (_, false) => None,
+            },
         })
+    }
+
+    /// HTTP/2 connections opened so far (0 over HTTP/1.1).
+    pub fn h2_connections(&self) -> usize {
+        self.h2
+            .as_ref()
+            .map_or(0, |pool| pool.connections.load(Ordering::Relaxed))
+    }
+
+    /// A connection to `url`: TLS (HTTP/1.1) for `https://`.
+    pub async fn open_io(&self, url: &Url, recv_buffer: Option<u32>) -> Result<Io> {
+        let tcp = self.connect_with(url.addr, recv_buffer).await?;
+        if !url.tls {
+            return Ok(Io::Plain(tcp));
+        }
+        let config = self
+            .tls
+            .as_ref()
+            .ok_or_else(|| anyhow!("https:// needs --ca-file"))?;
+        let tls = tokio_rustls::TlsConnector::from(Arc::clone(config))
+            .connect(server_name(url)?, tcp)
+            .await
+            .context("TLS handshake")?;
+        Ok(Io::Tls(Box::new(tls)))
     }
 
     /// The same target subscribing at `url` instead (e.g. a multi-topic
@@ -139,7 +328,10 @@ pub struct Head {
 
 /// Reads a response head from `stream` into `buf`; returns the head and
 /// how many bytes of `buf` it took.
-pub async fn read_head(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<(Head, usize)> {
+pub async fn read_head(
+    stream: &mut (impl AsyncRead + Unpin),
+    buf: &mut Vec<u8>,
+) -> Result<(Head, usize)> {
     loop {
         if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             let text = std::str::from_utf8(&buf[..end]).context("response head")?;
@@ -185,7 +377,7 @@ pub async fn read_head(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<(Hea
 /// One keep-alive publisher connection.
 pub struct Publisher {
     target: Arc<Target>,
-    stream: Option<TcpStream>,
+    stream: Option<Io>,
     buf: Vec<u8>,
 }
 
@@ -204,7 +396,7 @@ impl Publisher {
         // One retry on a fresh connection if the kept-alive one was closed.
         for attempt in 0..2 {
             if self.stream.is_none() {
-                self.stream = Some(self.target.connect(self.target.publish.addr).await?);
+                self.stream = Some(self.target.open_io(&self.target.publish, None).await?);
                 self.buf.clear();
             }
             match self.try_post(body).await {
@@ -290,10 +482,20 @@ pub enum ReadEnd {
     TimedOut,
 }
 
+/// Where a stream's body comes from.
+enum Body {
+    /// HTTP/1.1 (plain or TLS): the socket, chunked or not.
+    H1 {
+        io: Io,
+        chunked: Option<ChunkedDecoder>,
+    },
+    /// One HTTP/2 stream (DATA frames carry the SSE bytes as they are).
+    H2(h2::RecvStream),
+}
+
 /// An open SSE stream.
 pub struct Stream {
-    stream: TcpStream,
-    chunked: Option<ChunkedDecoder>,
+    body: Body,
     /// Body bytes read with the head, not yet parsed.
     pending: Vec<u8>,
     parser: Decoder,
@@ -328,8 +530,30 @@ impl Stream {
                 }
             }
         }
+        if let (Some(pool), true) = (&target.h2, url.tls) {
+            let send = pool.sender(target, url).await?;
+            let mut request = http::Request::get(format!("https://{}{path}", url.host))
+                .header("accept", "text/event-stream");
+            if let Some((_, id)) = header.trim_end().split_once(": ") {
+                request = request.header("last-event-id", id);
+            }
+            let mut send = send.ready().await.context("h2 ready")?;
+            let (response, _) = send
+                .send_request(request.body(())?, true)
+                .context("h2 request")?;
+            let response = response.await.context("h2 response")?;
+            if response.status() != 200 {
+                bail!("subscribe answered {}", response.status());
+            }
+            return Ok(Self {
+                body: Body::H2(response.into_body()),
+                pending: Vec::new(),
+                parser: Decoder::new(),
+                pace,
+            });
+        }
         let recv_buffer = pace.map(|p| p.chunk as u32);
-        let mut stream = target.connect_with(url.addr, recv_buffer).await?;
+        let mut stream = target.open_io(url, recv_buffer).await?;
         let request = format!(
             "GET {path} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\n{header}\r\n",
             url.host
@@ -341,8 +565,10 @@ impl Stream {
             bail!("subscribe answered {}", head.status);
         }
         Ok(Self {
-            stream,
-            chunked: head.chunked.then(ChunkedDecoder::new),
+            body: Body::H1 {
+                io: stream,
+                chunked: head.chunked.then(ChunkedDecoder::new),
+            },
             pending: buf.split_off(used),
             parser: Decoder::new(),
             pace,
@@ -374,21 +600,39 @@ impl Stream {
         let mut first = std::mem::take(&mut self.pending);
         let mut done = false;
         loop {
-            let input: &[u8] = if first.is_empty() {
-                let left = deadline.saturating_duration_since(Instant::now());
-                let n = match tokio::time::timeout(left, self.stream.read(&mut raw)).await {
-                    Ok(n) => n?,
-                    Err(_) => return Ok(ReadEnd::TimedOut),
-                };
-                if n == 0 {
-                    return Ok(ReadEnd::Ended);
-                }
-                &raw[..n]
-            } else {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let h2_data;
+            let input: &[u8] = if !first.is_empty() {
                 first.as_slice()
+            } else {
+                match &mut self.body {
+                    Body::H1 { io, .. } => {
+                        let n = match tokio::time::timeout(left, io.read(&mut raw)).await {
+                            Ok(n) => n?,
+                            Err(_) => return Ok(ReadEnd::TimedOut),
+                        };
+                        if n == 0 {
+                            return Ok(ReadEnd::Ended);
+                        }
+                        &raw[..n]
+                    }
+                    Body::H2(stream) => {
+                        h2_data = match tokio::time::timeout(left, stream.data()).await {
+                            Ok(Some(data)) => data?,
+                            Ok(None) => return Ok(ReadEnd::Ended),
+                            Err(_) => return Ok(ReadEnd::TimedOut),
+                        };
+                        let _ = stream.flow_control().release_capacity(h2_data.len());
+                        &h2_data[..]
+                    }
+                }
             };
             body.clear();
-            let sse: &[u8] = match &mut self.chunked {
+            let chunked = match &mut self.body {
+                Body::H1 { chunked, .. } => chunked.as_mut(),
+                Body::H2(_) => None,
+            };
+            let sse: &[u8] = match chunked {
                 Some(decoder) => {
                     decoder.decode(input, &mut body)?;
                     &body
@@ -406,8 +650,14 @@ impl Stream {
             if done {
                 return Ok(ReadEnd::Stopped);
             }
-            if self.chunked.as_ref().is_some_and(ChunkedDecoder::is_done) {
-                return Ok(ReadEnd::Ended);
+            if let Body::H1 {
+                chunked: Some(decoder),
+                ..
+            } = &self.body
+            {
+                if decoder.is_done() {
+                    return Ok(ReadEnd::Ended);
+                }
             }
             if let Some(pace) = self.pace {
                 tokio::time::sleep(pace.pause).await;
@@ -427,5 +677,7 @@ pub fn clone_target(t: &Target) -> Target {
         resume_query_name: t.resume_query_name.clone(),
         source_ips: t.source_ips,
         next_source: AtomicUsize::new(0),
+        tls: t.tls.clone(),
+        h2: t.h2.clone(),
     }
 }

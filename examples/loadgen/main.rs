@@ -2,7 +2,8 @@
 //!
 //! Subscribers and publishers speak raw HTTP/1.1 over tokio TCP (`client.rs`,
 //! no HTTP client library), so 10,000 streams cost a socket and a small task
-//! each.
+//! each. `https://` URLs go over TLS (`--ca-file`); with `--sub-http2` the
+//! streams are HTTP/2 streams, `--h2-streams-per-connection` per connection.
 //! Client sockets are bound to `127.0.0.2 … 127.0.0.<1+source_ips>` before
 //! connecting, so large connection counts do not run out of ephemeral ports
 //! of one source address. The soft open-files limit is raised to the hard one.
@@ -175,6 +176,18 @@ struct Args {
     /// Client runtime worker threads.
     #[arg(long, default_value_t = 2)]
     threads: usize,
+    /// PEM CA certificate(s) to trust for `https://` URLs (e.g. the
+    /// gateway's `<data-dir>/dev-tls/cert.pem`).
+    #[arg(long)]
+    ca_file: Option<std::path::PathBuf>,
+    /// Subscribe over HTTP/2 (`https://` `--sub-url`): streams multiplexed,
+    /// `--h2-streams-per-connection` per connection. Publishers stay HTTP/1.1.
+    #[arg(long)]
+    sub_http2: bool,
+    /// Streams per HTTP/2 connection (at most the server's
+    /// `http2.max_concurrent_streams`).
+    #[arg(long, default_value_t = 100)]
+    h2_streams_per_connection: usize,
 }
 
 fn main() -> Result<()> {
@@ -560,6 +573,11 @@ async fn live(args: &Args, target: &Target, rate: Option<f64>) -> Result<String>
         None => args.publishers,
     };
     let streams = open_many(&target, args.subscribers, None).await?;
+    let transport = match (args.sub_url.starts_with("https://"), args.sub_http2) {
+        (true, true) => format!("transport=h2 h2_connections={}", target.h2_connections()),
+        (true, false) => "transport=tls-http1".to_owned(),
+        (false, _) => "transport=http1".to_owned(),
+    };
     // Let servers finish registering the subscribers (headers may precede it).
     tokio::time::sleep(Duration::from_millis(500)).await;
     let deadline = Instant::now() + Duration::from_secs_f64(args.timeout_s);
@@ -580,7 +598,7 @@ async fn live(args: &Args, target: &Target, rate: Option<f64>) -> Result<String>
     );
     let latency = totals.latency.take().unwrap_or_else(histogram);
     Ok(format!(
-        "subscribers={} publishers={} rate={} payload_bytes={} acked={} publish_errors={} secs={:.2} deliveries_per_s={:.0} events_per_s={:.1} {} {} {}",
+        "{transport} subscribers={} publishers={} rate={} payload_bytes={} acked={} publish_errors={} secs={:.2} deliveries_per_s={:.0} events_per_s={:.1} {} {} {}",
         args.subscribers,
         publishers,
         rate.map_or("max".to_string(), |r| r.to_string()),

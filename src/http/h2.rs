@@ -3,10 +3,29 @@
 //! same auth, limits, CORS and resume handling as over HTTP/1.1.
 //!
 //! Settings: up to `http2.max_concurrent_streams` streams per connection
-//! (more are refused one by one, the connection stays: no GOAWAY), our
+//! (more are refused one by one, the connection stays: no GOAWAY, until a
+//! client that ignores the limit was refused 1,024 times; below), our
 //! receive windows from `[http2]` (SSE requests upload nothing; publishes
 //! do), and a request's header list bounded by `limits.max_header_bytes`
 //! as an HTTP/1.1 head is.
+//!
+//! Idle and dead connections. A connection with no open stream for
+//! `http2.idle_timeout_ms` is closed gracefully (`GOAWAY`, like the drain
+//! at shutdown): hyper has no idle timeout of its own, so [`Activity`]
+//! counts the connection's open requests (a stream's count ends when its
+//! response body is dropped). hyper's keep-alive `PING`s
+//! (`http2.keepalive_interval_ms`) find a peer that vanished without a FIN:
+//! no answer within `keepalive_timeout_ms` closes the connection and ends
+//! its streams, which heartbeats alone would only do once the socket
+//! buffer filled and `write_stall` passed.
+//!
+//! Locally sent resets. h2 closes a connection (`GOAWAY
+//! ENHANCE_YOUR_CALM`) after 1,024 resets it counts as the server's own
+//! errors (hyper's `max_local_error_reset_streams`): refused streams over
+//! `max_concurrent_streams` and protocol errors count; the write-stall
+//! resets below do not (dropping a stream schedules an implicit `CANCEL`,
+//! which h2 does not count; a test holds it), so a long-lived connection
+//! survives any number of stalled streams.
 //!
 //! Write stall. A client that stops reading a whole connection fills the
 //! socket, and the socket guard (`listener`) closes it. But HTTP/2 has
@@ -23,7 +42,8 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
+use std::pin::{pin, Pin};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -38,11 +58,13 @@ use hyper::Request;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use parking_lot::Mutex;
 use tokio::runtime::Handle;
+use tokio::sync::Notify;
 use tokio::time::{Instant, Sleep};
 use tower::ServiceExt;
 
 use super::listener::StallGuardedStream;
 use super::raw::Shared;
+use super::server::Counted;
 use crate::config::Http2Config;
 
 tokio::task_local! {
@@ -64,34 +86,113 @@ pub fn builder(
         .initial_connection_window_size(config.connection_window_bytes)
         .adaptive_window(false)
         .max_send_buf_size(config.max_send_buffer_bytes)
-        .max_header_list_size(u32::try_from(max_header_bytes).unwrap_or(u32::MAX));
+        .max_header_list_size(u32::try_from(max_header_bytes).unwrap_or(u32::MAX))
+        .keep_alive_interval(config.keepalive_interval())
+        .keep_alive_timeout(Duration::from_millis(config.keepalive_timeout_ms));
     builder
 }
 
-/// Serves one HTTP/2 connection until it closes or is drained.
+/// Serves one HTTP/2 connection until it closes, is idle for
+/// `idle_timeout` or the gateway stops (both: `GOAWAY`, open streams
+/// finish). `_counted` is held as long as the connection.
 pub async fn serve<S>(
     io: S,
     peer: SocketAddr,
     shared: &Shared,
-    watcher: hyper_util::server::graceful::Watcher,
+    idle_timeout: Option<Duration>,
+    _counted: Counted,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let router = shared.router.clone();
+    let activity = Arc::new(Activity::default());
+    let requests = Arc::clone(&activity);
     let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
         request
             .extensions_mut()
             .insert(ConnectInfo::<SocketAddr>(peer));
+        let open = OpenRequest::new(&requests);
         let answer = router.clone().oneshot(request.map(Body::new));
         async move {
             let response = answer.await?;
-            Ok::<_, std::convert::Infallible>(response.map(|body| Body::new(StallBody::new(body))))
+            Ok::<_, std::convert::Infallible>(
+                response.map(|body| Body::new(StallBody::new(body, open))),
+            )
         }
     });
     let io = StallGuardedStream::new(io, shared.write_stall);
-    let connection = watcher.watch(shared.h2.serve_connection(TokioIo::new(io), service));
-    if let Err(e) = connection.await {
+    let mut connection = pin!(shared.h2.serve_connection(TokioIo::new(io), service));
+    let idle = async {
+        match idle_timeout {
+            Some(after) => activity.idle_for(after).await,
+            None => std::future::pending().await,
+        }
+    };
+    let ended = tokio::select! {
+        ended = connection.as_mut() => ended,
+        () = shared.stop.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+        () = idle => {
+            tracing::debug!(%peer, "HTTP/2 connection idle for http2.idle_timeout; GOAWAY");
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(e) = ended {
         tracing::debug!(error = %e, %peer, "HTTP/2 connection ended with an error");
+    }
+}
+
+/// The open requests of one connection, for its idle timeout.
+#[derive(Default)]
+struct Activity {
+    open: AtomicUsize,
+    /// Requests ever started: a request that came and went while the idle
+    /// timer ran restarts it.
+    started: AtomicU64,
+    /// Told when `open` drops to 0.
+    emptied: Notify,
+}
+
+impl Activity {
+    /// Returns once no request was open for `after` in one go.
+    async fn idle_for(&self, after: Duration) {
+        loop {
+            let emptied = self.emptied.notified();
+            if self.open.load(Ordering::Acquire) > 0 {
+                emptied.await;
+                continue;
+            }
+            let started = self.started.load(Ordering::Acquire);
+            tokio::time::sleep(after).await;
+            if self.open.load(Ordering::Acquire) == 0
+                && self.started.load(Ordering::Acquire) == started
+            {
+                return;
+            }
+        }
+    }
+}
+
+/// One open request of a connection: counted from the call until its
+/// response body is dropped (sent, reset, or the request failed).
+struct OpenRequest(Arc<Activity>);
+
+impl OpenRequest {
+    fn new(activity: &Arc<Activity>) -> Self {
+        activity.started.fetch_add(1, Ordering::AcqRel);
+        activity.open.fetch_add(1, Ordering::AcqRel);
+        Self(Arc::clone(activity))
+    }
+}
+
+impl Drop for OpenRequest {
+    fn drop(&mut self) {
+        if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.emptied.notify_one();
+        }
     }
 }
 
@@ -183,11 +284,17 @@ pub struct StallBody {
     inner: Body,
     /// Looked up at the first poll (which runs in the stream's task).
     watch: Option<Option<Arc<StallWatch>>>,
+    /// Keeps the connection from idling while the body lives.
+    _open: OpenRequest,
 }
 
 impl StallBody {
-    fn new(inner: Body) -> Self {
-        Self { inner, watch: None }
+    fn new(inner: Body, open: OpenRequest) -> Self {
+        Self {
+            inner,
+            watch: None,
+            _open: open,
+        }
     }
 }
 

@@ -22,6 +22,10 @@
 //! two: acks stay prompt under any fan-out load, and subscribers that fall
 //! behind take several events per write.
 //!
+//! Every connection is counted in `sse_gateway_connections_open{protocol}`
+//! (`http1`, `h2`) while it is open, a stream's included; a TLS connection
+//! once its handshake chose the protocol.
+//!
 //! On `stop` the loop stops accepting, hyper connections are told to finish
 //! their in-flight request and close, streams end on their own (they watch
 //! the same token), and the drain of both is bounded by
@@ -38,6 +42,8 @@ use hyper::body::Incoming;
 use hyper::Request;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::runtime::Handle;
 use tokio_rustls::TlsAcceptor;
@@ -49,6 +55,7 @@ use super::hop::{Hop, Socket};
 use super::listener::{GuardedListener, StallGuardedStream};
 use super::raw::{self, Next, Rewind};
 use super::table::StreamRoutes;
+use crate::metrics::{Labels, Metrics};
 
 /// Blocking threads (log reads) of the stream runtime per core.
 const BLOCKING_THREADS_PER_CORE: usize = 4;
@@ -62,13 +69,34 @@ pub struct ConnectionLimits {
     pub http2: crate::config::Http2Config,
 }
 
-/// Serves `router` until `stop`, then drains (bounded). Fails only when the
-/// stream runtime cannot be started.
+/// One open connection of `protocol`, counted in `connections` until dropped.
+pub struct Counted(Gauge);
+
+impl Counted {
+    fn new(connections: &Family<Labels, Gauge>, protocol: &'static str) -> Self {
+        let gauge = connections
+            .get_or_create(&Metrics::label("protocol", protocol))
+            .clone();
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// Serves `router` until `stop`, then drains (bounded); open connections
+/// are counted in `connections`. Fails only when the stream runtime cannot
+/// be started.
 pub async fn serve(
     mut listener: GuardedListener,
     router: Router,
     limits: ConnectionLimits,
     tls: Option<TlsAcceptor>,
+    connections: Family<Labels, Gauge>,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
@@ -95,6 +123,7 @@ pub async fn serve(
         router,
         http,
         h2,
+        h2_idle_timeout: limits.http2.idle_timeout(),
         tls,
         header_read_timeout: limits.header_read_timeout,
         max_header_bytes: limits.max_header_bytes,
@@ -103,7 +132,7 @@ pub async fn serve(
         stream_routes: StreamRoutes::new(),
     });
     let graceful = GracefulShutdown::new();
-    let connections = TaskTracker::new();
+    let tasks = TaskTracker::new();
     loop {
         let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -112,10 +141,14 @@ pub async fn serve(
         let shared = Arc::clone(&shared);
         let watcher = graceful.watcher();
         let streams = streams.clone();
-        let tracker = connections.clone();
-        connections.spawn(async move {
+        let tracker = tasks.clone();
+        let counts = connections.clone();
+        tasks.spawn(async move {
             match &shared.tls {
-                None => serve_http1(tcp, peer, &shared, watcher, &streams, &tracker).await,
+                None => {
+                    let counted = Counted::new(&counts, "http1");
+                    serve_http1(tcp, peer, &shared, watcher, &streams, &tracker, counted).await;
+                }
                 Some(acceptor) => {
                     let handshake = acceptor.accept(Socket::new(tcp));
                     let tls =
@@ -128,19 +161,22 @@ pub async fn serve(
                             Err(_) => return,
                         };
                     if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
-                        Box::pin(super::h2::serve(tls, peer, &shared, watcher)).await;
+                        let counted = Counted::new(&counts, "h2");
+                        let idle = shared.h2_idle_timeout;
+                        Box::pin(super::h2::serve(tls, peer, &shared, idle, counted)).await;
                     } else {
-                        serve_http1(tls, peer, &shared, watcher, &streams, &tracker).await;
+                        let counted = Counted::new(&counts, "http1");
+                        serve_http1(tls, peer, &shared, watcher, &streams, &tracker, counted).await;
                     }
                 }
             }
         });
     }
     drop(listener);
-    connections.close();
+    tasks.close();
     let drained = async {
         graceful.shutdown().await;
-        connections.wait().await;
+        tasks.wait().await;
     };
     if tokio::time::timeout(limits.drain_timeout, drained)
         .await
@@ -177,6 +213,7 @@ async fn serve_http1<S>(
     watcher: hyper_util::server::graceful::Watcher,
     streams: &Handle,
     tracker: &TaskTracker,
+    counted: Counted,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + Hop + 'static,
 {
@@ -195,6 +232,7 @@ async fn serve_http1<S>(
             // Boxed: an idle stream pays for its pump and nothing else.
             tracker.spawn_on(
                 async move {
+                    let _counted = counted;
                     match S::attach(detached) {
                         Ok(mut io) => Box::pin(raw::pump(&mut io, *stream, stall)).await,
                         Err(e) => tracing::debug!(error = %e, "cannot register the stream"),

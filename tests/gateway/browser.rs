@@ -99,11 +99,17 @@ pub(crate) struct BrowserScript {
 
 impl BrowserScript {
     pub(crate) fn spawn(script: &str) -> Self {
+        Self::spawn_with(script, &[])
+    }
+
+    /// `node tests/js/browser/<script> <args…>`.
+    pub(crate) fn spawn_with(script: &str, args: &[&str]) -> Self {
         require_browser_tools();
         let path = common::repo_path(&format!("tests/js/browser/{script}"));
         assert!(path.is_file(), "{} is missing", path.display());
         let mut child = Command::new("node")
             .arg(&path)
+            .args(args)
             .current_dir(common::repo_path("tests/js"))
             .env("CHROMIUM_PATH", chromium_path())
             .env("PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD", "1")

@@ -5,6 +5,7 @@ mod common;
 
 mod auth;
 mod browser;
+mod browser_h2;
 mod cli;
 mod connections;
 mod damage;

@@ -5,7 +5,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::json;
 use tempfile::TempDir;
@@ -567,4 +567,190 @@ async fn tls_http1_stream_that_takes_nothing_is_closed_after_write_stall() {
     })
     .await;
     drop(stalled);
+}
+
+/// Until the h2 `body` ends: `Some(error)` when it was reset, `None` on a
+/// clean end; panics after [`WAIT`].
+async fn h2_body_end(body: &mut h2::RecvStream) -> Option<String> {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            match body.data().await {
+                Some(Ok(chunk)) => {
+                    let _ = body.flow_control().release_capacity(chunk.len());
+                }
+                Some(Err(e)) => return Some(e.to_string()),
+                None => return None,
+            }
+        }
+    })
+    .await
+    .expect("the stream ends within the wait")
+}
+
+/// The server ended the connection on purpose: a GOAWAY without an error
+/// code, or the socket closed under a client that was still writing its last
+/// frames (a PING answer, a window update) when the server hung up after
+/// its GOAWAY: `BrokenPipe` / `ConnectionReset` on the client's side. Not a
+/// GOAWAY with an error code, not a protocol error.
+fn assert_closed_gracefully(result: Result<(), h2::Error>) {
+    let Err(e) = result else { return };
+    let io_close = e.get_io().is_some_and(|io| {
+        matches!(
+            io.kind(),
+            std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+        )
+    });
+    let clean_goaway = e.is_go_away() && e.reason() == Some(h2::Reason::NO_ERROR);
+    assert!(io_close || clean_goaway, "closed with an error: {e:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_h2_connection_is_closed_with_goaway_but_not_while_a_stream_is_open() {
+    let idle = Duration::from_millis(400);
+    let server = TlsServer::start(|c| {
+        c.http2.idle_timeout_ms = 400;
+        c.stream.heartbeat_ms = 60_000;
+    })
+    .await;
+    let (mut send, connection) = server.h2_open(1 << 20).await;
+    let ended = tokio::spawn(async move {
+        let result = connection.await;
+        (Instant::now(), result)
+    });
+    // A stream open for 3 idle timeouts (no event, no heartbeat in that
+    // time): the connection stays, the stream stays live.
+    let (head, mut body) = server.h2_get(&mut send, "/topics/h2-idle", &[]).await;
+    assert_eq!(head.status, 200);
+    tokio::time::sleep(idle * 3).await;
+    assert!(!ended.is_finished(), "closed while a stream was open");
+    let id = server.publish("h2-idle", json!({"still": "live"})).await;
+    let events = h2_events(&mut body, &mut SseParser::default(), 1, true).await;
+    assert_eq!(events[0].id, id);
+    // The client drops the stream (RST_STREAM): the connection now has none
+    // and is closed after the idle timeout, cleanly (GOAWAY NO_ERROR).
+    drop(body);
+    let dropped = Instant::now();
+    let (closed_at, result) = tokio::time::timeout(WAIT, ended)
+        .await
+        .expect("the idle connection is closed within the wait")
+        .expect("join");
+    assert_closed_gracefully(result);
+    let after = closed_at - dropped;
+    assert!(
+        // Not before the timeout; well before anything else would close it
+        // (keep-alive pings answered, write_stall 60 s).
+        after >= idle - Duration::from_millis(50) && after < Duration::from_secs(5),
+        "closed {after:?} after its last stream (idle timeout {idle:?})"
+    );
+    // A connection that never opened a stream goes the same way.
+    let (_send, connection) = server.h2_open(1 << 20).await;
+    let opened = Instant::now();
+    let result = tokio::time::timeout(WAIT, connection)
+        .await
+        .expect("a connection without streams is closed");
+    assert_closed_gracefully(result);
+    assert!(opened.elapsed() >= idle - Duration::from_millis(50));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_connection_whose_peer_stops_answering_pings_is_closed() {
+    // write_stall (60 s) and heartbeats (15 s) cannot end the stream in
+    // this test's time: only the keep-alive PING can.
+    let server = TlsServer::start(|c| {
+        c.http2.keepalive_interval_ms = 300;
+        c.http2.keepalive_timeout_ms = 300;
+    })
+    .await;
+    let (mut send, mut connection) = server.h2_open(1 << 20).await;
+    let (silence, silenced) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = &mut connection => {}
+            _ = silenced => {
+                // Still open, never polled again: no PING is answered.
+                std::future::pending::<()>().await;
+                drop(connection);
+            }
+        }
+    });
+    let (head, mut body) = server.h2_get(&mut send, "/topics/h2-ping", &[]).await;
+    assert_eq!(head.status, 200);
+    assert_eq!(server.subscribers("h2-ping").await, 1);
+    // A peer that answers keeps its connection through many pings.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        server.subscribers("h2-ping").await,
+        1,
+        "kept while answering"
+    );
+    let id = server.publish("h2-ping", json!({"n": 1})).await;
+    let events = h2_events(&mut body, &mut SseParser::default(), 1, true).await;
+    assert_eq!(events[0].id, id);
+    let _ = silence.send(());
+    let went_silent = Instant::now();
+    eventually("the silent peer's stream is closed", || async {
+        server.subscribers("h2-ping").await == 0
+    })
+    .await;
+    println!(
+        "closed {:?} after the peer went silent",
+        went_silent.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_connection_outlives_more_stall_resets_than_h2s_local_reset_limit() {
+    // h2 sends GOAWAY after 1,024 resets it counts as the server's own
+    // errors; 1,100 write-stall resets on one connection must not be counted.
+    const STREAMS: usize = 1_100;
+    const BATCH: usize = 220;
+    let server = TlsServer::start(|c| c.limits.write_stall_ms = 150).await;
+    // Window 0: no stream can get its first bytes, every one stalls.
+    let (mut send, connection) = server.h2_open(0).await;
+    let ended = tokio::spawn(connection);
+    let mut reset = 0;
+    for first in (0..STREAMS).step_by(BATCH) {
+        let mut bodies = Vec::new();
+        for i in first..(first + BATCH).min(STREAMS) {
+            let (head, body) = server
+                .h2_get(&mut send, &format!("/topics/stall-many-{}", i % 8), &[])
+                .await;
+            assert_eq!(head.status, 200, "stream {i}");
+            bodies.push(body);
+        }
+        for mut body in bodies {
+            assert!(h2_body_end(&mut body).await.is_some(), "reset, not ended");
+            reset += 1;
+        }
+        assert!(
+            !ended.is_finished(),
+            "connection closed after {reset} resets"
+        );
+    }
+    assert_eq!(reset, STREAMS);
+    // The connection still takes and answers a stream.
+    let (head, _) = server.h2_get(&mut send, "/healthz", &[]).await;
+    assert_eq!(head.status, 200);
+    assert!(!ended.is_finished(), "the connection lives on");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_connection_is_closed_with_goaway_when_the_gateway_stops() {
+    let server = TlsServer::start(|_| {}).await;
+    let (mut send, connection) = server.h2_open(1 << 20).await;
+    let ended = tokio::spawn(connection);
+    let (head, mut body) = server.h2_get(&mut send, "/topics/h2-stop", &[]).await;
+    assert_eq!(head.status, 200);
+    let id = server.publish("h2-stop", json!({"before": "stop"})).await;
+    let events = h2_events(&mut body, &mut SseParser::default(), 1, true).await;
+    assert_eq!(events[0].id, id);
+    server.stop();
+    // The stream ends (the subscriber resumes elsewhere) and the
+    // connection closes cleanly instead of idling until the drain gives up.
+    h2_body_end(&mut body).await;
+    let closed = tokio::time::timeout(WAIT, ended)
+        .await
+        .expect("the connection is closed at stop")
+        .expect("join");
+    assert_closed_gracefully(closed);
 }

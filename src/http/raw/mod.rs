@@ -51,6 +51,8 @@ pub struct Shared {
     pub http: hyper::server::conn::http1::Builder,
     /// hyper's settings for HTTP/2 connections (negotiated over TLS).
     pub h2: hyper::server::conn::http2::Builder<crate::http::h2::StreamExecutor>,
+    /// `http2.idle_timeout`: an HTTP/2 connection with no stream is closed after it.
+    pub h2_idle_timeout: Option<Duration>,
     /// Set when the listener speaks TLS.
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub header_read_timeout: Duration,

@@ -216,6 +216,11 @@ impl TlsServer {
         panic!("TLS gateway did not become ready");
     }
 
+    /// Stops the gateway (as `SIGTERM` does): it drains and returns.
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{}", self.base, path)
     }
@@ -241,6 +246,22 @@ impl TlsServer {
     /// One HTTP/2 connection (ALPN `h2`), driven by the `h2` crate; the
     /// client grants `window` bytes per stream until the test releases them.
     pub async fn h2_connection(&self, window: u32) -> h2::client::SendRequest<Bytes> {
+        let (send, connection) = self.h2_open(window).await;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        send
+    }
+
+    /// Like [`Self::h2_connection`], but the connection future is the
+    /// caller's to poll (or to stop polling: a peer that went silent).
+    pub async fn h2_open(
+        &self,
+        window: u32,
+    ) -> (
+        h2::client::SendRequest<Bytes>,
+        h2::client::Connection<TlsStream<TcpStream>, Bytes>,
+    ) {
         let tls = tls_connect(self.addr, self.roots(), &[b"h2"])
             .await
             .expect("TLS handshake");
@@ -249,16 +270,12 @@ impl TlsServer {
             Some(&b"h2"[..]),
             "the server chose HTTP/2"
         );
-        let (send, connection) = h2::client::Builder::new()
+        h2::client::Builder::new()
             .initial_window_size(window)
             .initial_connection_window_size(16 * 1024 * 1024)
             .handshake::<_, Bytes>(tls)
             .await
-            .expect("h2 handshake");
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
-        send
+            .expect("h2 handshake")
     }
 
     /// `GET path` on an h2 connection; the response head and its body.

@@ -21,12 +21,13 @@ const FLAGS = [
   "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ];
 
-export async function launch() {
+/** Starts Chromium; `extraFlags` are added to the command line. */
+export async function launch(extraFlags = []) {
   const profile = mkdtempSync(join(tmpdir(), "sse-gateway-chromium-"));
   const context = await chromium.launchPersistentContext(profile, {
     executablePath: CHROMIUM,
     headless: true,
-    args: FLAGS,
+    args: [...FLAGS, ...extraFlags],
     viewport: { width: 1440, height: 900 },
     deviceScaleFactor: 1,
   });
