@@ -166,14 +166,7 @@ async fn readyz_answers_200_when_storage_is_open_and_writable() {
 async fn metrics_say_what_the_process_memory_is_made_of() {
     let dir = tempfile::TempDir::new().expect("temp dir");
     let gateway = GatewayProcess::start(&dir.path().join("data"), "127.0.0.1:0", &[]);
-    let text = fresh_client()
-        .get(gateway.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics text");
+    let text = metrics_text(&fresh_client(), &gateway.base).await;
     let status = std::fs::read_to_string(format!("/proc/{}/status", gateway.pid()))
         .expect("the child's /proc status");
     let vm_rss = status

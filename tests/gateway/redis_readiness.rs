@@ -180,18 +180,10 @@ async fn time_until(client: &reqwest::Client, node: &GatewayProcess, want: Statu
 }
 
 async fn tail_lag(client: &reqwest::Client, node: &GatewayProcess) -> f64 {
-    let text = client
-        .get(node.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics text");
-    text.lines()
-        .find_map(|l| l.strip_prefix("sse_gateway_tail_lag_seconds "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no sse_gateway_tail_lag_seconds in\n{text}"))
+    metric_value(
+        &metrics_text(client, &node.base).await,
+        "sse_gateway_tail_lag_seconds",
+    )
 }
 
 async fn publish(client: &reqwest::Client, node: &GatewayProcess, data: Value) -> String {

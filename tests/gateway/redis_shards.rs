@@ -78,18 +78,7 @@ async fn publish_keyed(
 
 /// The gateway's `/metrics` value of `name` (a gauge without labels).
 async fn gauge(client: &reqwest::Client, node: &GatewayProcess, name: &str) -> f64 {
-    let text = client
-        .get(node.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics text");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("{name} not in /metrics"))
+    metric_value(&metrics_text(client, &node.base).await, name)
 }
 
 /// 2,000 orgs through 2 gateways on the Redis deployment `storage` whose
