@@ -312,6 +312,20 @@ mod tests {
     }
 
     #[test]
+    fn epoch_grammar() {
+        for good in ["a", "Z9", "abc123", &"x".repeat(32)] {
+            assert_eq!(
+                Epoch::parse(good).map(|e| e.id(7)),
+                Some(format!("{good}-7"))
+            );
+        }
+        for bad in ["", &"x".repeat(33), "ab-c", "a b", "é", "ab_c"] {
+            assert_eq!(Epoch::parse(bad), None, "{bad:?} should be refused");
+        }
+        assert_eq!(Epoch::generate().as_str().len(), Epoch::LEN);
+    }
+
+    #[test]
     fn resume_point_parsing() {
         let epoch = Epoch::parse("abc123").unwrap();
         let parse = |raw| ResumePoint::parse(raw, &epoch);

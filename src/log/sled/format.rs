@@ -246,6 +246,32 @@ mod tests {
     }
 
     #[test]
+    fn an_upgrade_makes_each_full_batch_durable_once_and_then_the_version() {
+        // 192 events, every third long: exactly one batch of 64 rewrites.
+        let (_dir, db, data) = v1_tree(3 * UPGRADE_BATCH as u64);
+        let mut syncs = 0;
+        prepare(&db, &mut || {
+            syncs += 1;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(syncs, 2, "one full batch, no empty one, then the version");
+        assert_upgraded(&db, &data);
+    }
+
+    #[test]
+    fn a_current_directory_opens_again_with_its_epoch_and_head() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let epoch = prepare(&db, &mut || Ok(())).unwrap();
+        assert_eq!(read_head(&db).unwrap(), 0);
+        let again = prepare(&db, &mut || Ok(())).expect("the current format opens");
+        assert_eq!(again, epoch);
+        let (_dir, v1, _) = v1_tree(7);
+        assert_eq!(read_head(&v1).unwrap(), 7);
+    }
+
+    #[test]
     fn a_newer_format_is_refused() {
         let (_dir, db, _) = v1_tree(1);
         db.insert(FORMAT_KEY, &(CURRENT_FORMAT + 1).to_be_bytes())

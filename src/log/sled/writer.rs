@@ -247,3 +247,178 @@ impl Writer {
         Ok((entry.expires_ms > now_ms).then_some((entry.digest, entry.seq)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The writer run directly on a temp dir, with its queue filled before it
+    //! starts: which appends share a commit is then exact, not a race.
+    use tokio::sync::oneshot;
+
+    use super::*;
+    use crate::idempotency::StoredKey;
+    use crate::log::sled::format;
+    use crate::model::{EventName, Topic};
+
+    fn writer(dir: &std::path::Path, max_batch: usize, key_window_ms: u64) -> Writer {
+        let (shared, disk) = Shared::open(dir, 1 << 20).unwrap();
+        Writer {
+            shared: Arc::new(shared),
+            disk,
+            hub: Arc::new(Hub::new(64)),
+            metrics: Arc::new(Metrics::new()),
+            next_seq: 1,
+            max_batch,
+            key_window_ms,
+        }
+    }
+
+    fn event(data: &str, key: Option<(&str, u8)>) -> NewEvent {
+        NewEvent {
+            topics: vec![Topic::parse("t").unwrap()],
+            name: EventName::parse("e").unwrap(),
+            data: data.to_owned(),
+            key: key.map(|(scoped, digest)| StoredKey {
+                scoped: scoped.to_owned(),
+                digest: [digest; 32],
+            }),
+        }
+    }
+
+    type Answer = oneshot::Receiver<Result<Vec<Appended>, LogError>>;
+
+    /// Queues each append, then a shutdown, runs the writer to its end and
+    /// returns the answers in order.
+    fn run_queued(writer: Writer, appends: Vec<Vec<NewEvent>>) -> Vec<Vec<Appended>> {
+        let (tx, rx) = mpsc::channel(appends.len() + 1);
+        let answers: Vec<Answer> = appends
+            .into_iter()
+            .map(|events| {
+                let (reply, answer) = oneshot::channel();
+                tx.try_send(WriterMsg::Append(events, reply)).unwrap();
+                answer
+            })
+            .collect();
+        let (done_tx, mut done) = oneshot::channel();
+        tx.try_send(WriterMsg::Shutdown(done_tx)).unwrap();
+        writer.run(rx);
+        done.try_recv().expect("the shutdown is answered");
+        answers
+            .into_iter()
+            .map(|mut answer| answer.try_recv().unwrap().unwrap())
+            .collect()
+    }
+
+    fn new(seq: u64) -> Appended {
+        Appended {
+            seq,
+            replayed: false,
+        }
+    }
+
+    /// How many group commits the metrics counted.
+    fn commits(metrics: &Metrics) -> u64 {
+        let text = metrics.render();
+        let line = text
+            .lines()
+            .find(|line| line.starts_with("sse_gateway_commit_batch_events_count "))
+            .unwrap_or_else(|| panic!("no commit count in:\n{text}"));
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
+    #[test]
+    fn a_commit_takes_what_is_queued_up_to_max_batch_and_leaves_the_rest_for_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let writer = writer(dir.path(), 2, 60_000);
+        let (shared, metrics) = (Arc::clone(&writer.shared), Arc::clone(&writer.metrics));
+        let answers = run_queued(
+            writer,
+            vec![
+                vec![event("a", None)],
+                vec![event("b", None)],
+                vec![event("c", None)],
+                vec![event("d", None)],
+                vec![event("e", None)],
+            ],
+        );
+        let want: Vec<Vec<Appended>> = (1..=5).map(|seq| vec![new(seq)]).collect();
+        assert_eq!(answers, want, "ids follow queue order");
+        // Two, two, one: the cap holds and nothing queued waits alone.
+        assert_eq!(commits(&metrics), 3, "{}", metrics.render());
+        assert_eq!(
+            metrics.events_published.get(),
+            5,
+            "events per commit sum to 5"
+        );
+        assert_eq!(shared.durable_head.load(Ordering::Acquire), 5);
+        assert_eq!(
+            format::read_head(&shared.db).unwrap(),
+            5,
+            "the head on disk"
+        );
+    }
+
+    #[test]
+    fn a_batch_over_max_batch_is_one_commit_and_counted_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let writer = writer(dir.path(), 2, 60_000);
+        let (shared, metrics) = (Arc::clone(&writer.shared), Arc::clone(&writer.metrics));
+        let batch = vec![event("a", None), event("b", None), event("c", None)];
+        let answers = run_queued(writer, vec![batch, vec![event("d", None)]]);
+        assert_eq!(answers, vec![vec![new(1), new(2), new(3)], vec![new(4)]]);
+        assert_eq!(commits(&metrics), 2, "{}", metrics.render());
+        assert_eq!(metrics.events_published.get(), 4);
+        assert_eq!(format::read_head(&shared.db).unwrap(), 4);
+    }
+
+    #[test]
+    fn a_replayed_key_is_answered_with_its_id_and_not_handed_to_the_hub_again() {
+        let dir = tempfile::tempdir().unwrap();
+        // One append per commit: the replay comes from the tree.
+        let writer = writer(dir.path(), 1, 60_000);
+        let (shared, metrics) = (Arc::clone(&writer.shared), Arc::clone(&writer.metrics));
+        let mut live = writer.hub.subscribe();
+        let answers = run_queued(
+            writer,
+            vec![
+                vec![event("a", Some((":k", 1)))],
+                vec![event("a", Some((":k", 1))), event("b", None)],
+            ],
+        );
+        let replayed = Appended {
+            seq: 1,
+            replayed: true,
+        };
+        assert_eq!(answers, vec![vec![new(1)], vec![replayed, new(2)]]);
+        let handed: Vec<u64> = std::iter::from_fn(|| live.try_recv().ok())
+            .map(|event| event.seq)
+            .collect();
+        assert_eq!(handed, vec![1, 2], "each stored event once, the replay not");
+        assert_eq!(metrics.events_published.get(), 2);
+        let topic = Topic::parse("t").unwrap();
+        let info = shared.stats.info(&topic);
+        assert_eq!((info.first, info.last, info.count), (Some(1), Some(2), 2));
+    }
+
+    #[test]
+    fn a_key_is_remembered_until_its_window_ends_and_not_at_its_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut writer = writer(dir.path(), 8, 5_000);
+        let (reply, mut answer) = oneshot::channel();
+        writer.commit(&mut vec![(vec![event("a", Some((":k", 7)))], reply)]);
+        assert_eq!(answer.try_recv().unwrap().unwrap(), vec![new(1)]);
+        let key = codec::key_key(":k");
+        let stored = writer.shared.db.get(&key).unwrap().unwrap();
+        let expires_ms = KeyEntry::decode(&key, &stored).unwrap().expires_ms;
+        assert_eq!(
+            writer.stored_key(":k", expires_ms - 1).unwrap(),
+            Some(([7; 32], 1)),
+            "remembered in its window"
+        );
+        assert_eq!(
+            writer.stored_key(":k", expires_ms).unwrap(),
+            None,
+            "expired when its window ends"
+        );
+        assert_eq!(writer.stored_key(":other", expires_ms - 1).unwrap(), None);
+    }
+}
