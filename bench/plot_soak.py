@@ -15,11 +15,16 @@ times. "Flat" is judged on the samples after it and up to the end of
 publishing (the drain after it, while the last streams catch up, is drawn
 but not judged): the spread is the largest distance of a sample from their
 mean, in % of the mean; the slope is a least-squares line through them.
+The level is also given apart from what single samples catch in flight:
+the medians of consecutive 5-minute windows (their largest distance from
+the mean) and the fitted line's rise over the judged span.
 """
 
 import sys
 
 WARMUP_S = 600.0
+# The window whose median is the RSS "level" (see figures()).
+WINDOW_S = 300.0
 
 
 def fields(line):
@@ -88,6 +93,21 @@ def figures(samples, baseline, after, summary, memory):
             rss_slope_mib_per_h=round(linreg(ts, rss) * 3600, 1),
             samples_after_warmup=len(rss),
         )
+        # The level, apart from what one sample catches in flight: medians
+        # of consecutive 5-minute windows, and the fitted line's rise over
+        # the judged span, each in % of the mean.
+        window = max(1, round(WINDOW_S / max(ts[1] - ts[0], 1))) if len(ts) > 1 else 1
+        medians = [sorted(rss[i:i + window])[len(rss[i:i + window]) // 2]
+                   for i in range(0, len(rss) - window + 1, window)]
+        if medians:
+            fig.update(
+                rss_window_medians_mib=",".join(f"{m:.1f}" for m in medians),
+                rss_window_median_spread_pct=round(
+                    max(max(medians) - mean, mean - min(medians)) / mean * 100, 2),
+            )
+        fig["rss_fitted_change_pct"] = round(linreg(ts, rss) * (ts[-1] - ts[0]) / mean * 100, 2)
+        within = sum(1 for v in rss if abs(v - mean) <= 0.05 * mean)
+        fig["rss_samples_within_5pct"] = f"{within}/{len(rss)}"
     # The gateway's own memory figures (bench/soak.sh samples /metrics):
     # jemalloc's allocated bytes move with RSS when RSS is live data.
     heap = [num(m.get("heap_allocated_kib")) / 1024 for m in memory
