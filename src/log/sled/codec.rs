@@ -610,4 +610,65 @@ mod tests {
         assert_eq!(split_trimmed_key(&trimmed_key(&topic)).unwrap(), topic);
         assert!(split_trimmed_key(b"w/a/b").is_err());
     }
+
+    /// Exact bytes: a piece key is `c/`, the record's sequence, then `n`, so
+    /// two records' pieces never share a key.
+    #[test]
+    fn piece_keys_are_c_then_the_sequence_then_the_piece_number() {
+        let seq = 0x0102_0304_0506_0708;
+        assert_eq!(&piece_prefix(seq), b"c/\x01\x02\x03\x04\x05\x06\x07\x08");
+        assert_eq!(
+            &piece_key(seq, 0x0a0b_0c0d),
+            b"c/\x01\x02\x03\x04\x05\x06\x07\x08\x0a\x0b\x0c\x0d"
+        );
+        assert_eq!(&event_key(seq), b"e/\x01\x02\x03\x04\x05\x06\x07\x08");
+        assert_ne!(piece_prefix(1), piece_prefix(2));
+    }
+
+    /// An expiry key must hold a scoped key after its 8-byte time.
+    #[test]
+    fn expiry_keys_without_a_scoped_key_are_corruption() {
+        assert!(split_expiry_key(&expiry_key(5, "")).is_err());
+        assert_eq!(
+            split_expiry_key(b"x/\0\0\0\0\0\0\0\x05k").unwrap(),
+            (5, "k")
+        );
+    }
+
+    /// A long record fills its `e/` value and every piece but the last to
+    /// exactly [`MAX_VALUE_BYTES`]: no more values than needed.
+    #[test]
+    fn long_records_fill_every_value_but_the_last() {
+        let name = EventName::parse("big").unwrap();
+        let topics = [Topic::parse("a").unwrap()];
+        let data = format!("\"{}\"", "x".repeat(3 * MAX_VALUE_BYTES));
+        let body_len = 8 + 1 + 3 + 1 + 1 + 1 + data.len();
+        let record = encode_record(5, &name, &topics, &data);
+        assert_eq!(record.head.len(), MAX_VALUE_BYTES);
+        let rest = body_len - (MAX_VALUE_BYTES - V2_HEADER);
+        assert_eq!(record.pieces.len(), rest.div_ceil(MAX_VALUE_BYTES));
+        let (last, full) = record.pieces.split_last().unwrap();
+        assert!(full.iter().all(|p| p.len() == MAX_VALUE_BYTES));
+        assert_eq!(last.len(), rest - full.len() * MAX_VALUE_BYTES);
+    }
+
+    /// A short version-2 record's header is read from its `e/` value alone,
+    /// and a leftover piece beyond the record's count (a write never
+    /// acknowledged) is never read into it.
+    #[test]
+    fn headers_are_read_only_from_the_record_and_its_own_pieces() {
+        let (_dir, db) = temp_tree();
+        let name = EventName::parse("n").unwrap();
+        let topics = vec![Topic::parse("a").unwrap(), Topic::parse("b").unwrap()];
+        let record = encode_record(7, &name, &topics, "1");
+        assert!(record.pieces.is_empty());
+        let head = record.head.clone();
+        let header = decode_header(&db, 4, &head).unwrap();
+        assert_eq!((header.time_ms, header.pieces), (7, 0));
+        assert_eq!(header.topics, topics);
+        // The header cut after the name; the rest in a stray piece 1.
+        let cut = V2_HEADER + 8 + 1 + 1;
+        db.insert(piece_key(4, 1), &head[cut..]).unwrap();
+        assert!(decode_header(&db, 4, &head[..cut]).is_err());
+    }
 }
