@@ -522,6 +522,19 @@ impl Cluster {
         Self { nodes }
     }
 
+    /// The `[storage]` lines of a gateway on this cluster.
+    pub(crate) fn storage(&self) -> String {
+        let urls: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| format!("\"{}\"", n.url()))
+            .collect();
+        format!(
+            "backend = \"redis-cluster\"\ncluster_urls = [{}]\ncommand_timeout_ms = 3000",
+            urls.join(", ")
+        )
+    }
+
     /// The node (index) serving `key`'s slot.
     fn owner_of(&self, key: &str) -> usize {
         let owners: Vec<usize> = (0..self.nodes.len())
@@ -573,15 +586,7 @@ async fn redis_cluster_spreads_orgs_over_shards_and_keeps_them_isolated() {
         .find(|o| cluster.slot_node(&format!("{{sse:org:{o}}}:log")) != node_a)
         .expect("an org on another shard");
     let dir = TempDir::new().unwrap();
-    let urls: Vec<String> = cluster
-        .nodes
-        .iter()
-        .map(|n| format!("\"{}\"", n.url()))
-        .collect();
-    let storage = format!(
-        "backend = \"redis-cluster\"\ncluster_urls = [{}]\ncommand_timeout_ms = 3000",
-        urls.join(", ")
-    );
+    let storage = cluster.storage();
     let extra = format!("[auth]\nhs256_secret = \"{SECRET}\"\n[tenancy]\nenabled = true\n");
     let config = redis_config(dir.path(), &storage, &extra);
     let nodes = gateways(dir.path(), &config, 2);

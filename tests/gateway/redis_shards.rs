@@ -229,15 +229,7 @@ async fn redis_2000_orgs_on_one_redis_take_a_few_connections_per_gateway() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_cluster_2000_orgs_take_a_few_connections_per_gateway_on_each_primary() {
     let cluster = Cluster::start();
-    let urls: Vec<String> = cluster
-        .nodes
-        .iter()
-        .map(|n| format!("\"{}\"", n.url()))
-        .collect();
-    let storage = format!(
-        "backend = \"redis-cluster\"\ncluster_urls = [{}]\ncommand_timeout_ms = 3000",
-        urls.join(", ")
-    );
+    let storage = cluster.storage();
     let ports: Vec<u16> = cluster.nodes.iter().map(|n| n.port).collect();
     many_orgs(&storage, &ports).await;
 }
