@@ -153,3 +153,103 @@ impl StatsTable {
         Self::info_of(self.topics.lock().get(topic))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(name: &str) -> Topic {
+        Topic::parse(name).unwrap()
+    }
+
+    fn info(table: &StatsTable, name: &str) -> (Option<u64>, Option<u64>, u64) {
+        let info = table.info(&t(name));
+        (info.first, info.last, info.count)
+    }
+
+    /// `a` holds 1, 2, 3 and `b` holds 2.
+    fn table() -> StatsTable {
+        let table = StatsTable::default();
+        let (a, ab) = ([t("a")], [t("a"), t("b")]);
+        table.record_appends([(&a[..], 1), (&ab[..], 2), (&a[..], 3)].into_iter());
+        table
+    }
+
+    #[test]
+    fn appends_count_each_topic_with_its_first_and_last() {
+        let table = table();
+        assert_eq!(info(&table, "a"), (Some(1), Some(3), 3));
+        assert_eq!(info(&table, "b"), (Some(2), Some(2), 1));
+        assert_eq!(info(&table, "never"), (None, None, 0));
+        let names: Vec<String> = table.all().iter().map(|(t, _)| t.to_string()).collect();
+        assert_eq!(names, ["a", "b"]);
+        assert_eq!(table.all()[1].1, table.info(&t("b")));
+    }
+
+    #[test]
+    fn over_limit_names_only_topics_above_it_and_by_how_much() {
+        let table = table();
+        let mut over = table.over_limit(1);
+        over.sort();
+        assert_eq!(over, [(t("a"), 2)]);
+        assert_eq!(table.over_limit(2), [(t("a"), 1)]);
+        assert!(
+            table.over_limit(3).is_empty(),
+            "at the limit is not over it"
+        );
+    }
+
+    #[test]
+    fn the_floor_is_the_highest_watermark_and_the_oldest_retained_event() {
+        let table = table();
+        table.raise_trimmed(&t("a"), 5);
+        table.raise_trimmed(&t("a"), 3);
+        // `a` loses 1 and 2; `b` loses its only event (its `first` is stale).
+        table.record_trim(&t("a"), 2, Some(3));
+        table.record_trim(&t("b"), 1, None);
+        assert_eq!(info(&table, "a"), (Some(3), Some(3), 1));
+        assert_eq!(
+            info(&table, "b"),
+            (None, None, 0),
+            "an empty topic has no range"
+        );
+        let floor = table.retention_floor(&[t("a"), t("b"), t("never")]);
+        assert_eq!(floor.trimmed_through, 5);
+        assert_eq!(
+            floor.oldest,
+            Some(3),
+            "an empty topic's stale first is no floor"
+        );
+        assert_eq!(table.retention_floor(&[t("b")]), RetentionFloor::default());
+    }
+
+    #[test]
+    fn a_reported_trim_state_replaces_counts_and_only_raises_the_watermark() {
+        let table = table();
+        // The Redis trimmer removed 1 and 2 of `a`; then an older report.
+        table.set_trimmed_state(&t("a"), 1, 3, 2);
+        table.set_trimmed_state(&t("a"), 1, 3, 1);
+        assert_eq!(info(&table, "a"), (Some(3), Some(3), 1));
+        assert_eq!(table.retention_floor(&[t("a")]).trimmed_through, 2);
+        table.set_trimmed_state(&t("c"), 0, 0, 6);
+        assert_eq!(info(&table, "c"), (None, None, 0));
+        assert_eq!(table.retention_floor(&[t("c")]).trimmed_through, 6);
+    }
+
+    #[test]
+    fn replace_and_load_set_whole_entries() {
+        let table = table();
+        let stats = TopicStats {
+            first: 10,
+            last: 12,
+            count: 3,
+            trimmed_through: 9,
+        };
+        table.replace(HashMap::from([(t("x"), stats)]));
+        assert_eq!(info(&table, "a"), (None, None, 0), "replaced, not merged");
+        assert_eq!(info(&table, "x"), (Some(10), Some(12), 3));
+        table.load(t("y"), stats);
+        assert_eq!(info(&table, "y"), (Some(10), Some(12), 3));
+        assert_eq!(table.retention_floor(&[t("y")]).trimmed_through, 9);
+    }
+}

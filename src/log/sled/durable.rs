@@ -240,6 +240,48 @@ mod tests {
     }
 
     #[test]
+    fn conf_may_be_missing_but_not_unreadable() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("db"), b"").unwrap();
+        DiskSync::open(dir.path()).expect("no `conf`: nothing to sync");
+        // A `conf` that exists but cannot be opened is not "no conf".
+        std::os::unix::fs::symlink("conf", dir.path().join("conf")).unwrap();
+        assert!(
+            DiskSync::open(dir.path()).is_err(),
+            "a symlink loop (ELOOP)"
+        );
+    }
+
+    /// On a filesystem where a name is durable only once its directory is
+    /// synced (`tools/powercut`, strict): what `create_data_dir` and
+    /// `DiskSync::open` sync survives a power cut, also a data directory an
+    /// operator made beforehand and never synced.
+    #[test]
+    fn created_and_opened_directories_survive_a_power_cut() {
+        let mountpoint = tempfile::tempdir().unwrap();
+        let mount = powercut::PowerCutFs::new(powercut::Mode::Strict, None)
+            .mount(mountpoint.path())
+            .unwrap();
+        let root = mount.path().to_path_buf();
+        create_data_dir(&root.join("a/b/data")).unwrap();
+        let made = root.join("made");
+        std::fs::create_dir(&made).unwrap();
+        let db = sled::Config::new()
+            .path(&made)
+            .flush_every_ms(None)
+            .open()
+            .unwrap();
+        assert!(made.join("conf").exists() && made.join("db").exists());
+        let sync = DiskSync::open(&made).unwrap();
+        drop((sync, db));
+        let image = mount.power_cut().unwrap();
+        let kept = image.walk();
+        for path in ["a/b/data", "made/db", "made/conf"] {
+            assert!(image.exists(path), "{path} lost at the cut; kept: {kept:?}");
+        }
+    }
+
+    #[test]
     fn refuses_a_directory_that_is_not_sled() {
         let dir = tempfile::tempdir().unwrap();
         assert!(DiskSync::open(dir.path()).is_err());

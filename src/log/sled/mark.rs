@@ -288,6 +288,68 @@ mod tests {
     }
 
     #[test]
+    fn no_mark_file_is_no_mark_but_an_unreadable_one_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(read(dir.path()).unwrap(), None, "a new directory");
+        // Not "no mark": the mark may be there and say events are missing.
+        let not_a_dir = dir.path().join("file");
+        std::fs::write(&not_a_dir, b"x").unwrap();
+        assert!(read(&not_a_dir).is_err(), "open fails with ENOTDIR");
+        std::fs::create_dir(dir.path().join(MARK_FILE)).unwrap();
+        assert!(read(dir.path()).is_err(), "reading fails with EISDIR");
+    }
+
+    #[test]
+    fn a_mark_file_cut_short_after_its_first_slot_still_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = epoch("Xk3v9QaB");
+        // Generation 1 (the open) goes to the second slot, 2 to the first.
+        let mut mark = AckMark::open(dir.path(), None, &e, 5).unwrap();
+        mark.write(&e, 9).unwrap();
+        drop(mark);
+        let file = OpenOptions::new()
+            .write(true)
+            .open(dir.path().join(MARK_FILE))
+            .unwrap();
+        file.set_len(SLOT_BYTES as u64).unwrap();
+        assert_eq!(read(dir.path()).unwrap().unwrap().seq, 9);
+    }
+
+    #[test]
+    fn the_longest_epoch_fits_and_a_longer_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let longest = epoch(&"e".repeat(MAX_EPOCH_BYTES));
+        let mut mark = AckMark::open(dir.path(), None, &longest, 1).unwrap();
+        mark.write(&longest, 2).unwrap();
+        let found = read(dir.path()).unwrap().unwrap();
+        assert_eq!((found.epoch.as_str(), found.seq), (longest.as_str(), 2));
+        assert!(encode(&"e".repeat(MAX_EPOCH_BYTES + 1), 1, 1).is_err());
+    }
+
+    /// On a filesystem where a name is durable only once its directory is
+    /// synced (`tools/powercut`, strict), a new mark and its last write
+    /// survive a power cut.
+    #[test]
+    fn a_new_mark_survives_a_power_cut() {
+        let mountpoint = tempfile::tempdir().unwrap();
+        let mount = powercut::PowerCutFs::new(powercut::Mode::Strict, None)
+            .mount(mountpoint.path())
+            .unwrap();
+        let dir = mount.path().join("data");
+        std::fs::create_dir(&dir).unwrap();
+        File::open(mount.path()).unwrap().sync_all().unwrap();
+        let e = epoch("Xk3v9QaB");
+        let mut mark = AckMark::open(&dir, None, &e, 5).unwrap();
+        mark.write(&e, 6).unwrap();
+        drop(mark);
+        let image = mount.power_cut().unwrap();
+        let restored = tempfile::tempdir().unwrap();
+        image.write_to(restored.path()).unwrap();
+        let found = read(&restored.path().join("data")).unwrap();
+        assert_eq!(found.map(|m| m.seq), Some(6));
+    }
+
+    #[test]
     fn replace_writes_a_mark_that_reads_back() {
         let dir = tempfile::tempdir().unwrap();
         let e = epoch("Xk3v9QaB");

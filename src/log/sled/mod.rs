@@ -307,3 +307,100 @@ impl Log for SledLog {
         .boxed()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The `acked-head` mark as the open log keeps it (`mark.rs` tests the
+    //! file itself).
+    use super::*;
+    use crate::model::EventName;
+
+    /// A log whose own trimmer keeps everything: tests trim explicitly.
+    pub(crate) fn open(dir: &Path) -> SledLog {
+        let options = SledOptions {
+            cache_capacity_bytes: 1 << 20,
+            publish_queue: 16,
+            max_commit_batch: 16,
+            retention: RetentionPolicy {
+                max_events_per_topic: u64::MAX / 2,
+                max_age: Duration::from_secs(365 * 86_400),
+                batch_events: 100,
+            },
+            trim_interval: Duration::from_secs(3600),
+            key_window: Duration::from_secs(60),
+        };
+        SledLog::open(
+            dir,
+            options,
+            Arc::new(Hub::new(16)),
+            Arc::new(Metrics::new()),
+        )
+        .expect("open the log")
+    }
+
+    /// Appends one event to `topics`; its sequence.
+    pub(crate) async fn publish_to(log: &SledLog, topics: &[&str]) -> u64 {
+        log.append(NewEvent {
+            topics: topics.iter().map(|t| Topic::parse(t).unwrap()).collect(),
+            name: EventName::parse("e").unwrap(),
+            data: "{}".into(),
+            key: None,
+        })
+        .await
+        .expect("append")
+    }
+
+    async fn publish(log: &SledLog) -> u64 {
+        publish_to(log, &["t"]).await
+    }
+
+    fn marked_seq(dir: &Path) -> u64 {
+        mark::read(dir).unwrap().map_or(0, |m| m.seq)
+    }
+
+    /// Polls until the mark says `seq`, for at most a few mark intervals.
+    async fn wait_for_mark(dir: &Path, seq: u64) {
+        let deadline = tokio::time::Instant::now() + 5 * MARK_INTERVAL;
+        while marked_seq(dir) != seq {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the mark stayed at {} (head {seq})",
+                marked_seq(dir)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_mark_follows_the_durable_head_while_open_and_at_close() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path());
+        assert_eq!(marked_seq(dir.path()), 0, "a new log is marked at 0");
+        // The first event too: the mark must not take seq 1 for "written".
+        assert_eq!(publish(&log).await, 1);
+        wait_for_mark(dir.path(), 1).await;
+        for _ in 0..3 {
+            publish(&log).await;
+        }
+        // Closed before the next tick: the close writes the last head.
+        log.close().await.unwrap();
+        assert_eq!(marked_seq(dir.path()), 4);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_idle_log_does_not_rewrite_its_mark() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path());
+        publish(&log).await;
+        wait_for_mark(dir.path(), 1).await;
+        // Each write raises the slot's generation, which `Marked` compares.
+        let before = mark::read(dir.path()).unwrap();
+        tokio::time::sleep(MARK_INTERVAL * 5 / 2).await;
+        assert_eq!(
+            mark::read(dir.path()).unwrap(),
+            before,
+            "one fsync per second, forever"
+        );
+        log.close().await.unwrap();
+    }
+}
