@@ -252,19 +252,46 @@ mod tests {
         );
     }
 
-    /// On a filesystem where a name is durable only once its directory is
-    /// synced (`tools/powercut`, strict): what `create_data_dir` and
-    /// `DiskSync::open` sync survives a power cut, also a data directory an
-    /// operator made beforehand and never synced.
+    /// A mount of the strict power-cut filesystem (`tools/powercut`): a name
+    /// is durable only once its directory is synced.
+    fn strict_mount(mountpoint: &Path) -> powercut::Mount {
+        powercut::PowerCutFs::new(powercut::Mode::Strict, None)
+            .mount(mountpoint)
+            .unwrap()
+    }
+
     #[test]
-    fn created_and_opened_directories_survive_a_power_cut() {
+    fn a_created_data_dir_survives_a_power_cut() {
         let mountpoint = tempfile::tempdir().unwrap();
-        let mount = powercut::PowerCutFs::new(powercut::Mode::Strict, None)
-            .mount(mountpoint.path())
-            .unwrap();
-        let root = mount.path().to_path_buf();
-        create_data_dir(&root.join("a/b/data")).unwrap();
-        let made = root.join("made");
+        let mount = strict_mount(mountpoint.path());
+        create_data_dir(&mount.path().join("a/b/data")).unwrap();
+        let image = mount.power_cut().unwrap();
+        assert!(image.exists("a/b/data"), "kept: {:?}", image.walk());
+    }
+
+    #[test]
+    fn a_relative_data_dir_is_created() {
+        // Relative to the working directory (the package root under cargo
+        // test), with its top new directory right there: that one's parent
+        // is "", which means ".". A fresh random name, free again at once.
+        let top = {
+            let reserved = tempfile::tempdir_in(".").unwrap();
+            PathBuf::from(reserved.path().file_name().unwrap())
+        };
+        let created = create_data_dir(&top.join("data"));
+        let is_dir = top.join("data").is_dir();
+        std::fs::remove_dir_all(&top).unwrap();
+        created.unwrap();
+        assert!(is_dir);
+    }
+
+    /// A data directory an operator made beforehand and never synced: once
+    /// sled opened it, `DiskSync::open` makes it and sled's files durable.
+    #[test]
+    fn an_opened_data_dir_survives_a_power_cut() {
+        let mountpoint = tempfile::tempdir().unwrap();
+        let mount = strict_mount(mountpoint.path());
+        let made = mount.path().join("made");
         std::fs::create_dir(&made).unwrap();
         let db = sled::Config::new()
             .path(&made)
@@ -276,9 +303,67 @@ mod tests {
         drop((sync, db));
         let image = mount.power_cut().unwrap();
         let kept = image.walk();
-        for path in ["a/b/data", "made/db", "made/conf"] {
+        for path in ["made/db", "made/conf"] {
             assert!(image.exists(path), "{path} lost at the cut; kept: {kept:?}");
         }
+    }
+
+    #[test]
+    fn a_blobs_entry_that_is_not_a_directory_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("db"), b"").unwrap();
+        std::fs::write(dir.path().join("blobs"), b"").unwrap();
+        assert!(
+            DiskSync::open(dir.path()).is_err(),
+            "ENOTDIR is not \"no blobs\""
+        );
+    }
+
+    #[test]
+    fn during_the_upgrade_a_vanished_blob_is_skipped_but_an_unreadable_one_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("db"), b"").unwrap();
+        let blobs = dir.path().join("blobs");
+        std::fs::create_dir(&blobs).unwrap();
+        let mut sync = DiskSync::open(dir.path()).unwrap();
+        // Listed, then gone before it could be opened (sled rewrote it).
+        std::os::unix::fs::symlink("gone", blobs.join("1")).unwrap();
+        sync.sync_allowing_blobs().expect("nothing left to keep");
+        std::fs::remove_file(blobs.join("1")).unwrap();
+        std::os::unix::fs::symlink("2", blobs.join("2")).unwrap();
+        assert!(
+            sync.sync_allowing_blobs().is_err(),
+            "a symlink loop (ELOOP)"
+        );
+    }
+
+    /// On the strict power-cut filesystem: a blob sled writes during the
+    /// upgrade is durable once `sync_allowing_blobs` returns, and so is the
+    /// `db` that points to it; afterwards it is a known blob, no alarm.
+    #[test]
+    fn blobs_written_during_the_upgrade_survive_a_power_cut() {
+        let mountpoint = tempfile::tempdir().unwrap();
+        let mount = strict_mount(mountpoint.path());
+        let dir = mount.path().join("data");
+        create_data_dir(&dir).unwrap();
+        let db = sled::Config::new()
+            .path(&dir)
+            .flush_every_ms(None)
+            .open()
+            .unwrap();
+        let mut sync = DiskSync::open(&dir).unwrap();
+        db.insert("big", vec![7u8; 1 << 20]).unwrap();
+        db.flush().unwrap();
+        sync.sync_allowing_blobs().unwrap();
+        sync.sync()
+            .expect("a blob synced during the upgrade is known");
+        let written = std::fs::read_dir(dir.join("blobs")).unwrap().count();
+        assert!(written > 0, "the value went to a blob file");
+        let db_len = std::fs::metadata(dir.join("db")).unwrap().len();
+        drop((sync, db));
+        let image = mount.power_cut().unwrap();
+        assert_eq!(image.list("data/blobs").map(|b| b.len()), Some(written));
+        assert_eq!(image.read("data/db").map(|d| d.len() as u64), Some(db_len));
     }
 
     #[test]

@@ -317,16 +317,26 @@ mod tests {
 
     /// A log whose own trimmer keeps everything: tests trim explicitly.
     pub(crate) fn open(dir: &Path) -> SledLog {
+        let keep_all = RetentionPolicy {
+            max_events_per_topic: u64::MAX / 2,
+            max_age: Duration::from_secs(365 * 86_400),
+            batch_events: 100,
+        };
+        open_with(dir, keep_all, Duration::from_secs(3600))
+    }
+
+    /// A log whose trimmer runs `retention` every `trim_interval`.
+    pub(crate) fn open_with(
+        dir: &Path,
+        retention: RetentionPolicy,
+        trim_interval: Duration,
+    ) -> SledLog {
         let options = SledOptions {
             cache_capacity_bytes: 1 << 20,
             publish_queue: 16,
             max_commit_batch: 16,
-            retention: RetentionPolicy {
-                max_events_per_topic: u64::MAX / 2,
-                max_age: Duration::from_secs(365 * 86_400),
-                batch_events: 100,
-            },
-            trim_interval: Duration::from_secs(3600),
+            retention,
+            trim_interval,
             key_window: Duration::from_secs(60),
         };
         SledLog::open(
@@ -385,6 +395,54 @@ mod tests {
         // Closed before the next tick: the close writes the last head.
         log.close().await.unwrap();
         assert_eq!(marked_seq(dir.path()), 4);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ready_until_a_write_fails_or_it_closes() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path());
+        assert!(log.is_ready());
+        *log.shared.failed.lock() = Some(Arc::new(LogError::Closed));
+        assert!(!log.is_ready(), "a failed write latches not ready");
+        let refused = log.append_all(Vec::new()).await;
+        assert!(
+            matches!(refused, Err(LogError::Failed(_))),
+            "appends are refused with the cause: {refused:?}"
+        );
+        *log.shared.failed.lock() = None;
+        assert!(log.is_ready());
+        log.close().await.unwrap();
+        assert!(!log.is_ready(), "closed");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lists_its_topics_and_reports_its_size_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path());
+        publish_to(&log, &["b", "a"]).await;
+        publish_to(&log, &["a"]).await;
+        let topics: Vec<(String, u64)> = log
+            .topics()
+            .into_iter()
+            .map(|(topic, info)| (topic.to_string(), info.count))
+            .collect();
+        assert_eq!(topics, [("a".to_owned(), 2), ("b".to_owned(), 1)]);
+        // 1 MiB of events later, the files hold at least that much.
+        let data = format!("\"{}\"", "x".repeat(4000));
+        for _ in 0..16 {
+            let events: Vec<NewEvent> = (0..16)
+                .map(|_| NewEvent {
+                    topics: vec![Topic::parse("a").unwrap()],
+                    name: EventName::parse("e").unwrap(),
+                    data: data.clone(),
+                    key: None,
+                })
+                .collect();
+            log.append_all(events).await.unwrap();
+        }
+        let size = log.size_on_disk().expect("sled knows its size");
+        assert!(size >= 1 << 20, "{size} bytes");
+        log.close().await.unwrap();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

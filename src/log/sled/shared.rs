@@ -166,6 +166,25 @@ mod tests {
         (info.first, info.last, info.count)
     }
 
+    #[test]
+    fn a_directory_another_log_holds_is_locked_and_other_failures_are_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_held, _disk) = Shared::open(dir.path(), 1 << 20).unwrap();
+        match Shared::open(dir.path(), 1 << 20) {
+            Err(LogError::Locked(path)) => assert_eq!(path, dir.path()),
+            Err(e) => panic!("expected Locked, got {e}"),
+            Ok(_) => panic!("opened a held directory"),
+        }
+        // sled fails to open for another reason: its `db` is a directory.
+        let odd = tempfile::tempdir().unwrap();
+        std::fs::create_dir(odd.path().join("db")).unwrap();
+        match Shared::open(odd.path(), 1 << 20) {
+            Err(LogError::Locked(_)) => panic!("EISDIR reported as a lock"),
+            Err(_) => {}
+            Ok(_) => panic!("opened a log whose db is a directory"),
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_reopened_log_rebuilds_its_stats_and_never_reuses_an_id() {
         let dir = tempfile::tempdir().unwrap();

@@ -251,7 +251,7 @@ mod tests {
     //! Trim passes run directly on a log written by the real writer, so what
     //! a pass leaves is exact, not a race with the trimmer's interval.
     use super::*;
-    use crate::log::sled::tests::{open, publish_to};
+    use crate::log::sled::tests::{open, open_with, publish_to};
     use crate::log::Log;
 
     fn topic(name: &str) -> Topic {
@@ -283,6 +283,59 @@ mod tests {
         codec::decode_header(&shared.db, seq, &value)
             .unwrap()
             .time_ms
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn idempotency_keys_are_forgotten_once_their_window_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path());
+        for scoped in [":k1", ":k2", ":k3"] {
+            log.append(crate::log::NewEvent {
+                topics: vec![topic("a")],
+                name: crate::model::EventName::parse("e").unwrap(),
+                data: "{}".into(),
+                key: Some(crate::idempotency::StoredKey {
+                    scoped: scoped.into(),
+                    digest: [1; 32],
+                }),
+            })
+            .await
+            .unwrap();
+        }
+        let shared = &log.shared;
+        let keys = |shared: &Shared| {
+            let stored = [":k1", ":k2", ":k3"]
+                .iter()
+                .filter(|k| shared.db.contains_key(codec::key_key(k)).unwrap())
+                .count();
+            let expiries = shared.db.scan_prefix(codec::EXPIRY_PREFIX).count();
+            (stored, expiries)
+        };
+        let keep_all = policy(u64::MAX / 2, Duration::from_secs(3600));
+        trim_pass(shared, &keep_all, now_ms()).unwrap();
+        assert_eq!(keys(shared), (3, 3), "within the window (60 s here)");
+        // Past the window: all three go, in batches of 2.
+        trim_pass(shared, &keep_all, now_ms() + 120_000).unwrap();
+        assert_eq!(keys(shared), (0, 0));
+        assert_eq!(log.topic_info(&topic("a")).count, 3, "the events stay");
+        log.close().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_background_trimmer_enforces_retention() {
+        let dir = tempfile::tempdir().unwrap();
+        let keep_two = policy(2, Duration::from_secs(3600));
+        let log = open_with(dir.path(), keep_two, Duration::from_millis(20));
+        for _ in 0..5 {
+            publish_to(&log, &["a"]).await;
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while log.topic_info(&topic("a")).count > 2 {
+            assert!(tokio::time::Instant::now() < deadline, "never trimmed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(log.retention_floor(&[topic("a")]).trimmed_through, 3);
+        log.close().await.unwrap();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
