@@ -310,8 +310,9 @@ impl Log for SledLog {
 
 #[cfg(test)]
 mod tests {
-    //! The `acked-head` mark as the open log keeps it (`mark.rs` tests the
-    //! file itself).
+    //! The open log: the `acked-head` mark as it keeps it (`mark.rs` tests
+    //! the file itself), readiness, topics and size; and the helpers the
+    //! other sled tests open and write logs with.
     use super::*;
     use crate::model::EventName;
 
