@@ -157,7 +157,9 @@ async fn sigterm_drains_publishes_closes_streams_and_exits_zero() {
 async fn a_data_dir_written_by_format_v1_opens_and_continues() {
     let dir = TempDir::new().unwrap();
     copy_dir(&repo_path("tests/fixtures/v1-data"), dir.path());
-    let server = TestServer::start_in(dir, |_| {}).await;
+    // The fixture's events are from 2026-11-27 and age: past the default
+    // `max_age_s` (7 days) the trimmer would remove them at start.
+    let server = TestServer::start_in(dir, |c| c.retention.max_age_s = FIXTURE_AGE_LIMIT_S).await;
     let mut stream = server.subscribe("/topics/projects:all", Some("0")).await;
     let events = stream.take(4).await;
     let got: Vec<(&str, &str, &str)> = events

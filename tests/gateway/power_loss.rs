@@ -767,7 +767,16 @@ async fn power_cuts_during_the_format_upgrade_lose_nothing() {
     let mut image = mount.power_cut().expect("power cut");
     let scratch = TempDir::new().expect("scratch");
     let config = scratch.path().join("gateway.toml");
-    std::fs::write(&config, "[storage]\ncache_capacity_bytes = 16777216\n").expect("config");
+    // No age trimming: the fixture's events (2026-11-27) and the long
+    // records (written at time 1) are old, and must all be upgraded.
+    std::fs::write(
+        &config,
+        format!(
+            "[storage]\ncache_capacity_bytes = 16777216\n\
+             [retention]\nmax_age_s = {FIXTURE_AGE_LIMIT_S}\n"
+        ),
+    )
+    .expect("config");
 
     for cut in 0..4 {
         let mount = image

@@ -42,6 +42,11 @@ pub fn epoch_of(id: &str) -> &str {
         .unwrap_or_else(|| panic!("not an id: {id}"))
 }
 
+/// A `retention.max_age_s` (about 100 years) under which no event a test
+/// copies in from a fixture is ever old enough to be trimmed: fixtures keep
+/// the times they were written at, and age with the calendar.
+pub const FIXTURE_AGE_LIMIT_S: u64 = 100 * 365 * 86_400;
+
 /// Copies the directory tree `from` into `to` (a fixture data dir into a temp dir).
 pub fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
