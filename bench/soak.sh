@@ -55,7 +55,10 @@ listen = "127.0.0.1:$PORT"
 backend = "sled"
 data_dir = "$WORK/data"
 # Small, so sled's page cache is full within minutes and RSS can level off.
-cache_capacity_bytes = 16777216
+# A heap profile of this load at 16 MiB (BENCHMARKS.md "Soak: sixth hour")
+# found sled's cached nodes at 5-9 MiB, moving with the working set: never
+# full. At 4 MiB the working set is larger than the cache, so it stays full.
+cache_capacity_bytes = 4194304
 
 [stream]
 # Small, so the slow readers fall behind it and are served from the log.

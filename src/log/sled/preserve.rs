@@ -150,7 +150,7 @@ fn preserve(dir: &Path, db: &File, target: &Path) -> io::Result<u64> {
     let bytes: u64 = ranges.iter().map(|(_, n)| n).sum();
     let parent = partial.parent().unwrap_or(Path::new("."));
     let free = fs2::available_space(parent)?;
-    if bytes.saturating_add(SPARE_BYTES) > free {
+    if !leaves_spare(bytes, free) {
         return Err(io::Error::other(format!(
             "{bytes} bytes to keep but {free} free beside the data directory (keeping {SPARE_BYTES} spare)"
         )));
@@ -196,6 +196,14 @@ fn preserve(dir: &Path, db: &File, target: &Path) -> io::Result<u64> {
         File::open(parent)?.sync_all()?;
     }
     Ok(bytes)
+}
+
+/// Whether copying `bytes` into `free` bytes of space leaves at least
+/// [`SPARE_BYTES`] free.
+fn leaves_spare(bytes: u64, free: u64) -> bool {
+    bytes
+        .checked_add(SPARE_BYTES)
+        .is_some_and(|needed| needed <= free)
 }
 
 /// The byte ranges of `db` sled's recovery may rewrite (module docs),
@@ -384,10 +392,100 @@ mod tests {
         let ranges = ranges_at_risk(dir.path(), &db, 6 * seg + 100).unwrap();
         assert_eq!(ranges, vec![(3 * seg, 3 * seg + 100)]);
 
+        // A stable LSN inside its segment: the replay starts at that
+        // segment's first LSN (3072), so the older 2048 is not at risk.
+        fs::rename(
+            dir.path().join(format!("snap.{:016X}", 2100)),
+            dir.path().join(format!("snap.{:016X}", 3100)),
+        )
+        .unwrap();
+        let ranges = ranges_at_risk(dir.path(), &db, 6 * seg + 100).unwrap();
+        assert_eq!(ranges, vec![(3 * seg, 2 * seg), (6 * seg, 100)]);
+        fs::rename(
+            dir.path().join(format!("snap.{:016X}", 3100)),
+            dir.path().join(format!("snap.{:016X}", 2100)),
+        )
+        .unwrap();
+
         // No snapshot: every segment in use is at risk.
         fs::remove_file(dir.path().join(format!("snap.{:016X}", 2100))).unwrap();
         let ranges = ranges_at_risk(dir.path(), &db, 6 * seg + 100).unwrap();
         assert_eq!(ranges, vec![(0, 2 * seg), (3 * seg, 3 * seg + 100)]);
+    }
+
+    #[test]
+    fn the_copy_is_named_beside_the_data_directory() {
+        assert_eq!(
+            preserved_path(Path::new("/srv/gateway/data")),
+            Path::new("/srv/gateway/data.pre-open")
+        );
+        assert_eq!(
+            preserved_path(Path::new("events")),
+            Path::new("./events.pre-open")
+        );
+    }
+
+    #[test]
+    fn the_segment_size_is_sleds_default_unless_conf_gives_a_usable_one() {
+        let dir = tempfile::tempdir().unwrap();
+        // No `conf`: sled 0.34.7's default of 512 KiB.
+        assert_eq!(segment_bytes(dir.path()), 524_288);
+        fs::write(dir.path().join("conf"), "segment_size: 8192\n").unwrap();
+        assert_eq!(segment_bytes(dir.path()), 8192);
+        // A segment no longer than its header cannot hold a message.
+        fs::write(dir.path().join("conf"), "segment_size: 20\n").unwrap();
+        assert_eq!(segment_bytes(dir.path()), 524_288);
+        fs::write(dir.path().join("conf"), "segment_size: 21\n").unwrap();
+        assert_eq!(segment_bytes(dir.path()), 21);
+    }
+
+    #[test]
+    fn a_copy_must_leave_256_mib_free() {
+        const SPARE: u64 = 256 * 1024 * 1024;
+        assert!(leaves_spare(0, SPARE));
+        assert!(!leaves_spare(0, SPARE - 1));
+        assert!(leaves_spare(1000, SPARE + 1000));
+        assert!(!leaves_spare(1001, SPARE + 1000));
+        assert!(!leaves_spare(u64::MAX, u64::MAX));
+    }
+
+    #[test]
+    fn the_copy_holds_conf_snapshots_and_blobs_and_nothing_else() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("data");
+        fs::create_dir_all(dir.join("blobs")).unwrap();
+        fs::create_dir_all(dir.join("unrelated")).unwrap();
+        fs::write(dir.join("db"), vec![7u8; 3000]).unwrap();
+        fs::write(dir.join("conf"), "segment_size: 1024\n").unwrap();
+        fs::write(dir.join("snap.0000000000000400"), b"snapshot").unwrap();
+        fs::write(dir.join("blobs").join("1234"), b"blob one").unwrap();
+        fs::write(dir.join("blobs").join("5678"), b"blob two").unwrap();
+        fs::write(dir.join("unrelated").join("notes"), b"not sled's").unwrap();
+        fs::write(dir.join("mark"), b"ours, not sled's").unwrap();
+
+        let kept = before_open(&dir).expect("preserved");
+        let copy = kept.path();
+        let mut names: Vec<String> = fs::read_dir(copy)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            ["blobs", "conf", "db", "ranges", "snap.0000000000000400"]
+        );
+        for name in ["conf", "snap.0000000000000400", "blobs/1234", "blobs/5678"] {
+            assert_eq!(
+                fs::read(copy.join(name)).unwrap(),
+                fs::read(dir.join(name)).unwrap(),
+                "{name}"
+            );
+        }
+        assert_eq!(fs::read_dir(copy.join("blobs")).unwrap().count(), 2);
+        // All of `db` is at risk: its two whole segments (1024 bytes) have
+        // headers that neither read nor are zero, the rest is partial.
+        assert_eq!(fs::read(copy.join("db")).unwrap(), vec![7u8; 3000]);
+        assert!(!sibling(&dir, "pre-open.partial").exists());
     }
 
     #[test]
