@@ -414,6 +414,19 @@ mod tests {
     }
 
     #[test]
+    fn the_stable_lsn_is_the_newest_finished_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(stable_lsn(dir.path()), None);
+        for name in ["snap.0000000000000400", "snap.0000000000000800", "zz"] {
+            fs::write(dir.path().join(name), b"x").unwrap();
+        }
+        // sled writes a snapshot under this name, then renames it: one
+        // still in motion is not the one sled reads.
+        fs::write(dir.path().join("snap.0000000000000C00.in___motion"), b"x").unwrap();
+        assert_eq!(stable_lsn(dir.path()), Some(0x800));
+    }
+
+    #[test]
     fn the_copy_is_named_beside_the_data_directory() {
         assert_eq!(
             preserved_path(Path::new("/srv/gateway/data")),
@@ -496,6 +509,7 @@ mod tests {
         let original: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
         fs::write(dir.join("db"), &original).unwrap();
         fs::write(dir.join("snap.0000000000000010"), b"old").unwrap();
+        fs::write(dir.join("conf"), "segment_size: 1024\n").unwrap();
         let kept = before_open(&dir).expect("preserved");
         assert_eq!(kept.path(), preserved_path(&dir));
         // What a recovery does: zero a tail, truncate, a new snapshot.
@@ -516,6 +530,12 @@ mod tests {
             b"old"
         );
         assert!(!copy.join("snap.0000000000000BB8").exists());
+        assert_eq!(
+            fs::read(copy.join("conf")).unwrap(),
+            b"segment_size: 1024\n"
+        );
+        // Only sled's files come back, not the copy's own `ranges` list.
+        assert!(!copy.join("ranges").exists());
         // An earlier copy is kept, not replaced by the recovered bytes.
         let again = before_open(&dir).expect("kept");
         restore_into(again.path(), &copy).unwrap();
