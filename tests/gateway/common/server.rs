@@ -96,7 +96,9 @@ impl TestServer {
             .expect("gateway stops within the drain bound")
             .expect("join")
             .expect("gateway exits cleanly");
-        self.dir.take().expect("dir")
+        let dir = self.dir.take().expect("dir");
+        wait_until_released(dir.path()).await;
+        dir
     }
 
     /// Cancels the stop token without waiting (to observe shutdown).
@@ -214,4 +216,26 @@ pub fn metric_value(text: &str, name: &str) -> f64 {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("{name} not in metrics"))
+}
+
+/// Waits until no one holds sled's lock on `dir`'s `db`. `run` returns once
+/// the log is closed, but the in-process gateway's last tasks (a connection
+/// still winding down, a read in flight) drop their handles on the log a
+/// moment later, and only then does sled's `Db` release the lock: a test
+/// that opened the directory at once sometimes got `WouldBlock` (CI,
+/// 2026-12-04). A process that exits has no such window.
+async fn wait_until_released(dir: &Path) {
+    let Ok(db) = std::fs::File::open(dir.join("db")) else {
+        return; // no sled log here (another backend)
+    };
+    for _ in 0..1000 {
+        match db.try_lock() {
+            Ok(()) => return, // dropped with `db` at the end of this function
+            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+    panic!(
+        "{}: sled's lock still held 10 s after the gateway stopped",
+        dir.display()
+    );
 }
